@@ -1,0 +1,3 @@
+from foldsweep.cli import main
+
+main()

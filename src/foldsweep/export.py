@@ -1,0 +1,55 @@
+"""The winning configuration as a sweep file of its own, with the provenance that produced it.
+
+An export is a valid spec (nothing left to search, the best values written into `model:` and
+`train:`), so it loads through the same loader and `foldsweep fit` can train it; `provenance` says
+which sweep, study and trial it came from and what the nested estimate of the procedure was.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from typing import Any
+
+import optuna
+import sklearn
+import torch
+import yaml
+
+from foldsweep import __version__
+from foldsweep.errors import FoldsweepError
+from foldsweep.workers import open_existing
+
+
+def export_best(name: str) -> dict[str, Any]:
+    record, refs = open_existing(name)
+    spec = record.spec
+    final = next(ref for ref in refs if ref.key == "final")
+    complete = final.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    if not complete:
+        raise FoldsweepError(f"study `{name}/final` has no finished trial yet; finish the sweep with "
+                             "`foldsweep run` first")
+    best = final.study.best_trial
+    config = spec.with_params(best.params).model_copy(update={"search": {}})
+    meta = record.meta
+    summary = meta.get("summary", {})
+    doc = config.model_dump(mode="json", exclude={"provenance"})
+    doc["provenance"] = {
+        "sweep": name, "study": final.study.study_name, "trial": best.number, "best_params": best.params,
+        "inner_cv_value": best.value, "metric_direction": final.study.direction.name.lower(),
+        "refit_epochs": int(best.user_attrs.get("mean_best_epoch", config.train.epochs)),
+        "spec_hash": meta["spec_hash"], "data_fingerprint": meta["fingerprint"],
+        "nested": summary.get("nested"), "optimism": summary.get("optimism"),
+        "test_looks": len(record.ledger), "mlflow_run_id": meta.get("mlflow_runs", {}).get("sweep"),
+        "versions": {"foldsweep": __version__, "torch": torch.__version__, "optuna": optuna.__version__,
+                     "scikit-learn": sklearn.__version__, "python": platform.python_version()},
+    }
+    return doc
+
+
+def render(doc: dict[str, Any], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(doc, indent=2, default=str) + "\n"
+    header = (f"# Best configuration of sweep `{doc['provenance']['sweep']}` exported by foldsweep.\n"
+              "# Train it on all development data: foldsweep fit THIS_FILE -o models/NAME\n")
+    return header + yaml.safe_dump(doc, sort_keys=False)

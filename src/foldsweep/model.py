@@ -1,0 +1,156 @@
+"""The MLP, as one plain module and as many stacked models trained at once.
+
+`MLP` is the model a user gets back (`fit`, `predict`). `StackedMLP` holds M of them as stacked
+tensors with a leading model dimension, so one batched matmul runs every fold of every trial in a
+batch; it is initialised by stacking `MLP` instances, so both start from identical weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from foldsweep.spec import ModelSpec
+
+ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
+BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+
+
+class MLP(nn.Module):
+    """Linear -> [BatchNorm] -> activation -> dropout, `depth` times, then a linear head."""
+
+    def __init__(self, n_in: int, n_out: int, spec: ModelSpec) -> None:
+        super().__init__()
+        self.activation = spec.activation
+        self.hidden = nn.ModuleList()
+        self.norms = nn.ModuleList()
+        width_in = n_in
+        for _ in range(spec.depth):
+            self.hidden.append(nn.Linear(width_in, spec.width))
+            self.norms.append(nn.BatchNorm1d(spec.width) if spec.batch_norm else nn.Identity())
+            width_in = spec.width
+        self.head = nn.Linear(width_in, n_out)
+        self.dropout = nn.Dropout(spec.dropout)
+        _initialise(self.hidden, spec.init)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for linear, norm in zip(self.hidden, self.norms):
+            x = self.dropout(ACTIVATIONS[self.activation](norm(linear(x))))
+        return self.head(x)
+
+
+def _initialise(layers: nn.ModuleList, init: str) -> None:
+    if init == "default":
+        return
+    fn = getattr(nn.init, f"{init}_")
+    for layer in layers:
+        if init.startswith("kaiming"):
+            fn(layer.weight, nonlinearity="relu")
+        else:
+            fn(layer.weight)
+        nn.init.zeros_(layer.bias)
+
+
+def build_mlp(n_in: int, n_out: int, spec: ModelSpec, seed: int) -> MLP:
+    """A seeded MLP whose weights do not depend on anything else the process has drawn."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return MLP(n_in, n_out, spec)
+
+
+class StackedMLP:
+    """M MLPs of one depth/activation/batch-norm layout; narrower ones padded with dead units.
+
+    Shapes: weights[l] (M, in, out), biases[l] (M, out); padded units have zero weights and are
+    multiplied by `unit_mask` (M, 1, W) after the activation, so they never carry signal or gradient.
+    """
+
+    def __init__(self, models: list[MLP], device: torch.device) -> None:
+        first = models[0]
+        self.activation = first.activation
+        self.batch_norm = isinstance(first.norms[0], nn.BatchNorm1d)
+        self.depth = len(first.hidden)
+        widths = [m.hidden[0].out_features for m in models]
+        width = max(widths)
+        n_in = first.hidden[0].in_features
+        self.unit_mask = torch.stack([(torch.arange(width) < w).float() for w in widths]).unsqueeze(1).to(device)
+        self.weights: list[Tensor] = []
+        self.biases: list[Tensor] = []
+        for layer in range(self.depth + 1):
+            fan_in = n_in if layer == 0 else width
+            fan_out = first.head.out_features if layer == self.depth else width
+            linears = [m.head if layer == self.depth else m.hidden[layer] for m in models]
+            W = torch.zeros(len(models), fan_in, fan_out)
+            b = torch.zeros(len(models), fan_out)
+            for i, lin in enumerate(linears):
+                W[i, : lin.in_features, : lin.out_features] = lin.weight.detach().T
+                b[i, : lin.out_features] = lin.bias.detach()
+            self.weights.append(W.to(device).requires_grad_())
+            self.biases.append(b.to(device).requires_grad_())
+        shape = (len(models), self.depth, width)
+        self.bn_scale = torch.ones(shape, device=device, requires_grad=self.batch_norm)
+        self.bn_shift = torch.zeros(shape, device=device, requires_grad=self.batch_norm)
+        self.running_mean = torch.zeros(shape, device=device)
+        self.running_var = torch.ones(shape, device=device)
+
+    @property
+    def params(self) -> list[Tensor]:
+        extra = [self.bn_scale, self.bn_shift] if self.batch_norm else []
+        return [*self.weights, *self.biases, *extra]
+
+    def forward(self, x: Tensor, row_mask: Tensor | None, drop: Tensor | None, gen: torch.Generator | None) -> Tensor:
+        """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only)."""
+        h = x
+        for layer in range(self.depth):
+            h = torch.baddbmm(self.biases[layer].unsqueeze(1), h, self.weights[layer])  # (M, B, W)
+            if self.batch_norm:
+                h = self._batch_norm(h, layer, row_mask)
+            h = ACTIVATIONS[self.activation](h) * self.unit_mask
+            if drop is not None:
+                keep = torch.rand(h.shape, generator=gen, device=h.device) >= drop  # drop (M, 1, 1)
+                h = h * keep / (1 - drop)
+        return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
+
+    def _batch_norm(self, h: Tensor, layer: int, row_mask: Tensor | None) -> Tensor:
+        if row_mask is None:  # evaluation: running statistics
+            mean, var = self.running_mean[:, layer].unsqueeze(1), self.running_var[:, layer].unsqueeze(1)
+        else:
+            n = row_mask.sum(1, keepdim=True).clamp(min=1)  # (M, 1, 1)
+            mean = (h * row_mask).sum(1, keepdim=True) / n
+            var = (((h - mean) * row_mask) ** 2).sum(1, keepdim=True) / n
+            with torch.no_grad():
+                unbiased = var * n / (n - 1).clamp(min=1)
+                # a model with no rows in this batch (uneven folds, last batches) keeps its statistics
+                momentum = BN_MOMENTUM * (row_mask.sum(1) > 0).to(h.dtype)  # (M, 1)
+                self.running_mean[:, layer].lerp_(mean.squeeze(1), momentum)
+                self.running_var[:, layer].lerp_(unbiased.squeeze(1), momentum)
+        normed = (h - mean) / torch.sqrt(var + BN_EPS)
+        return normed * self.bn_scale[:, layer].unsqueeze(1) + self.bn_shift[:, layer].unsqueeze(1)
+
+    def l1_norm(self) -> Tensor:
+        """Sum of |weights| per model (biases and batch-norm excluded), shape (M,)."""
+        return sum(W.abs().sum(dim=(1, 2)) for W in self.weights)  # type: ignore[return-value]
+
+    def export(self, index: int, template: MLP) -> MLP:
+        """Model `index` as a plain MLP (its real width, no padding), for saving and prediction."""
+        model = template
+        with torch.no_grad():
+            linears = [*model.hidden, model.head]
+            for layer, lin in enumerate(linears):
+                lin.weight.copy_(self.weights[layer][index, : lin.in_features, : lin.out_features].T.cpu())
+                lin.bias.copy_(self.biases[layer][index, : lin.out_features].cpu())
+            for layer, norm in enumerate(model.norms):
+                if isinstance(norm, nn.BatchNorm1d):
+                    w = norm.num_features
+                    norm.weight.copy_(self.bn_scale[index, layer, :w].cpu())
+                    norm.bias.copy_(self.bn_shift[index, layer, :w].cpu())
+                    norm.running_mean.copy_(self.running_mean[index, layer, :w].cpu())
+                    norm.running_var.copy_(self.running_var[index, layer, :w].cpu())
+        return model.eval()
+
+
+def n_parameters(n_in: int, n_out: int, spec: ModelSpec) -> int:
+    widths = [n_in] + [spec.width] * spec.depth + [n_out]
+    return sum(a * b + b for a, b in zip(widths, widths[1:])) + (2 * spec.width * spec.depth if spec.batch_norm else 0)
+

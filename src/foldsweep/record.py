@@ -1,0 +1,134 @@
+"""The sweep's record on disk: resolved spec, fold plan, sealed-test seal, test-look ledger, summary.
+
+It lives under `mlruns/sweeps/<name>/` beside the Optuna and MLflow stores, is written before the
+work it describes starts, and is only ever appended to, so a crash or a rerun never loses it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from foldsweep.data import Dataset
+from foldsweep.errors import FoldsweepError, SealError, SplitError
+from foldsweep.spec import SweepSpec, parse_spec
+from foldsweep.splits import FoldPlan, make_plan
+
+ROOT_ENV = "FOLDSWEEP_HOME"
+
+
+def home() -> Path:
+    """Where sweeps keep their state: `mlruns/` in the working directory unless FOLDSWEEP_HOME says otherwise."""
+    return Path(os.environ.get(ROOT_ENV, "mlruns"))
+
+
+@dataclass(frozen=True)
+class SweepRecord:
+    name: str
+    folder: Path
+
+    @classmethod
+    def open(cls, name: str) -> SweepRecord:
+        folder = home() / "sweeps" / name
+        if not (folder / "record.json").is_file():
+            known = sorted(p.name for p in (home() / "sweeps").glob("*") if (p / "record.json").is_file()) \
+                if (home() / "sweeps").is_dir() else []
+            raise FoldsweepError(f"no sweep named `{name}` under {home()}/sweeps"
+                                 + (f"; known: {', '.join(known)}" if known else "; run `foldsweep run SPEC` first"))
+        return cls(name, folder)
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        return json.loads((self.folder / "record.json").read_text())
+
+    def update(self, **values: Any) -> None:
+        meta = self.meta | values
+        _write_json(self.folder / "record.json", meta)
+
+    @property
+    def spec(self) -> SweepSpec:
+        return parse_spec(yaml.safe_load((self.folder / "spec.yaml").read_text()), source=str(self.folder / "spec.yaml"))
+
+    @property
+    def plan(self) -> FoldPlan:
+        return FoldPlan.from_json(json.loads((self.folder / "plan.json").read_text()))
+
+    # -- the sealed test look ------------------------------------------------------------------------
+    @property
+    def ledger(self) -> list[dict[str, Any]]:
+        path = self.folder / "ledger.json"
+        return json.loads(path.read_text()) if path.is_file() else []
+
+    def check_can_look(self, again: bool) -> None:
+        looks = len(self.ledger)
+        if looks and not again:
+            raise SealError(f"the sealed test set of `{self.name}` was already looked at {looks} time(s); "
+                            "a further look biases it: pass --again to look anyway (it will be counted)")
+
+    def append_look(self, look: dict[str, Any]) -> int:
+        entries = self.ledger + [look]
+        _write_json(self.folder / "ledger.json", entries)
+        return len(entries)
+
+    def verify_data(self, data: Dataset) -> None:
+        """Refuse if the rows differ from the sweep's: a changed test row would make the look meaningless."""
+        meta = self.meta
+        if data.fingerprint == meta["fingerprint"]:
+            return
+        if len(data.row_hashes) != meta["n_rows"]:
+            raise SealError(f"data of `{self.name}` changed: {len(data.row_hashes)} rows now, "
+                            f"{meta['n_rows']} when the sweep was sealed")
+        test = meta["test_rows"]
+        changed = sum(data.row_hashes[i] != h for i, h in zip(test, meta["test_hashes"]))
+        raise SealError(f"data of `{self.name}` changed since the sweep was sealed ({changed} sealed test rows "
+                        "differ, or rows were edited or reordered); the fingerprint no longer matches")
+
+
+def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[SweepRecord, FoldPlan, bool]:
+    """The plan is built once and stored; a rerun must see the same data and settings to continue."""
+    folder = home() / "sweeps" / spec.name
+    if (folder / "record.json").is_file():
+        record = SweepRecord(spec.name, folder)
+        meta = record.meta
+        if meta["spec_hash"] != spec.spec_hash():
+            raise FoldsweepError(f"sweep `{spec.name}` exists with other settings (spec hash {meta['spec_hash']}, "
+                                 f"now {spec.spec_hash()}); rerun with --fresh to start a new sweep beside it")
+        if meta["fingerprint"] != data.fingerprint:
+            raise SplitError(f"data of sweep `{spec.name}` changed since it started (fingerprint "
+                             f"{meta['fingerprint']}, now {data.fingerprint}); rerun with --fresh")
+        return record, record.plan, True
+    plan = make_plan(data, spec.split)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    plan_json = plan.to_json()
+    _write_json(folder / "plan.json", plan_json)
+    meta = {
+        "name": spec.name, "created": time.time(), "spec_hash": spec.spec_hash(), "fingerprint": data.fingerprint,
+        "plan_hash": hashlib.sha256(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()[:16],
+        "n_rows": len(data.row_hashes), "storage": storage, "test_rows": plan.test.tolist(),
+        "test_hashes": [data.row_hashes[i] for i in plan.test],
+    }
+    _write_json(folder / "record.json", meta)
+    return SweepRecord(spec.name, folder), plan, False
+
+
+def fresh_name(name: str) -> str:
+    """`name-2`, `name-3`, ...: the first name no sweep uses yet (nothing is ever deleted)."""
+    n = 2
+    while (home() / "sweeps" / f"{name}-{n}").exists():
+        n += 1
+    return f"{name}-{n}"
+
+
+def _write_json(path: Path, value: Any) -> None:
+    """Write to a temporary file and rename, so a crash never leaves half a record."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)

@@ -1,0 +1,334 @@
+"""Sweep files as typed, frozen objects.
+
+Everything downstream trusts these objects, so every rule lives here and every message names the key
+path (``search.lr.low``), the rule and the value that broke it.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from foldsweep.errors import SpecError
+
+Task = Literal["auto", "classification", "regression"]
+Metric = Literal["auto", "accuracy", "roc_auc", "log_loss", "f1_macro", "rmse", "mae", "r2"]
+Dataset = Literal["sonar", "breast_cancer", "digits", "wine", "iris", "diabetes"]
+Activation = Literal["relu", "gelu", "tanh", "leaky_relu"]
+Init = Literal["default", "xavier_uniform", "xavier_normal", "kaiming_uniform", "kaiming_normal"]
+Schedule = Literal["none", "step", "cosine", "plateau", "one_cycle"]
+SplitKind = Literal["auto", "kfold", "stratified", "group", "stratified_group", "time_series"]
+Pruner = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
+Sampler = Literal["tpe", "random", "qmc"]
+
+CLASSIFICATION_METRICS = ("accuracy", "roc_auc", "log_loss", "f1_macro")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DataSpec(_Frozen):
+    dataset: Dataset | None = None
+    path: str | None = None
+    target: str | None = None
+    task: Task = "auto"
+    metric: Metric = "auto"
+    missing: Literal["error", "drop", "impute"] = "error"
+    categorical: Literal["error", "onehot"] = "error"
+    group: str | None = None
+    time: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> DataSpec:
+        if (self.dataset is None) == (self.path is None):
+            raise ValueError("give exactly one of `dataset` (a bundled set) or `path` (a CSV/Parquet file)")
+        if self.path is not None and self.target is None:
+            raise ValueError("`target` is required with `path`: name the label column")
+        if self.task == "classification" and self.metric in REGRESSION_METRICS:
+            raise ValueError(f"metric `{self.metric}` is for regression; use one of {CLASSIFICATION_METRICS}")
+        if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
+            raise ValueError(f"metric `{self.metric}` is for classification; use one of {REGRESSION_METRICS}")
+        return self
+
+
+class FoldSpec(_Frozen):
+    kind: SplitKind = "auto"
+    k: int = Field(5, ge=2)
+    shuffle: bool = True
+    repeats: int = Field(1, ge=1)
+
+
+class SplitSpec(_Frozen):
+    test_size: float = Field(0.2, gt=0, lt=1)
+    seed: int = 0
+    duplicates: Literal["warn", "drop", "error"] = "warn"
+    outer: FoldSpec = FoldSpec()
+    inner: FoldSpec = FoldSpec()
+
+
+class ModelSpec(_Frozen):
+    width: int = Field(64, ge=1, le=4096)
+    depth: int = Field(2, ge=1, le=8)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    activation: Activation = "relu"
+    batch_norm: bool = False
+    init: Init = "default"
+
+
+class TrainSpec(_Frozen):
+    epochs: int = Field(100, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    l1: float = Field(0.0, ge=0)
+    optimizer: Literal["adamw", "sgd"] = "adamw"
+    momentum: float = Field(0.9, ge=0, lt=1)
+    lr_schedule: Schedule = "none"
+    step_size: int = Field(30, ge=1)
+    gamma: float = Field(0.1, gt=0, le=1)
+    patience: int = Field(10, ge=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    grad_clip: float = Field(0.0, ge=0)
+    noise: float = Field(0.0, ge=0)
+    mixup: float = Field(0.0, ge=0)
+    preprocess: Literal["standard", "minmax", "none"] = "standard"
+    select_k: int | None = Field(None, ge=1)
+
+
+class FloatParam(_Frozen):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _range(self) -> FloatParam:
+        _check_range(self.low, self.high, self.log)
+        if self.log and self.step is not None:
+            raise ValueError("`step` cannot be combined with `log: true`")
+        return self
+
+
+class IntParam(_Frozen):
+    type: Literal["int"]
+    low: int
+    high: int
+    log: bool = False
+    step: int = Field(1, ge=1)
+
+    @model_validator(mode="after")
+    def _range(self) -> IntParam:
+        _check_range(self.low, self.high, self.log)
+        if self.log and self.step != 1:
+            raise ValueError("`step` cannot be combined with `log: true`")
+        return self
+
+
+class CategoricalParam(_Frozen):
+    type: Literal["categorical"]
+    choices: list[Any] = Field(min_length=1)
+
+
+def _check_range(low: float, high: float, log: bool) -> None:
+    if low > high:
+        raise ValueError(f"`low` must be <= `high`, got low={low} > high={high}")
+    if log and low <= 0:
+        raise ValueError(f"`low` must be > 0 for a log range, got {low}")
+
+
+SearchParam = Annotated[FloatParam | IntParam | CategoricalParam, Field(discriminator="type")]
+SEARCHABLE = tuple(ModelSpec.model_fields) + tuple(TrainSpec.model_fields)
+
+
+class OptunaSpec(_Frozen):
+    n_trials: int = Field(20, ge=1)
+    sampler: Sampler = "tpe"
+    pruner: Pruner = "none"
+    seed: int = 0
+    n_startup_trials: int = Field(5, ge=0)
+    percentile: float = Field(25.0, gt=0, lt=100)
+    report_every: int = Field(5, ge=1)
+    trials_per_batch: int = Field(4, ge=1)
+    warm_start_final: bool = True
+
+
+class ResourcesSpec(_Frozen):
+    devices: Literal["auto", "cpu"] | list[str] = "auto"
+    workers: int | None = Field(None, ge=1)
+    workers_per_device: int = Field(1, ge=1)
+    models_per_batch: int | None = Field(None, ge=1)
+
+    @field_validator("devices")
+    @classmethod
+    def _device_names(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            for name in value:
+                if not (name == "cpu" or (name.startswith("cuda:") and name[5:].isdigit())):
+                    raise ValueError(f"device `{name}` is not `cpu` or `cuda:N`")
+        return value
+
+
+class TrackingSpec(_Frozen):
+    uri: str = "sqlite:///mlruns/mlflow.db"
+    experiment: str | None = None
+    artifact_location: str = "mlruns/artifacts"
+    enabled: bool = True
+    system_metrics: bool = True
+
+
+class SweepSpec(_Frozen):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", max_length=100)
+    data: DataSpec
+    split: SplitSpec = SplitSpec()
+    model: ModelSpec = ModelSpec()
+    search: dict[str, SearchParam] = Field(default_factory=dict)
+    train: TrainSpec = TrainSpec()
+    optuna: OptunaSpec = OptunaSpec()
+    resources: ResourcesSpec = ResourcesSpec()
+    tracking: TrackingSpec = TrackingSpec()
+    storage: str | None = None
+    provenance: dict[str, Any] | None = None  # written by `export`; ignored by the sweep itself
+
+    @field_validator("search")
+    @classmethod
+    def _searchable(cls, search: dict[str, Any]) -> dict[str, Any]:
+        for name in search:
+            if name not in SEARCHABLE:
+                raise ValueError(_unknown_key_message(name, SEARCHABLE))
+        return search
+
+    @model_validator(mode="after")
+    def _search_within_bounds(self) -> SweepSpec:
+        """A searched range must only produce values the fixed block would accept."""
+        for name, param in self.search.items():
+            values = param.choices if isinstance(param, CategoricalParam) else [param.low, param.high]
+            for value in values:
+                try:
+                    self.with_params({name: value})
+                except ValidationError as err:
+                    raise ValueError(f"search.{name}: {value!r} is not allowed: {_first_message(err)}") from None
+        return self
+
+    def with_params(self, params: dict[str, Any]) -> SweepSpec:
+        """The spec with `params` (a trial's choices) written into `model:` and `train:`."""
+        model = {k: v for k, v in params.items() if k in ModelSpec.model_fields}
+        train = {k: v for k, v in params.items() if k in TrainSpec.model_fields}
+        return self.model_copy(
+            update={
+                "model": ModelSpec.model_validate({**self.model.model_dump(), **model}),
+                "train": TrainSpec.model_validate({**self.train.model_dump(), **train}),
+            }
+        )
+
+    def spec_hash(self) -> str:
+        canonical = json.dumps(self.model_dump(mode="json"), sort_keys=True)
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def load_spec(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
+    """Read a sweep file, apply `key.path=value` overrides, validate once."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    if overrides and not isinstance(raw, dict):
+        return parse_spec(raw, source=str(path))  # refuses it: --set needs a mapping to write into
+    for override in overrides:
+        _apply_override(raw, override)
+    spec = parse_spec(raw, source=str(path))
+    return _anchor_data_path(spec, path.parent)
+
+
+def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a sweep file must be a mapping of keys, got {type(raw).__name__}")
+    try:
+        return SweepSpec.model_validate(raw)
+    except ValidationError as err:
+        raise SpecError(f"{source}: {_first_message(err, raw)}") from None
+
+
+def _anchor_data_path(spec: SweepSpec, folder: Path) -> SweepSpec:
+    """A relative `data.path` means the working folder, else the spec's folder; stored absolute."""
+    if spec.data.path is None or Path(spec.data.path).expanduser().is_absolute():
+        return spec
+    candidate = Path(spec.data.path).expanduser()
+    if not candidate.exists() and (folder / candidate).exists():
+        candidate = folder / candidate
+    data = spec.data.model_copy(update={"path": str(candidate.resolve())})
+    return spec.model_copy(update={"data": data})
+
+
+def _read_yaml(path: Path) -> Any:
+    if not path.is_file():
+        raise SpecError(f"spec file `{path}` not found")
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}:{where}: YAML syntax error: {problem}") from None
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    key, sep, text = override.partition("=")
+    if not sep or not key:
+        raise SpecError(f"--set `{override}` must look like key.path=value")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"--set `{override}`: the value is not valid YAML: {problem}") from None
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise SpecError(f"--set `{key}`: `{part}` holds a value, not a block of keys")
+        node = child
+    node[parts[-1]] = value
+
+
+def _unknown_key_message(name: str, allowed: tuple[str, ...] | list[str]) -> str:
+    close = difflib.get_close_matches(name, allowed, n=1)
+    hint = f" (did you mean `{close[0]}`?)" if close else ""
+    return f"unknown key `{name}`{hint}; allowed: {', '.join(allowed)}"
+
+
+_TAGS = {"float", "int", "categorical", "list[str]", "literal['auto','cpu']"}
+
+
+def _first_message(err: ValidationError, raw: Any = None) -> str:
+    """One line for the first problem: `key.path` rule, got value."""
+    errors = err.errors()
+    # an unknown key first: a typo (`hihg`) also makes the key it meant (`high`) look missing
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
+    loc = [str(part) for part in first["loc"] if str(part).replace(" ", "").lower() not in _TAGS]
+    path = ".".join(loc)
+    if first["type"] == "extra_forbidden":
+        allowed = _allowed_keys(loc[:-1])
+        return f"`{path}`: " + _unknown_key_message(loc[-1], allowed)
+    message = first["msg"].removeprefix("Value error, ")
+    if first["type"] in ("missing",):
+        return f"`{path}` is required"
+    got = first.get("input")
+    shown = "" if isinstance(got, dict) or "got" in message else f", got {got!r}"
+    return f"`{path}` {message}{shown}" if path else f"{message}"
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: Any = SweepSpec
+    for part in loc:
+        field = model.model_fields.get(part) if hasattr(model, "model_fields") else None
+        if field is None:
+            return list(FloatParam.model_fields) + ["choices"]
+        model = field.annotation
+    return list(model.model_fields) if hasattr(model, "model_fields") else []

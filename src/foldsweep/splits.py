@@ -1,0 +1,174 @@
+"""Seal the test set, then plan the outer and inner folds of the development rows.
+
+Every index here is a row index of the loaded data set, so "no test row reaches a fold" is a plain set
+check. Plans are built once from seeds and stored with the sweep; a resumed sweep reloads them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from sklearn import model_selection as ms
+
+from foldsweep.data import Dataset
+from foldsweep.errors import SplitError
+from foldsweep.spec import FoldSpec, SplitSpec
+
+
+@dataclass(frozen=True)
+class Fold:
+    train: np.ndarray
+    valid: np.ndarray
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Sealed test rows, outer folds of dev, inner folds of each outer-train and of all of dev."""
+
+    dev: np.ndarray
+    test: np.ndarray
+    outer: list[Fold]
+    inner: list[list[Fold]]
+    final_inner: list[Fold]
+    notes: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        def folds(fs: list[Fold]) -> list[dict[str, list[int]]]:
+            return [{"train": f.train.tolist(), "valid": f.valid.tolist()} for f in fs]
+
+        return {"dev": self.dev.tolist(), "test": self.test.tolist(), "outer": folds(self.outer),
+                "inner": [folds(fs) for fs in self.inner], "final_inner": folds(self.final_inner),
+                "notes": self.notes}
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> FoldPlan:
+        def folds(fs: list[dict[str, list[int]]]) -> list[Fold]:
+            return [Fold(np.asarray(f["train"], dtype=np.int64), np.asarray(f["valid"], dtype=np.int64)) for f in fs]
+
+        return cls(dev=np.asarray(raw["dev"], dtype=np.int64), test=np.asarray(raw["test"], dtype=np.int64),
+                   outer=folds(raw["outer"]), inner=[folds(fs) for fs in raw["inner"]],
+                   final_inner=folds(raw["final_inner"]), notes=list(raw.get("notes", [])))
+
+
+def make_plan(data: Dataset, split: SplitSpec) -> FoldPlan:
+    """Seal first, then guard against duplicates, then fold what is left."""
+    dev, test = seal_test_set(data, split)
+    dev, notes = _guard_duplicates(data, dev, test, split.duplicates)
+    outer = plan_folds(data, dev, split.outer, split.seed, "split.outer")
+    inner = [plan_folds(data, fold.train, split.inner, split.seed + 1 + i, "split.inner")
+             for i, fold in enumerate(outer)]
+    final_inner = plan_folds(data, dev, split.inner, split.seed + 1000, "split.inner")
+    return FoldPlan(dev=dev, test=test, outer=outer, inner=inner, final_inner=final_inner, notes=notes)
+
+
+def seal_test_set(data: Dataset, split: SplitSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Hold out the test rows: the latest rows for time series, whole groups for grouped data."""
+    rows = np.arange(len(data.y))
+    kind = _kind(split.outer, data)
+    if kind == "time_series":
+        order = rows[np.argsort(data.times, kind="stable")] if data.times is not None else rows
+        n_test = max(1, int(round(split.test_size * len(rows))))
+        return np.sort(order[:-n_test]), np.sort(order[-n_test:])
+    if kind in ("group", "stratified_group"):
+        splitter = ms.GroupShuffleSplit(n_splits=1, test_size=split.test_size, random_state=split.seed)
+        dev, test = next(splitter.split(rows, groups=_groups(data)))
+        return np.sort(rows[dev]), np.sort(rows[test])
+    stratify = data.y if data.task == "classification" else None
+    try:
+        dev, test = ms.train_test_split(rows, test_size=split.test_size, random_state=split.seed,
+                                        stratify=stratify)
+    except ValueError as err:
+        raise SplitError(f"split.test_size={split.test_size} cannot be sealed: {err}") from None
+    return np.sort(dev), np.sort(test)
+
+
+def plan_folds(data: Dataset, rows: np.ndarray, fold: FoldSpec, seed: int, key: str) -> list[Fold]:
+    """Folds over `rows` (absolute indices) with the splitter the spec names."""
+    kind = _kind(fold, data)
+    _check_k(data, rows, fold, kind, key)
+    splitter = _splitter(kind, fold, seed)
+    ordered = rows[np.argsort(data.times[rows], kind="stable")] if kind == "time_series" and data.times is not None \
+        else rows
+    y = data.y[ordered]
+    groups = _groups(data)[ordered] if kind in ("group", "stratified_group") else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        return [Fold(np.sort(ordered[tr]), np.sort(ordered[va]))
+                for tr, va in splitter.split(np.zeros(len(ordered)), y, groups)]
+
+
+def _kind(fold: FoldSpec, data: Dataset) -> str:
+    if fold.kind != "auto":
+        return fold.kind
+    # a named time or group column must shape the folds: random folds would leak across it
+    if data.times is not None:
+        return "time_series"
+    if data.groups is not None:
+        return "stratified_group" if data.task == "classification" else "group"
+    return "stratified" if data.task == "classification" else "kfold"
+
+
+def _splitter(kind: str, fold: FoldSpec, seed: int) -> Any:
+    state = seed if fold.shuffle else None
+    if fold.repeats > 1:
+        if kind not in ("kfold", "stratified"):
+            raise SplitError(f"`repeats` works with kind kfold or stratified, not {kind}")
+        cls = ms.RepeatedStratifiedKFold if kind == "stratified" else ms.RepeatedKFold
+        return cls(n_splits=fold.k, n_repeats=fold.repeats, random_state=seed)
+    if kind == "stratified":
+        return ms.StratifiedKFold(n_splits=fold.k, shuffle=fold.shuffle, random_state=state)
+    if kind == "kfold":
+        return ms.KFold(n_splits=fold.k, shuffle=fold.shuffle, random_state=state)
+    if kind == "group":
+        return ms.GroupKFold(n_splits=fold.k)
+    if kind == "stratified_group":
+        return ms.StratifiedGroupKFold(n_splits=fold.k, shuffle=fold.shuffle, random_state=state)
+    return ms.TimeSeriesSplit(n_splits=fold.k)
+
+
+def _check_k(data: Dataset, rows: np.ndarray, fold: FoldSpec, kind: str, key: str) -> None:
+    if kind in ("stratified", "stratified_group") and data.task != "classification":
+        raise SplitError(f"`{key}.kind` {kind} needs a classification target; use kfold for regression")
+    if kind in ("group", "stratified_group") and data.groups is None:
+        raise SplitError(f"`{key}.kind` {kind} needs `data.group` (the column that holds the groups)")
+    if kind == "time_series" and data.times is None:
+        raise SplitError(f"`{key}.kind` time_series needs `data.time` (the column that orders the rows)")
+    n_units = len(np.unique(_groups(data)[rows])) if kind in ("group", "stratified_group") else len(rows)
+    if fold.k > n_units - (1 if kind == "time_series" else 0):
+        unit = "groups" if kind in ("group", "stratified_group") else "rows"
+        raise SplitError(f"`{key}.k`={fold.k} is larger than the {n_units} {unit} it must split; lower k")
+    if kind == "stratified":
+        labels, counts = np.unique(data.y[rows], return_counts=True)
+        if counts.min() < fold.k:
+            name = data.classes[int(labels[counts.argmin()])] if data.classes else labels[counts.argmin()]
+            raise SplitError(f"`{key}.k`={fold.k} is larger than the smallest class ({counts.min()} rows of "
+                             f"{name!r}); lower k or use kind: kfold")
+
+
+def _groups(data: Dataset) -> np.ndarray:
+    if data.groups is None:
+        raise SplitError("this split needs `data.group` (the column that holds the groups)")
+    return data.groups
+
+
+def _guard_duplicates(data: Dataset, dev: np.ndarray, test: np.ndarray, policy: str) -> tuple[np.ndarray, list[str]]:
+    """Exact duplicate rows on both sides of a split let a model score on rows it trained on."""
+    hashes = np.asarray(data.row_hashes)
+    test_hashes = set(hashes[test])
+    crossing = np.array([h in test_hashes for h in hashes[dev]], dtype=bool)
+    _, first = np.unique(hashes[dev], return_index=True)
+    repeated = np.ones(len(dev), dtype=bool)
+    repeated[first] = False
+    n_cross, n_repeat = int(crossing.sum()), int(repeated.sum())
+    if n_cross == 0 and n_repeat == 0:
+        return dev, []
+    message = (f"{n_cross} development rows duplicate a sealed test row and {n_repeat} development rows "
+               "duplicate another development row (split.duplicates)")
+    if policy == "error":
+        raise SplitError(message + "; set split.duplicates: drop to remove them")
+    if policy == "drop":
+        return dev[~(crossing | repeated)], [message + ": dropped"]
+    return dev, [message + ": kept (warn)"]

@@ -1,0 +1,372 @@
+"""The nested loop, driven by ask/tell.
+
+One Optuna study per outer fold (`<sweep>/outer-<i>`, searching on that fold's outer-train rows only)
+and one `<sweep>/final` study on all development rows. Each round asks a few trials from every study
+that still needs some and trains all their inner folds as one batch; when every study is done, each
+outer study's best is refit on its outer-train rows and scored once on its outer-test rows.
+"""
+
+from __future__ import annotations
+
+import math
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from foldsweep import space
+from foldsweep.data import Dataset
+from foldsweep.errors import SweepFailed
+from foldsweep.metrics import score
+from foldsweep.objective import Pruning, TrialOutcome, job_seed, outcome, trial_jobs
+from foldsweep.spec import SweepSpec
+from foldsweep.splits import Fold, FoldPlan
+from foldsweep.storage import Heartbeat
+from foldsweep.tracking import NullTracker
+from foldsweep.train import FitJob, fit_many
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
+Progress = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass
+class StudyRef:
+    key: str  # "outer-0", ..., "final"
+    study: optuna.Study
+    folds: list[Fold]
+    seed_offset: int
+
+    def counts(self) -> dict[str, int]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {
+            "finished": sum(t.state in FINISHED for t in trials),
+            "in_flight": sum(t.state in IN_FLIGHT for t in trials),
+            "waiting": sum(t.state == TrialState.WAITING for t in trials),
+            "failed": sum(t.state == TrialState.FAIL for t in trials),
+        }
+
+
+@dataclass
+class Sweep:
+    """Everything a worker needs: the spec, the data on its device, the plan and the studies."""
+
+    spec: SweepSpec
+    data: Dataset
+    plan: FoldPlan
+    studies: list[StudyRef]
+    tracker: NullTracker
+    device: torch.device
+    heartbeat: Heartbeat | None = None
+    X: torch.Tensor = field(init=False)
+    y: torch.Tensor = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.X = torch.as_tensor(self.data.X, device=self.device)
+        self.y = torch.as_tensor(self.data.y, device=self.device)
+
+    @property
+    def n_trials(self) -> int:
+        return self.spec.optuna.n_trials
+
+    def study(self, key: str) -> StudyRef:
+        return next(s for s in self.studies if s.key == key)
+
+    def budget(self, ref: StudyRef) -> int:
+        """Trials a study may still sample; `final` keeps slots for the outer bests it is warm-started with."""
+        counts = ref.counts()
+        reserved = 0
+        if ref.key == "final" and self.spec.optuna.warm_start_final and not ref.study.user_attrs.get("warm_started"):
+            reserved = min(len(self.plan.outer), self.n_trials - 1)
+        failed_budget = counts["failed"] < self.n_trials  # a study that keeps failing stops asking
+        if not failed_budget:
+            return 0
+        running = counts["in_flight"] - counts["waiting"]  # waiting (enqueued) trials are what `ask` hands out first
+        return max(0, self.n_trials - reserved - counts["finished"] - running)
+
+    def done(self) -> bool:
+        return all(_study_done(ref, self.n_trials) for ref in self.studies)
+
+
+def open_studies(spec: SweepSpec, plan: FoldPlan, storage: optuna.storages.BaseStorage,
+                 maximize: bool) -> list[StudyRef]:
+    keys = [(f"outer-{i}", plan.inner[i], i) for i in range(len(plan.outer))] + [("final", plan.final_inner, 1000)]
+    refs = []
+    for key, folds, offset in keys:
+        study = optuna.create_study(storage=storage, study_name=f"{spec.name}/{key}", load_if_exists=True,
+                                    direction="maximize" if maximize else "minimize",
+                                    sampler=space.sampler(spec, offset), pruner=space.pruner(spec))
+        refs.append(StudyRef(key, study, folds, offset))
+    return refs
+
+
+# -- the worker loop --------------------------------------------------------------------------------------
+def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintain: Callable[[], None] | None = None,
+         poll_s: float = 1.0) -> int:
+    """Ask, train and tell rounds until every study has its trials; returns the trials this worker ran.
+
+    `maintain` (the coordinator's chores: stale trials, warm start) runs between rounds.
+    """
+    ran = 0
+    while True:
+        if maintain is not None:
+            maintain()
+        asked = ask_round(sweep)
+        if not asked:
+            _raise_if_all_failed(sweep)
+            if sweep.done():
+                return ran
+            time.sleep(poll_s)  # other workers hold the remaining trials
+            continue
+        try:
+            run_round(sweep, asked, worker, progress)
+        except BaseException as err:  # Ctrl-C or a crash mid-round: record the trials, never leave them RUNNING
+            _abandon(asked, f"interrupted ({type(err).__name__}) on {worker}")
+            raise
+        ran += len(asked)
+
+
+def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> None:
+    for ref, trial in asked:
+        try:
+            trial.set_user_attr("reason", reason)
+            ref.study.tell(trial, state=TrialState.FAIL)
+        except Exception:  # already told before the interruption: nothing left to record
+            continue
+
+
+def ask_round(sweep: Sweep) -> list[tuple[StudyRef, optuna.trial.Trial]]:
+    """A few trials from every study that needs some, as many as one batch holds."""
+    capacity = max(1, _models_per_batch(sweep) // max(1, len(sweep.plan.final_inner)))
+    distributions = space.distributions(sweep.spec)
+    asked: list[tuple[StudyRef, optuna.trial.Trial]] = []
+    for ref in sweep.studies:
+        want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
+        for _ in range(max(0, want)):
+            trial = ref.study.ask(distributions)
+            if _surplus(ref, trial, sweep.n_trials):
+                ref.study.tell(trial, state=TrialState.FAIL)
+                break
+            trial.set_user_attr("worker_host", socket.gethostname())
+            asked.append((ref, trial))
+    return asked
+
+
+def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], worker: str,
+              progress: Progress | None) -> None:
+    """Train every inner fold of every asked trial as one batch, then tell each trial its outcome."""
+    spec, started = sweep.spec, time.time()
+    if sweep.heartbeat is not None:
+        sweep.heartbeat.hold([trial._trial_id for _, trial in asked])
+    jobs: list[FitJob] = []
+    owners: list[int] = []
+    for t, (ref, trial) in enumerate(asked):
+        config = spec.with_params(trial.params)
+        fold_jobs = trial_jobs(config, ref.folds, (ref.key, trial.number))
+        jobs += fold_jobs
+        owners += [t] * len(fold_jobs)
+    hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
+    try:
+        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
+                           report_every=spec.optuna.report_every, on_report=hook)
+        outcomes = [outcome([r for r, o in zip(results, owners) if o == t], ref.folds, sweep.data.y, sweep.data.metric)
+                    for t, (ref, _) in enumerate(asked)]
+    except torch.OutOfMemoryError:
+        if sweep.device.type == "cuda":
+            torch.cuda.empty_cache()
+        outcomes = [TrialOutcome("failed", None, [], [], "out of memory on " + str(sweep.device)) for _ in asked]
+    wall = time.time() - started
+    for (ref, trial), result in zip(asked, outcomes):
+        tell(sweep, ref, trial, result, worker, started, wall / len(asked))
+        if progress is not None:
+            progress("trial", {"study": ref.key, "number": trial.number, "state": result.state,
+                               "value": result.value, "worker": worker})
+
+
+def tell(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOutcome, worker: str,
+         started: float, wall_s: float) -> None:
+    """Log the trial to MLflow first, then tell Optuna (whose finished trials can no longer change)."""
+    run_id = _log_trial(sweep, ref, trial, result, worker, started, wall_s)
+    trial.set_user_attr("mlflow_run_id", run_id)
+    trial.set_user_attr("fold_scores", result.fold_scores)
+    trial.set_user_attr("best_epochs", result.best_epochs)
+    trial.set_user_attr("mean_best_epoch", result.mean_best_epoch)
+    if result.reason:
+        trial.set_user_attr("reason", result.reason)
+    if result.state == "complete":
+        ref.study.tell(trial, result.value)
+    else:
+        ref.study.tell(trial, state=TrialState.PRUNED if result.state == "pruned" else TrialState.FAIL)
+
+
+def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOutcome, worker: str,
+               started: float, wall_s: float) -> str:
+    parent = ref.study.user_attrs.get("mlflow_run_id", "")
+    if not sweep.tracker.enabled or not parent:
+        return ""
+    metric = sweep.data.metric
+    curves: dict[str, np.ndarray] = {}
+    fits = result.results
+    if fits:
+        for name, attr in (("train_loss", "train_loss"), ("val_loss", "val_loss"), (f"val_{metric}", "val_metric")):
+            per_fold = [getattr(r, attr) for r in fits]
+            curves[name] = _fold_mean_curve(per_fold)
+            for i, curve in enumerate(per_fold):
+                curves[f"fold_{i}/{name}"] = curve
+    metrics: dict[str, float] = {"wall_s": wall_s, "best_epoch": float(result.mean_best_epoch)}
+    if result.fold_scores:
+        metrics |= {metric: float(np.mean(result.fold_scores)), f"{metric}_std": float(np.std(result.fold_scores))}
+        metrics |= {f"fold_{i}/{metric}": s for i, s in enumerate(result.fold_scores)}
+        gaps = [r.val_loss[r.best_epoch - 1] - r.train_loss[r.best_epoch - 1] for r in fits]
+        metrics["generalization_gap"] = float(np.mean(gaps))
+    config = sweep.spec.with_params(trial.params)
+    params = {**{f"model.{k}": v for k, v in config.model.model_dump().items()},
+              **{f"train.{k}": v for k, v in config.train.model_dump().items()}}
+    state = result.state if result.state != "failed" else f"failed: {result.reason}"
+    tags = {"foldsweep.state": state if result.state != "pruned" else f"pruned at epoch {result.pruned_at}",
+            "optuna.study": ref.study.study_name, "optuna.trial_number": str(trial.number),
+            "foldsweep.device": str(sweep.device), "foldsweep.worker": worker,
+            **{f"searched.{k}": str(v) for k, v in trial.params.items()}}
+    status = {"complete": "FINISHED", "pruned": "KILLED"}.get(result.state, "FAILED")
+    return sweep.tracker.log_trial(parent, f"{ref.key}/trial-{trial.number}", params, metrics, curves, tags,
+                                   status, started)
+
+
+# -- warm start, refits, summary --------------------------------------------------------------------------
+def warm_start_final(sweep: Sweep) -> None:
+    """Enqueue the outer bests into `final` once every outer study is done (never into a sibling)."""
+    final = sweep.study("final")
+    if not sweep.spec.optuna.warm_start_final or final.study.user_attrs.get("warm_started"):
+        return
+    outer = [ref for ref in sweep.studies if ref.key != "final"]
+    if not all(_study_done(ref, sweep.n_trials) for ref in outer):
+        return
+    final.study.set_user_attr("warm_started", True)
+    seen: list[dict[str, Any]] = []
+    for ref in outer:
+        best = _best_trial(ref)
+        if best is not None and best.params not in seen and len(seen) < min(len(outer), sweep.n_trials - 1):
+            seen.append(best.params)
+            final.study.enqueue_trial(best.params, user_attrs={"warm_start_from": ref.key})
+
+
+def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
+    """Each outer best, trained on its whole outer-train for its inner best epoch count, scored once."""
+    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if "refit" not in ref.study.user_attrs]
+    jobs = []
+    for i, ref in pending:
+        best = _best_trial(ref)
+        if best is None:
+            raise SweepFailed(f"study {ref.key} has no finished trial; see `foldsweep status {sweep.spec.name}`")
+        config = sweep.spec.with_params(best.params)
+        fold = sweep.plan.outer[i]
+        jobs.append(FitJob(fold.train, fold.valid, config.model, config.train,
+                           job_seed(sweep.spec.optuna.seed, ref.key, "refit"),
+                           fixed_epochs=int(best.user_attrs.get("mean_best_epoch", config.train.epochs))))
+    if jobs:
+        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric)
+        for (i, ref), job, result in zip(pending, jobs, results):
+            best = _best_trial(ref)
+            assert best is not None and best.value is not None
+            test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
+            refit = {"outer_test_score": test_score, "best_inner_value": best.value, "best_trial": best.number,
+                     "params": best.params, "epochs": job.fixed_epochs,
+                     "optimism": _optimism(best.value, test_score, sweep.data.maximize)}
+            ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
+            sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), {"outer_test_score": test_score, "best_inner_value": best.value,
+                                           "optimism": refit["optimism"], "refit_epochs": float(job.fixed_epochs)},
+                                     tags={"best_trial": str(best.number)})
+    return [ref.study.user_attrs["refit"] for ref in sweep.studies[:-1]]
+
+
+def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
+    scores = np.array([r["outer_test_score"] for r in refits])
+    final = _best_trial(sweep.study("final"))
+    if final is None:
+        raise SweepFailed("study final has no finished trial; the sweep has no configuration to export")
+    mean = float(scores.mean())
+    std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
+    half = _t_quantile(len(scores) - 1) * std / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+    return {
+        "sweep": sweep.spec.name, "metric": sweep.data.metric,
+        "direction": "maximize" if sweep.data.maximize else "minimize",
+        "nested": {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "outer": scores.tolist()},
+        "final": {"best_params": final.params, "best_value": final.value, "best_trial": final.number,
+                  "best_epoch": final.user_attrs.get("mean_best_epoch")},
+        "optimism": float(np.mean([r["optimism"] for r in refits])),
+        "outer_refits": refits,
+    }
+
+
+def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str, Any]]:
+    rows = []
+    for ref in sweep_studies:
+        counts = ref.counts()
+        best = _best_trial(ref)
+        rows.append({"study": ref.key, **counts, "n_trials": n_trials,
+                     "best": best.value if best is not None else None,
+                     "refit": ref.study.user_attrs.get("refit")})
+    return rows
+
+
+def _best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+    complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return ref.study.best_trial if complete else None
+
+
+def _study_done(ref: StudyRef, n_trials: int) -> bool:
+    counts = ref.counts()
+    return counts["in_flight"] == 0 and (counts["finished"] >= n_trials or counts["failed"] >= n_trials)
+
+
+def _surplus(ref: StudyRef, trial: optuna.trial.Trial, n_trials: int) -> bool:
+    """Several workers may ask at once; a trial beyond the study's n_trials is given back as failed."""
+    before = [t for t in ref.study.get_trials(deepcopy=False)
+              if t.number < trial.number and t.state in FINISHED + IN_FLIGHT]
+    if len(before) < n_trials:
+        return False
+    trial.set_user_attr("reason", "surplus: the study already had n_trials when this trial was asked")
+    return True
+
+
+def _raise_if_all_failed(sweep: Sweep) -> None:
+    for ref in sweep.studies:
+        counts = ref.counts()
+        if counts["failed"] >= sweep.n_trials and counts["finished"] == 0 and counts["in_flight"] == 0:
+            reasons: dict[str, int] = {}
+            for t in ref.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
+                reason = str(t.user_attrs.get("reason", "unknown")).split(" (fold")[0]
+                reasons[reason] = reasons.get(reason, 0) + 1
+            summary = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
+            raise SweepFailed(f"every trial of study {ref.key} failed ({summary})")
+
+
+def _models_per_batch(sweep: Sweep) -> int:
+    if sweep.spec.resources.models_per_batch:
+        return sweep.spec.resources.models_per_batch
+    return 1024 if sweep.device.type == "cuda" else 64
+
+
+def _optimism(inner: float, outer: float, maximize: bool) -> float:
+    """How much better the search's own score looked than the untouched outer-test score."""
+    return inner - outer if maximize else outer - inner
+
+
+def _fold_mean_curve(curves: list[np.ndarray]) -> np.ndarray:
+    """Mean over folds per epoch; a fold that stopped early holds its last value."""
+    length = max(len(c) for c in curves)
+    padded = np.stack([np.pad(c, (0, length - len(c)), mode="edge") if len(c) else np.full(length, np.nan)
+                       for c in curves])
+    return np.nanmean(padded, axis=0) if length else np.array([])
+
+
+def _t_quantile(dof: int) -> float:
+    from scipy import stats
+
+    return float(stats.t.ppf(0.975, dof))

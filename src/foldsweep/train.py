@@ -1,0 +1,401 @@
+"""Train many fold models at once: every fold of every trial in a batch is one stacked model.
+
+For the small MLPs this tool targets, a fold fit costs launches and Python, not arithmetic, so M fits
+run as one: batched matmuls over a leading model dimension, per-model hyperparameters as (M,) tensors,
+data resident on the device, no host sync inside an epoch. Models are independent: each has its own
+rows, preprocessing fitted on its own training rows, its own optimiser state, early stopping, and a
+step mask that freezes it when it stops. This module knows nothing of Optuna or MLflow.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from foldsweep.metrics import device_metric
+from foldsweep.model import MLP, StackedMLP, build_mlp
+from foldsweep.spec import ModelSpec, TrainSpec
+
+ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
+
+
+@dataclass(frozen=True)
+class FitJob:
+    """One model to fit. `fixed_epochs` (refits) trains exactly that long and scores the last epoch."""
+
+    train_rows: np.ndarray
+    valid_rows: np.ndarray
+    model: ModelSpec
+    train: TrainSpec
+    seed: int
+    fixed_epochs: int | None = None
+
+
+@dataclass
+class FitResult:
+    train_loss: np.ndarray  # (epochs_run,)
+    val_loss: np.ndarray
+    val_metric: np.ndarray
+    best_epoch: int  # 1-based; the epoch whose predictions `valid_pred` holds
+    epochs_run: int
+    valid_pred: np.ndarray  # probabilities (n, C) or values (n,)
+    diverged_at: int | None
+    stopped: bool  # stopped from outside (pruned) before it finished
+    model: MLP | None = None
+    preprocess: dict[str, list[float] | list[int]] | None = None
+
+
+def structure_key(job: FitJob) -> tuple[object, ...]:
+    """Settings that change the shape of the computation; models that share them train together."""
+    m, t = job.model, job.train
+    return (m.depth, m.activation, m.batch_norm, t.optimizer, t.lr_schedule, t.step_size, t.gamma, t.epochs,
+            t.batch_size, t.preprocess, t.select_k, t.patience, t.momentum)
+
+
+def group_jobs(jobs: list[FitJob]) -> list[list[int]]:
+    groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        groups[structure_key(job)].append(i)
+    return list(groups.values())
+
+
+StopHook = Callable[[list[int], int, np.ndarray], list[int]]
+
+
+def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str, *, report_every: int = 10,
+             on_report: StopHook | None = None, keep_models: bool = False) -> list[FitResult]:
+    """Fit every job; `on_report(job_ids, epoch, val_metric (len, epoch))` may return jobs to stop."""
+    results: list[FitResult | None] = [None] * len(jobs)
+    for ids in group_jobs(jobs):
+        trainer = BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models)
+        while not trainer.done:
+            trainer.run_epochs(report_every)
+            if on_report is not None and not trainer.done_all_reported:
+                local = on_report(ids, trainer.epoch, trainer.metric_curves())
+                trainer.stop([ids.index(i) for i in local])
+        for i, result in zip(ids, trainer.results()):
+            results[i] = result
+    return [r for r in results if r is not None]
+
+
+class BatchTrainer:
+    """M models of one structure, trained in lockstep until each stops."""
+
+    def __init__(self, X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str,
+                 keep_models: bool = False) -> None:
+        self.jobs, self.metric, self.n_classes = jobs, metric, n_classes
+        self.device = X.device
+        self.regression = n_classes == 0
+        first = jobs[0].train
+        self.cfg = first
+        self.M = M = len(jobs)
+        self.gen = torch.Generator(device=self.device).manual_seed(_mix_seeds(j.seed for j in jobs))
+        self.np_rng = np.random.default_rng(_mix_seeds(j.seed for j in jobs))
+        self.train_idx, self.train_mask, self.n_train = _pad_rows([j.train_rows for j in jobs], self.device)
+        self.valid_idx, self.valid_mask, _ = _pad_rows([j.valid_rows for j in jobs], self.device)
+        self.inputs, self.preprocess = _fit_preprocessing(X, y, self.train_idx, self.train_mask, jobs)
+        self.targets, self.y_shift, self.y_scale = _fit_targets(y, self.train_idx, self.train_mask, self.regression)
+        self.x_valid = _gather_rows(self.inputs, self.valid_idx)
+        self.y_valid = self.targets.gather(1, self.valid_idx)
+        n_in = self.inputs.shape[-1]
+        self.templates = [build_mlp(n_in, max(n_classes, 1), j.model, j.seed) for j in jobs]
+        self.net = StackedMLP(self.templates, self.device)
+        self.params = self.net.params
+        self.keep_models = keep_models
+        # what an exported model needs from its best epoch: the weights and the batch-norm statistics
+        self.kept = [*self.params, self.net.running_mean, self.net.running_var] if keep_models else []
+        self.best_params = [t.detach().clone() for t in self.kept]
+
+        def vec(values: list[float]) -> Tensor:
+            return torch.tensor(values, dtype=torch.float32, device=self.device)
+
+        self.lr = vec([j.train.lr for j in jobs])
+        self.wd = vec([j.train.weight_decay for j in jobs])
+        self.l1 = vec([j.train.l1 for j in jobs])
+        self.drop = vec([j.model.dropout for j in jobs]).view(M, 1, 1)
+        self.clip = vec([j.train.grad_clip for j in jobs])
+        self.noise = vec([j.train.noise for j in jobs]).view(M, 1, 1)
+        self.smoothing = vec([j.train.label_smoothing for j in jobs]).view(M, 1)
+        self.mixup = np.array([j.train.mixup for j in jobs])
+        self.max_epochs = vec([j.fixed_epochs or j.train.epochs for j in jobs])
+        self.select_latest = torch.tensor([j.fixed_epochs is not None for j in jobs], device=self.device)
+        self.state = [torch.zeros_like(p) for p in self.params]
+        self.state2 = [torch.zeros_like(p) for p in self.params]
+        self.steps = torch.zeros(M, device=self.device)
+        self.plateau = torch.ones(M, device=self.device)
+        self.plateau_bad = torch.zeros(M, device=self.device)
+        self.active = torch.ones(M, dtype=torch.bool, device=self.device)
+        self.stopped = torch.zeros(M, dtype=torch.bool, device=self.device)
+        self.best_loss = torch.full((M,), math.inf, device=self.device)
+        self.best_epoch = torch.zeros(M, device=self.device)
+        self.bad_epochs = torch.zeros(M, device=self.device)
+        self.epochs_run = torch.zeros(M, device=self.device)
+        self.diverged_at = torch.zeros(M, device=self.device)
+        self.best_pred = torch.zeros_like(self._predict()[0])
+        total = int(self.max_epochs.max().item())
+        self.history = torch.full((3, M, total), math.nan, device=self.device)  # train loss, val loss, metric
+        self.epoch = 0
+        self.done = False
+        self.done_all_reported = False
+
+    # -- the loop -------------------------------------------------------------------------------------
+    def run_epochs(self, n: int) -> None:
+        for _ in range(n):
+            if self.epoch >= self.history.shape[-1]:
+                break
+            self._train_epoch()
+            self.epoch += 1
+        self.done = bool(not self.active.any().item()) or self.epoch >= self.history.shape[-1]
+
+    def _train_epoch(self) -> None:
+        M, bs, dev = self.M, self.cfg.batch_size, self.device
+        running = self.active.clone()
+        keys = torch.rand(self.train_idx.shape, generator=self.gen, device=dev).masked_fill(~self.train_mask, 2.0)
+        order = keys.argsort(1)  # each model's own rows first, shuffled
+        rows_all = self.train_idx.gather(1, order)
+        loss_sum = torch.zeros(M, device=dev)
+        nonfinite = torch.zeros(M, dtype=torch.bool, device=dev)
+        lr = self.lr * self.plateau * schedule_factor(self.cfg, self.epoch)
+        position = torch.arange(self.train_idx.shape[1], device=dev)
+        for start in range(0, self.train_idx.shape[1], bs):
+            rows = rows_all[:, start : start + bs]  # (M, B)
+            real = (position[start : start + bs].unsqueeze(0) < self.n_train.unsqueeze(1)).float()  # (M, B)
+            take = running & (real.sum(1) > 0)
+            x, target = _gather_rows(self.inputs, rows), self.targets.gather(1, rows)
+            data_loss = self._batch_loss(x, target, real)
+            total = data_loss + self.l1 * self.net.l1_norm()
+            finite = torch.isfinite(total)
+            nonfinite |= take & ~finite
+            take = take & finite
+            grads = torch.autograd.grad(torch.where(take, total, 0.0).sum(), self.params)
+            self._step(grads, lr, take)
+            loss_sum += torch.where(take, data_loss.detach(), 0.0) * real.sum(1)
+        self._end_epoch(running, loss_sum / self.n_train, nonfinite)
+
+    def _batch_loss(self, x: Tensor, target: Tensor, real: Tensor) -> Tensor:
+        """Mean loss over each model's real rows, shape (M,); noise and mixup on training batches only."""
+        if float(self.noise.max()) > 0:
+            x = x + self.noise * torch.randn(x.shape, generator=self.gen, device=x.device)
+        lam = None
+        if self.mixup.max() > 0:
+            draws = np.where(self.mixup > 0, self.np_rng.beta(np.maximum(self.mixup, 1e-3), np.maximum(self.mixup, 1e-3)), 1.0)
+            lam = torch.tensor(draws, dtype=torch.float32, device=x.device).view(-1, 1)
+            partner = torch.randperm(x.shape[1], generator=self.gen, device=x.device)
+            x = lam.unsqueeze(-1) * x + (1 - lam.unsqueeze(-1)) * x[:, partner]
+        out = self.net.forward(x, real.unsqueeze(-1), self.drop if float(self.drop.max()) > 0 else None, self.gen)
+        rows = self._row_loss(out, target)
+        if lam is not None:
+            rows = lam * rows + (1 - lam) * self._row_loss(out, target[:, partner])
+        return (rows * real).sum(1) / real.sum(1).clamp(min=1)
+
+    def _row_loss(self, out: Tensor, target: Tensor) -> Tensor:
+        if self.regression:
+            return (out[..., 0] - target) ** 2
+        logp = F.log_softmax(out, -1)
+        nll = -logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        return (1 - self.smoothing) * nll + self.smoothing * (-logp.mean(-1))
+
+    @torch.no_grad()
+    def _step(self, grads: tuple[Tensor, ...], lr: Tensor, take: Tensor) -> None:
+        """AdamW (decoupled weight decay) or SGD with momentum (L2 in the gradient), per model."""
+        if float(self.clip.max()) > 0:
+            norm = torch.sqrt(sum((g.flatten(1) ** 2).sum(1) for g in grads))  # type: ignore[arg-type]
+            coef = torch.where(self.clip > 0, (self.clip / (norm + 1e-6)).clamp(max=1.0), 1.0)
+            grads = tuple(g * _per_model(coef, g) for g in grads)
+        first = self.steps == 0
+        self.steps += take.float()
+        for p, g, s1, s2 in zip(self.params, grads, self.state, self.state2):
+            mask, lr_p, wd_p = _per_model(take, p), _per_model(lr, p), _per_model(self.wd, p)
+            if self.cfg.optimizer == "adamw":
+                b1, b2 = ADAM_BETAS
+                t = _per_model(self.steps.clamp(min=1), p)
+                s1.copy_(torch.where(mask, b1 * s1 + (1 - b1) * g, s1))
+                s2.copy_(torch.where(mask, b2 * s2 + (1 - b2) * g * g, s2))
+                denom = s2.sqrt() / torch.sqrt(1 - b2**t) + ADAM_EPS
+                new = p * (1 - lr_p * wd_p) - lr_p / (1 - b1**t) * s1 / denom
+            else:
+                g = g + wd_p * p
+                s1.copy_(torch.where(mask, torch.where(_per_model(first, p), g, self.cfg.momentum * s1 + g), s1))
+                new = p - lr_p * s1
+            p.copy_(torch.where(mask, new, p))
+
+    @torch.no_grad()
+    def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor) -> None:
+        """Evaluate on validation rows, then early stopping and divergence, all on the device."""
+        pred, val_loss = self._predict()
+        metric = device_metric(self.metric, pred, self.y_valid if not self.regression else self._unscaled_valid(),
+                               self.valid_mask.float())
+        self.history[:, :, self.epoch] = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)
+        improved = running & ((val_loss < self.best_loss) | self.select_latest)
+        self.best_loss = torch.where(improved, val_loss, self.best_loss)
+        self.best_epoch = torch.where(improved, self.epoch + 1, self.best_epoch)
+        self.best_pred = torch.where(_per_model(improved, pred), pred, self.best_pred)
+        if self.keep_models:
+            for best, p in zip(self.best_params, self.kept):
+                best.copy_(torch.where(_per_model(improved, p), p, best))
+        self.bad_epochs = torch.where(improved, 0.0, self.bad_epochs + 1)
+        self._plateau(improved, running)
+        diverged = running & (nonfinite | ~torch.isfinite(val_loss))
+        self.diverged_at = torch.where(diverged & (self.diverged_at == 0), self.epoch + 1.0, self.diverged_at)
+        self.epochs_run += running.float()
+        patience = torch.where(self.select_latest, math.inf, float(self.cfg.patience))
+        self.active = running & ~diverged & (self.bad_epochs < patience) & (self.epochs_run < self.max_epochs)
+
+    def _plateau(self, improved: Tensor, running: Tensor) -> None:
+        if self.cfg.lr_schedule != "plateau":
+            return
+        self.plateau_bad = torch.where(improved, 0.0, self.plateau_bad + running.float())
+        cut = self.plateau_bad >= max(1, self.cfg.patience // 2)
+        self.plateau = torch.where(cut, self.plateau * self.cfg.gamma, self.plateau)
+        self.plateau_bad = torch.where(cut, 0.0, self.plateau_bad)
+
+    @torch.no_grad()
+    def _predict(self) -> tuple[Tensor, Tensor]:
+        """Validation predictions (probabilities or unscaled values) and loss per model."""
+        out = self.net.forward(self.x_valid, None, None, None)
+        mask = self.valid_mask.float()
+        if self.regression:
+            loss = (((out[..., 0] - self.y_valid) ** 2) * mask).sum(1) / mask.sum(1).clamp(min=1)
+            return out[..., 0] * self.y_scale + self.y_shift, loss
+        logp = F.log_softmax(out, -1)
+        nll = -logp.gather(-1, self.y_valid.unsqueeze(-1)).squeeze(-1)
+        return logp.exp(), (nll * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+    def _unscaled_valid(self) -> Tensor:
+        return self.y_valid * self.y_scale + self.y_shift
+
+    # -- control and results --------------------------------------------------------------------------
+    def stop(self, models: list[int]) -> None:
+        """Freeze models from outside (a pruned trial); they keep their best epoch so far."""
+        if models:
+            index = torch.tensor(models, device=self.device)
+            self.stopped[index] = self.active[index]
+            self.active[index] = False
+            self.done = bool(not self.active.any().item())
+
+    def metric_curves(self) -> np.ndarray:
+        return self.history[2, :, : self.epoch].cpu().numpy()
+
+    def results(self) -> list[FitResult]:
+        history = self.history.cpu().numpy()
+        epochs_run = self.epochs_run.long().cpu().tolist()
+        best_epoch = self.best_epoch.long().cpu().tolist()
+        diverged = self.diverged_at.long().cpu().tolist()
+        stopped = self.stopped.cpu().tolist()
+        pred = self.best_pred.cpu().numpy()
+        n_valid = [len(j.valid_rows) for j in self.jobs]
+        if self.keep_models:
+            for p, best in zip(self.kept, self.best_params):
+                p.data.copy_(best)
+        out = []
+        for m in range(self.M):
+            n = epochs_run[m]
+            out.append(FitResult(
+                train_loss=history[0, m, :n], val_loss=history[1, m, :n], val_metric=history[2, m, :n],
+                best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[m, : n_valid[m]],
+                diverged_at=diverged[m] or None, stopped=bool(stopped[m]),
+                model=self.net.export(m, self.templates[m]) if self.keep_models else None,
+                preprocess={k: v[m] for k, v in self.preprocess.items()}))
+        return out
+
+
+def schedule_factor(cfg: TrainSpec, epoch: int) -> float:
+    """Learning-rate multiplier for a 0-based epoch (plateau is handled per model, on the device)."""
+    if cfg.lr_schedule == "step":
+        return cfg.gamma ** (epoch // cfg.step_size)
+    if cfg.lr_schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * epoch / cfg.epochs))
+    if cfg.lr_schedule == "one_cycle":
+        warm = max(1, int(0.3 * cfg.epochs))
+        if epoch < warm:
+            return 0.04 + 0.96 * epoch / warm
+        return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs - warm)))
+    return 1.0
+
+
+def _mix_seeds(seeds: object) -> int:
+    return hash(tuple(seeds)) % (2**63)  # type: ignore[arg-type]
+
+
+def _per_model(values: Tensor, like: Tensor) -> Tensor:
+    return values.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _pad_rows(rows: list[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
+    """(M, N) row indices padded with each model's own first row, so padding never reaches other rows."""
+    width = max(len(r) for r in rows)
+    idx = np.stack([np.concatenate([r, np.full(width - len(r), r[0])]) for r in rows])
+    mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+    n = torch.tensor([len(r) for r in rows], dtype=torch.float32, device=device)
+    return torch.as_tensor(idx, device=device), torch.as_tensor(mask, device=device), n
+
+
+def _gather_rows(inputs: Tensor, rows: Tensor) -> Tensor:
+    """inputs (M, N, F), rows (M, B) -> (M, B, F)."""
+    return inputs.gather(1, rows.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
+
+
+def _fit_preprocessing(X: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tensor,
+                       jobs: list[FitJob]) -> tuple[Tensor, dict[str, list[list[float]]]]:
+    """Impute, scale and select features with statistics of each model's training rows only."""
+    M = len(jobs)
+    x_train = X[train_idx]  # (M, N, F)
+    present = (~torch.isnan(x_train)) & train_mask.unsqueeze(-1)
+    count = present.sum(1).clamp(min=1)
+    fill = torch.where(present, x_train, 0.0).sum(1) / count  # (M, F) mean of the observed values
+    inputs = torch.where(torch.isnan(X).unsqueeze(0), fill.unsqueeze(1), X.unsqueeze(0).expand(M, -1, -1))
+    kind = jobs[0].train.preprocess
+    train_vals = torch.where(present, x_train, fill.unsqueeze(1))
+    if kind == "standard":
+        shift = fill
+        var = (((train_vals - shift.unsqueeze(1)) * train_mask.unsqueeze(-1)) ** 2).sum(1) / train_mask.sum(1, keepdim=True)
+        scale = var.sqrt()
+    elif kind == "minmax":
+        big = torch.finfo(X.dtype).max
+        shift = torch.where(train_mask.unsqueeze(-1), train_vals, big).amin(1)
+        scale = torch.where(train_mask.unsqueeze(-1), train_vals, -big).amax(1) - shift
+    else:
+        shift, scale = torch.zeros_like(fill), torch.ones_like(fill)
+    scale = torch.where(scale > 0, scale, 1.0)
+    inputs = (inputs - shift.unsqueeze(1)) / scale.unsqueeze(1)
+    stats = {"fill": fill.tolist(), "shift": shift.tolist(), "scale": scale.tolist()}
+    k = jobs[0].train.select_k
+    if k is not None and k < X.shape[1]:
+        features = _select_features(inputs, y, train_idx, train_mask, jobs, k)
+        inputs = inputs.gather(2, features.unsqueeze(1).expand(-1, inputs.shape[1], -1))
+        stats["features"] = features.tolist()
+    return inputs, stats
+
+
+def _select_features(inputs: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tensor, jobs: list[FitJob],
+                     k: int) -> Tensor:
+    """Top-k features by mutual information with the target, scored on each model's training rows only."""
+    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
+
+    score = mutual_info_regression if y.is_floating_point() else mutual_info_classif
+    chosen = []
+    for m, job in enumerate(jobs):
+        rows = train_idx[m][train_mask[m]]
+        mi = score(inputs[m, rows].cpu().numpy(), y[rows].cpu().numpy(), random_state=job.seed % 2**32)
+        chosen.append(np.sort(np.argsort(-mi, kind="stable")[:k]))
+    return torch.as_tensor(np.stack(chosen), device=inputs.device)
+
+
+def _fit_targets(y: Tensor, train_idx: Tensor, train_mask: Tensor, regression: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """Regression targets standardised per model (train rows only); class codes pass through."""
+    M = train_idx.shape[0]
+    if not regression:
+        return y.unsqueeze(0).expand(M, -1), torch.zeros(M, 1, device=y.device), torch.ones(M, 1, device=y.device)
+    y_train = y[train_idx]
+    mask = train_mask.float()
+    n = mask.sum(1, keepdim=True)
+    shift = (y_train * mask).sum(1, keepdim=True) / n
+    scale = torch.sqrt((((y_train - shift) * mask) ** 2).sum(1, keepdim=True) / n).clamp(min=1e-8)
+    return (y.unsqueeze(0) - shift) / scale, shift, scale

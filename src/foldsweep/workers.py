@@ -1,0 +1,238 @@
+"""Devices and processes: one worker per (device, slot), all pulling trials from one Optuna storage.
+
+`run_sweep` is the coordinator: it seals and plans, opens the MLflow runs, starts the other local
+workers as `foldsweep worker` processes (CUDA_VISIBLE_DEVICES set before torch is imported), works as
+worker 0 itself, then refits and summarises. A `foldsweep worker` on another machine takes the same
+path through the same storage, so there is one code path for one GPU, eight, or a cluster.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+
+from foldsweep import __version__
+from foldsweep.data import Dataset, load_dataset
+from foldsweep.errors import DeviceError, FoldsweepError
+from foldsweep.record import SweepRecord, create_or_resume, fresh_name
+from foldsweep.spec import SweepSpec
+from foldsweep.splits import FoldPlan, make_plan
+from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight
+from foldsweep.sweep import (
+    Progress,
+    StudyRef,
+    Sweep,
+    open_studies,
+    refit_outer,
+    study_status,
+    summarize,
+    warm_start_final,
+    work,
+)
+from foldsweep.tracking import NullTracker, make_tracker
+
+STALE_CHECK_S = 10.0
+
+
+def resolve_devices(spec: SweepSpec) -> list[str]:
+    """`auto` is every visible CUDA device, else the CPU; a named device must exist here."""
+    wanted = spec.resources.devices
+    available = torch.cuda.device_count()
+    if wanted == "cpu" or (wanted == "auto" and available == 0):
+        return ["cpu"]
+    if wanted == "auto":
+        return [f"cuda:{i}" for i in range(available)]
+    for name in wanted:
+        if name.startswith("cuda:") and int(name[5:]) >= available:
+            raise DeviceError(f"resources.devices: `{name}` does not exist; this machine has {available} CUDA "
+                              f"device(s){' (cuda:0..cuda:' + str(available - 1) + ')' if available else ''}")
+    return list(wanted)
+
+
+def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
+    """One entry per worker process: a device name, repeated `workers_per_device` times on GPUs."""
+    if devices == ["cpu"]:
+        return ["cpu"] * (spec.resources.workers or os.cpu_count() or 1)
+    slots = [d for d in devices for _ in range(spec.resources.workers_per_device)]
+    return slots[: spec.resources.workers] if spec.resources.workers else slots
+
+
+def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = False, storage: str | None = None,
+              progress: Progress | None = None) -> dict[str, Any]:
+    """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints."""
+    started = time.time()
+    if fresh:
+        spec = spec.model_copy(update={"name": fresh_name(spec.name)})
+    data = load_dataset(spec.data, base_dir)
+    devices = resolve_devices(spec)
+    slots = worker_slots(spec, devices)
+    url = storage or spec.storage or default_storage(spec.name)
+    optuna_storage = preflight(url, len(slots))
+    record, plan, resumed = create_or_resume(spec, data, url)
+    tracker = make_tracker(spec.tracking, spec.name)
+    sweep = _open(spec, data, plan, optuna_storage, tracker, slots[0])
+    ids = _open_runs(sweep, record, tracker, devices, resumed)
+    if progress is not None:
+        progress("start", {"sweep": spec.name, "resumed": resumed, "workers": slots, "storage": url,
+                           "notes": plan.notes, "n_trials": spec.optuna.n_trials, "studies": len(sweep.studies)})
+    spec_file = record.folder / "spec.yaml"
+    helpers = [_start_worker(spec_file, url, device, i) for i, device in enumerate(slots[1:], start=1)]
+    heartbeat = Heartbeat(optuna_storage)
+    sweep.heartbeat = heartbeat
+    try:
+        _set_threads(slots)
+        work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress))
+        summary = _finish(sweep, record, tracker, ids)
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        for run_id in ids.values():
+            tracker.finish(run_id, status)
+        raise
+    finally:
+        heartbeat.close()
+        _stop_workers(helpers)
+    fits = sum(len(ref.folds) * len(ref.study.get_trials(deepcopy=False)) for ref in sweep.studies)
+    return summary | {"mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                                 "run_id": ids.get("sweep", "")},
+                      "storage": url, "fold_fits": fits + len(plan.outer), "wall_s": round(time.time() - started, 2),
+                      "resumed": resumed, "workers": len(slots), "devices": devices}
+
+
+def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, device: str | None = None,
+               name: str = "worker", threads: int | None = None) -> int:
+    """`foldsweep worker`: take trials of a running sweep until every study is done."""
+    data = load_dataset(spec.data, base_dir)
+    plan = make_plan(data, spec.split)
+    optuna_storage = preflight(storage, 2)
+    names = optuna.get_all_study_names(optuna_storage)
+    if f"{spec.name}/final" not in names:
+        raise FoldsweepError(f"no sweep `{spec.name}` in storage `{storage}`; start it with `foldsweep run` first")
+    device = device or resolve_devices(spec)[0]
+    sweep = _open(spec, data, plan, optuna_storage, make_tracker(spec.tracking, spec.name), device)
+    _check_same_sweep(sweep, data, plan)
+    sweep.heartbeat = Heartbeat(optuna_storage)
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return work(sweep, name)
+    finally:
+        sweep.heartbeat.close()
+
+
+def open_existing(name: str) -> tuple[SweepRecord, list[StudyRef]]:
+    """Studies of a recorded sweep, for `status`, `export` and `report` (no data, no training)."""
+    record = SweepRecord.open(name)
+    storage = preflight(record.meta["storage"], 1)
+    plan = record.plan
+    keys = [(f"outer-{i}", plan.inner[i], i) for i in range(len(plan.outer))] + [("final", plan.final_inner, 1000)]
+    try:
+        refs = [StudyRef(key, optuna.load_study(study_name=f"{name}/{key}", storage=storage), folds, offset)
+                for key, folds, offset in keys]
+    except KeyError:
+        raise FoldsweepError(f"sweep `{name}` has no studies in `{record.meta['storage']}` yet") from None
+    return record, refs
+
+
+def _open(spec: SweepSpec, data: Dataset, plan: FoldPlan, storage: optuna.storages.BaseStorage,
+          tracker: NullTracker, device: str) -> Sweep:
+    refs = open_studies(spec, plan, storage, data.maximize)
+    return Sweep(spec=spec, data=data, plan=plan, studies=refs, tracker=tracker,
+                 device=torch.device("cuda:0" if device.startswith("cuda") and _pinned() else device))
+
+
+def _pinned() -> bool:
+    return len(os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")) == 1 and torch.cuda.device_count() == 1
+
+
+def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices: list[str],
+               resumed: bool) -> dict[str, str]:
+    """Sweep run and one run per study, created once; a rerun reopens them and closes runs a crash left open."""
+    known: dict[str, str] = record.meta.get("mlflow_runs", {})
+    tags = {"foldsweep.version": __version__, "foldsweep.spec_hash": sweep.spec.spec_hash(),
+            "foldsweep.data_fingerprint": sweep.data.fingerprint, "foldsweep.devices": ",".join(devices),
+            "foldsweep.host": platform.node(), "foldsweep.storage": record.meta["storage"],
+            "torch.version": torch.__version__, "optuna.version": optuna.__version__}
+    ids = {"sweep": tracker.sweep_run(sweep.spec.name, tags, known.get("sweep"))}
+    for ref in sweep.studies:
+        ids[ref.key] = tracker.study_run(ids["sweep"], ref.key, known.get(ref.key))
+        if ids[ref.key]:
+            ref.study.set_user_attr("mlflow_run_id", ids[ref.key])
+        ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
+        ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
+    record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
+    return ids
+
+
+def _check_same_sweep(sweep: Sweep, data: Dataset, plan: FoldPlan) -> None:
+    import hashlib
+    import json
+
+    attrs = sweep.study("final").study.user_attrs
+    plan_hash = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
+    if attrs.get("spec_hash") not in (None, sweep.spec.spec_hash()):
+        raise FoldsweepError(f"this spec differs from the one sweep `{sweep.spec.name}` runs with "
+                             f"(spec hash {sweep.spec.spec_hash()} vs {attrs['spec_hash']}); use the same file")
+    if attrs.get("plan_hash") not in (None, plan_hash):
+        raise FoldsweepError(f"the data here gives another fold plan than sweep `{sweep.spec.name}` uses "
+                             f"(data fingerprint {data.fingerprint}); point the worker at the same data")
+
+
+def _chores(sweep: Sweep, progress: Progress | None) -> Any:
+    last = [0.0]
+
+    def maintain() -> None:
+        warm_start_final(sweep)
+        if time.time() - last[0] >= STALE_CHECK_S:
+            last[0] = time.time()
+            for ref in sweep.studies:
+                for number in fail_stale_trials(ref.study):
+                    if progress is not None:
+                        progress("stale", {"study": ref.key, "number": number})
+        if progress is not None:
+            progress("status", {"rows": study_status(sweep.studies, sweep.n_trials)})
+
+    return maintain
+
+
+def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str]) -> dict[str, Any]:
+    refits = refit_outer(sweep)
+    summary = summarize(sweep, refits)
+    record.update(summary=summary)
+    from foldsweep.report import log_sweep_artifacts
+
+    log_sweep_artifacts(sweep, record, tracker, ids, summary)
+    for key in (*[ref.key for ref in sweep.studies], "sweep"):
+        tracker.finish(ids[key])
+    return summary
+
+
+def _start_worker(spec_file: Path, storage: str, device: str, slot: int) -> subprocess.Popen[bytes]:
+    env = dict(os.environ)
+    if device.startswith("cuda:"):
+        env["CUDA_VISIBLE_DEVICES"] = device[5:]
+    cmd = [sys.executable, "-m", "foldsweep", "worker", str(spec_file), "--storage", storage,
+           "--device", device, "--name", f"worker-{slot}", "--threads", "1", "--quiet"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _stop_workers(helpers: list[subprocess.Popen[bytes]]) -> None:
+    for proc in helpers:
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            proc.wait(timeout=10)
+
+
+def _set_threads(slots: list[str]) -> None:
+    """CPU workers share the cores: one torch thread each when there are several."""
+    if slots[0] == "cpu":
+        torch.set_num_threads(1 if len(slots) > 1 else max(1, os.cpu_count() or 1))

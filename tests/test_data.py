@@ -1,0 +1,277 @@
+"""Data sets: bundled ones load with the right shape and classes; CSV/Parquet files are checked and fingerprinted."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from foldsweep.data import Dataset, hash_rows, load_dataset
+from foldsweep.errors import DataError, FoldsweepError
+from foldsweep.spec import DataSpec
+
+
+def csv(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def load_csv(tmp_path: Path, text: str, **spec: object) -> Dataset:
+    spec.setdefault("target", "y")
+    return load_dataset(DataSpec(path=str(csv(tmp_path, text)), **spec))  # type: ignore[arg-type]
+
+
+def refused(tmp_path: Path, text: str, **spec: object) -> str:
+    with pytest.raises(DataError) as info:
+        load_csv(tmp_path, text, **spec)
+    message = str(info.value)
+    assert "\n" not in message, message
+    return message
+
+
+def test_data_error_is_a_foldsweep_error() -> None:
+    assert issubclass(DataError, FoldsweepError)
+
+
+# --- bundled sets -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "rows", "features", "classes"),
+    [
+        ("sonar", 208, 60, ["M", "R"]),
+        ("breast_cancer", 569, 30, ["benign", "malignant"]),
+        ("digits", 1797, 64, [str(i) for i in range(10)]),
+        ("wine", 178, 13, ["class_0", "class_1", "class_2"]),
+        ("iris", 150, 4, ["setosa", "versicolor", "virginica"]),
+    ],
+)
+def test_bundled_classification_sets(name: str, rows: int, features: int, classes: list[str]) -> None:
+    data = load_dataset(DataSpec(dataset=name))
+    assert data.name == name
+    assert data.X.shape == (rows, features) and data.X.dtype == np.float32
+    assert data.y.shape == (rows,) and data.y.dtype == np.int64
+    assert data.classes == classes and data.n_classes == len(classes)
+    assert set(np.unique(data.y)) == set(range(len(classes)))
+    assert data.task == "classification" and data.metric == "accuracy" and data.maximize
+    assert len(data.feature_names) == features and "target" not in data.feature_names
+    assert len(data.row_hashes) == rows and np.isfinite(data.X).all()
+    assert data.groups is None and data.times is None
+
+
+def test_sonar_labels() -> None:
+    data = load_dataset(DataSpec(dataset="sonar"))
+    assert np.bincount(data.y).tolist() == [111, 97]  # 111 mines, 97 rocks
+    assert data.feature_names[0] == "band_00" and data.feature_names[-1] == "band_59"
+    assert 0.0 <= data.X.min() and data.X.max() <= 1.0
+
+
+def test_bundled_regression_set() -> None:
+    data = load_dataset(DataSpec(dataset="diabetes"))
+    assert data.X.shape == (442, 10) and data.y.dtype == np.float32
+    assert data.task == "regression" and data.metric == "rmse" and not data.maximize
+    assert data.classes is None and data.n_classes == 0
+
+
+def test_bundled_metric_is_kept() -> None:
+    assert load_dataset(DataSpec(dataset="sonar", metric="roc_auc")).metric == "roc_auc"
+    assert load_dataset(DataSpec(dataset="diabetes", metric="r2")).maximize
+
+
+def test_roc_auc_needs_a_binary_target() -> None:
+    with pytest.raises(DataError, match=r"metric `roc_auc` needs a binary target; `target` has 3 classes"):
+        load_dataset(DataSpec(dataset="iris", metric="roc_auc"))
+
+
+def test_classification_metric_on_inferred_regression() -> None:
+    with pytest.raises(DataError, match=r"metric `accuracy` needs a classification target.*inferred as regression"):
+        load_dataset(DataSpec(dataset="diabetes", metric="accuracy"))
+
+
+def test_regression_metric_on_a_classification_target() -> None:
+    with pytest.raises(DataError, match=r"metric `rmse` needs a regression target"):
+        load_dataset(DataSpec(dataset="sonar", metric="rmse"))
+
+
+# --- files ------------------------------------------------------------------------------------------
+
+
+def test_csv_loads(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,b,y\n1,2,x\n3,4,z\n5,6,x\n7,8.5,z\n")
+    assert data.name == "data"
+    assert data.X.tolist() == [[1, 2], [3, 4], [5, 6], [7, 8.5]] and data.X.dtype == np.float32
+    assert data.y.tolist() == [0, 1, 0, 1] and data.classes == ["x", "z"]
+    assert data.feature_names == ["a", "b"] and data.task == "classification"
+
+
+def test_integer_codes_are_classes_and_floats_are_regression(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,y\n1,2\n2,0\n3,1\n4,2\n")
+    assert data.task == "classification" and data.classes == ["0", "1", "2"] and data.y.tolist() == [2, 0, 1, 2]
+    data = load_csv(tmp_path, "a,y\n1,0.5\n2,1.5\n3,2.25\n")
+    assert data.task == "regression" and data.metric == "rmse" and data.y.tolist() == [0.5, 1.5, 2.25]
+    data = load_csv(tmp_path, "a,y\n1,2\n2,0\n3,1\n", task="regression")
+    assert data.task == "regression" and data.y.dtype == np.float32
+
+
+def test_relative_path_resolves_against_the_spec_folder(tmp_path: Path) -> None:
+    csv(tmp_path, "a,y\n1,p\n2,q\n")
+    data = load_dataset(DataSpec(path="data.csv", target="y"), base_dir=tmp_path)
+    assert data.X.shape == (2, 1)
+
+
+def test_parquet_loads(tmp_path: Path) -> None:
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1.0, 2.0, 3.0], "b": [4, 5, 6], "y": ["p", "q", "p"]}).to_parquet(path)
+    data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.name == "t" and data.X.tolist() == [[1, 4], [2, 5], [3, 6]] and data.classes == ["p", "q"]
+
+
+def test_empty_parquet(tmp_path: Path) -> None:
+    path = tmp_path / "e.parquet"
+    pd.DataFrame({"a": pd.Series([], dtype=float), "y": pd.Series([], dtype=str)}).to_parquet(path)
+    with pytest.raises(DataError, match=r"has a header but no rows"):
+        load_dataset(DataSpec(path=str(path), target="y"))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"data file `.*nope\.csv` not found \(data\.path\)"):
+        load_dataset(DataSpec(path=str(tmp_path / "nope.csv"), target="y"))
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    assert "is empty" in refused(tmp_path, "")
+
+
+def test_header_only(tmp_path: Path) -> None:
+    assert "has a header but no rows" in refused(tmp_path, "a,b,y\n")
+
+
+def test_duplicate_column_names(tmp_path: Path) -> None:
+    message = refused(tmp_path, "a,b,a,y\n1,2,3,x\n4,5,6,z\n")
+    assert "duplicate column names: a" in message
+
+
+def test_missing_target_column(tmp_path: Path) -> None:
+    message = refused(tmp_path, "a,b,label\n1,2,x\n3,4,z\n", target="lable")
+    assert "column `lable` not found" in message and "did you mean `label`?" in message
+    assert "columns: a, b, label" in message
+
+
+def test_missing_group_column(tmp_path: Path) -> None:
+    message = refused(tmp_path, "a,site,y\n1,2,x\n3,4,z\n", group="sites")
+    assert "column `sites` not found" in message and "did you mean `site`?" in message
+
+
+def test_non_numeric_feature_is_refused(tmp_path: Path) -> None:
+    message = refused(tmp_path, "a,color,y\n1,red,x\n3,blue,z\n5,red,x\n")
+    assert "feature column `color` is not numeric" in message and "data.categorical: onehot" in message
+
+
+def test_non_numeric_feature_is_one_hot_encoded(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,color,y\n1,red,x\n3,blue,z\n5,red,x\n", categorical="onehot")
+    assert data.feature_names == ["a", "color_blue", "color_red"]
+    assert data.X.tolist() == [[1, 0, 1], [3, 1, 0], [5, 0, 1]]
+
+
+MISSING = "a,b,y\n1,,x\n3,inf,z\n,6,x\n7,8,z\n9,10,x\n11,12,z\n"
+
+
+def test_missing_values_are_refused_by_default(tmp_path: Path) -> None:
+    message = refused(tmp_path, MISSING)
+    assert "feature column `a` has 1 rows with NaN or inf" in message and "(3 rows in all)" in message
+    assert "data.missing: drop or impute" in message
+
+
+def test_missing_values_dropped(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, MISSING, missing="drop")
+    assert data.X.tolist() == [[7, 8], [9, 10], [11, 12]] and data.y.tolist() == [1, 0, 1]
+    assert len(data.row_hashes) == 3
+
+
+def test_missing_values_kept_for_imputation(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, MISSING, missing="impute")
+    assert data.X.shape == (6, 2)
+    assert np.isnan(data.X[0, 1]) and np.isnan(data.X[1, 1]) and np.isnan(data.X[2, 0])  # inf becomes NaN
+    assert np.isfinite(data.X[3:]).all()
+
+
+def test_every_row_missing_is_refused_on_drop(tmp_path: Path) -> None:
+    assert "nothing is left after data.missing: drop" in refused(tmp_path, "a,y\n,0\n,1\n", missing="drop")
+
+
+def test_empty_target_rows(tmp_path: Path) -> None:
+    assert "target column `y` has 1 empty rows" in refused(tmp_path, "a,y\n1,p\n2,\n3,q\n")
+
+
+def test_target_with_one_class(tmp_path: Path) -> None:
+    assert "target column `y` has one class only ('x'); need at least 2" in refused(tmp_path, "a,y\n1,x\n2,x\n")
+
+
+def test_roc_auc_on_a_multiclass_file(tmp_path: Path) -> None:
+    message = refused(tmp_path, "a,y\n1,p\n2,q\n3,r\n", metric="roc_auc")
+    assert "metric `roc_auc` needs a binary target; `y` has 3 classes" in message
+
+
+def test_text_target_for_regression(tmp_path: Path) -> None:
+    assert "target column `y` is not numeric" in refused(tmp_path, "a,y\n1,p\n2,q\n", task="regression")
+
+
+def test_group_and_time_columns_are_not_features(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,site,day,y\n1,s1,3,x\n2,s2,1,z\n3,s1,2,x\n", group="site", time="day")
+    assert data.feature_names == ["a"]
+    assert data.groups is not None and data.groups.tolist() == ["s1", "s2", "s1"]
+    assert data.times is not None and data.times.tolist() == [3, 1, 2]
+
+
+def test_drop_keeps_groups_and_times_aligned(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,g,t,y\n1,g1,1,x\n,g2,2,z\n3,g3,3,x\n4,g4,4,z\n", group="g", time="t",
+                    missing="drop")
+    assert data.groups is not None and data.groups.tolist() == ["g1", "g3", "g4"]
+    assert data.times is not None and data.times.tolist() == [1, 3, 4]
+
+
+# --- fingerprints -----------------------------------------------------------------------------------
+
+ROWS = "a,b,y\n1,2,x\n3,4,z\n5,6,x\n7,8,z\n"
+
+
+def test_fingerprint_is_reproducible(tmp_path: Path) -> None:
+    first = load_csv(tmp_path, ROWS).fingerprint
+    assert load_csv(tmp_path, ROWS).fingerprint == first
+    assert len(first) == 16 and all(c in "0123456789abcdef" for c in first)
+
+
+def test_fingerprint_changes_with_one_value(tmp_path: Path) -> None:
+    base = load_csv(tmp_path, ROWS)
+    edited = load_csv(tmp_path, ROWS.replace("5,6,x", "5,6.001,x"))
+    assert edited.fingerprint != base.fingerprint
+    changed = [i for i, (a, b) in enumerate(zip(base.row_hashes, edited.row_hashes, strict=True)) if a != b]
+    assert changed == [2]
+
+
+def test_fingerprint_changes_with_a_label(tmp_path: Path) -> None:
+    base = load_csv(tmp_path, "a,y\n1,x\n2,z\n3,x\n4,z\n")
+    edited = load_csv(tmp_path, "a,y\n1,x\n2,z\n3,z\n4,z\n")
+    assert edited.fingerprint != base.fingerprint
+
+
+def test_fingerprint_changes_when_rows_are_swapped(tmp_path: Path) -> None:
+    base = load_csv(tmp_path, ROWS)
+    swapped = load_csv(tmp_path, "a,b,y\n3,4,z\n1,2,x\n5,6,x\n7,8,z\n")
+    assert swapped.fingerprint != base.fingerprint
+    assert sorted(swapped.row_hashes) == sorted(base.row_hashes)
+
+
+def test_duplicate_rows_hash_equal(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,b,y\n1,2,x\n3,4,z\n1,2,x\n1,2,z\n")
+    assert data.row_hashes[0] == data.row_hashes[2]
+    assert len(set(data.row_hashes)) == 3  # same features, other label: another row
+
+
+def test_hash_rows_treats_nan_alike() -> None:
+    X = np.array([[1.0, np.nan], [1.0, np.nan], [1.0, 0.0]], dtype=np.float32)
+    hashes = hash_rows(X, np.array([0, 0, 0]))
+    assert hashes[0] == hashes[1] != hashes[2]
