@@ -50,6 +50,12 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 def cli(debug: bool) -> None:
     """Honest hyperparameter sweeps: nested k-fold CV, a sealed test set, Optuna, MLflow."""
+    import logging
+
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _load(spec: str, overrides: tuple[str, ...]) -> Any:

@@ -41,7 +41,7 @@ def export_best(name: str) -> dict[str, Any]:
         "spec_hash": meta["spec_hash"], "data_fingerprint": meta["fingerprint"],
         "nested": summary.get("nested"), "optimism": summary.get("optimism"),
         "test_looks": len(record.ledger), "mlflow_run_id": meta.get("mlflow_runs", {}).get("sweep"),
-        "versions": {"foldsweep": __version__, "torch": torch.__version__, "optuna": optuna.__version__,
+        "versions": {"foldsweep": __version__, "torch": str(torch.__version__), "optuna": optuna.__version__,
                      "scikit-learn": sklearn.__version__, "python": platform.python_version()},
     }
     return doc

@@ -107,7 +107,7 @@ class MlflowTracker(NullTracker):
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         """Each (file, folder inside the run's artifacts; "" for the top)."""
         for path, folder in files:
-            _retry(lambda: self.client.log_artifact(run_id, str(path), artifact_path=folder or None))
+            _retry(lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), artifact_path=f or None))
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         if run_id:
@@ -138,7 +138,7 @@ class MlflowTracker(NullTracker):
         for b in range(batches):
             chunk = (rows[b * MAX_METRICS : (b + 1) * MAX_METRICS], param_rows[b * MAX_PARAMS : (b + 1) * MAX_PARAMS],
                      tag_rows[b * MAX_TAGS : (b + 1) * MAX_TAGS])
-            _retry(lambda: self.client.log_batch(run_id, metrics=chunk[0], params=chunk[1], tags=chunk[2]))
+            _retry(lambda c=chunk: self.client.log_batch(run_id, metrics=c[0], params=c[1], tags=c[2]))
 
 
 def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:

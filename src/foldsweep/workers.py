@@ -159,7 +159,7 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
     tags = {"foldsweep.version": __version__, "foldsweep.spec_hash": sweep.spec.spec_hash(),
             "foldsweep.data_fingerprint": sweep.data.fingerprint, "foldsweep.devices": ",".join(devices),
             "foldsweep.host": platform.node(), "foldsweep.storage": record.meta["storage"],
-            "torch.version": torch.__version__, "optuna.version": optuna.__version__}
+            "torch.version": str(torch.__version__), "optuna.version": optuna.__version__}
     ids = {"sweep": tracker.sweep_run(sweep.spec.name, tags, known.get("sweep"))}
     for ref in sweep.studies:
         ids[ref.key] = tracker.study_run(ids["sweep"], ref.key, known.get(ref.key))

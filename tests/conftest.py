@@ -1,0 +1,56 @@
+"""Shared fixtures: every test that runs a sweep gets its own working folder (so `mlruns/` is private)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+TINY = {
+    "name": "tiny",
+    "data": {"dataset": "sonar"},
+    "split": {"test_size": 0.25, "seed": 0, "outer": {"k": 2}, "inner": {"k": 2}},
+    "model": {"width": 16, "depth": 1},
+    "train": {"epochs": 6, "patience": 3, "batch_size": 32},
+    "search": {
+        "lr": {"type": "float", "low": 0.001, "high": 0.01, "log": True},
+        "weight_decay": {"type": "float", "low": 0.00001, "high": 0.01, "log": True},
+        "l1": {"type": "float", "low": 0.0000001, "high": 0.0001, "log": True},
+        "dropout": {"type": "float", "low": 0.0, "high": 0.3},
+        "batch_size": {"type": "categorical", "choices": [16, 32]},
+        "width": {"type": "int", "low": 8, "high": 16},
+    },
+    "optuna": {"n_trials": 2, "trials_per_batch": 2, "n_startup_trials": 1, "report_every": 2},
+    "resources": {"devices": "cpu", "workers": 1},
+}
+
+
+def tiny_spec(**overrides: Any) -> dict[str, Any]:
+    """The tiny sweep as a dict; `overrides` replace whole top-level blocks or merge into dict blocks."""
+    spec = {k: (dict(v) if isinstance(v, dict) else v) for k, v in TINY.items()}
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(spec.get(key), dict):
+            spec[key] = {**spec[key], **value}
+        else:
+            spec[key] = value
+    return spec
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A fresh working folder: `mlruns/` (Optuna journal, MLflow db, sweep records) is created inside it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("FOLDSWEEP_HOME", raising=False)
+    return tmp_path
+
+
+@pytest.fixture
+def write_spec(workdir: Path):
+    def write(name: str = "tiny.yaml", **overrides: Any) -> Path:
+        path = workdir / name
+        path.write_text(yaml.safe_dump(tiny_spec(**overrides), sort_keys=False))
+        return path
+
+    return write

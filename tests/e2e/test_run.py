@@ -1,0 +1,67 @@
+"""The spine end to end through the CLI: run, status, export, re-load the export."""
+
+from __future__ import annotations
+
+import json
+
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from foldsweep.cli import cli
+from foldsweep.spec import load_spec
+
+
+def _run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, list(args), catch_exceptions=False)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec) -> None:
+    spec = write_spec()
+    code, stdout, _ = _run("run", str(spec), "--json")
+    assert code == 0
+    summary = json.loads(stdout.strip().splitlines()[-1])
+    assert set(summary) >= {"sweep", "metric", "nested", "final", "optimism", "mlflow", "storage", "fold_fits",
+                            "wall_s"}
+    assert summary["metric"] == "accuracy"
+    assert len(summary["nested"]["outer"]) == 2
+    low, high = summary["nested"]["ci95"]
+    assert low <= summary["nested"]["mean"] <= high
+    assert set(summary["final"]["best_params"]) == {"lr", "weight_decay", "l1", "dropout", "batch_size", "width"}
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
+    by_parent: dict[str, list] = {}
+    for run in runs:
+        by_parent.setdefault(run.data.tags.get("mlflow.parentRunId", ""), []).append(run)
+    sweep_runs = by_parent[""]
+    assert [r.info.run_id for r in sweep_runs] == [summary["mlflow"]["run_id"]]
+    studies = by_parent[summary["mlflow"]["run_id"]]
+    assert sorted(r.info.run_name for r in studies) == ["final", "outer-0", "outer-1"]
+    for study in studies:
+        trials = by_parent.get(study.info.run_id, [])
+        assert len(trials) == 2, study.info.run_name  # n_trials=2, no failures
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_rerun_resumes_without_training_again_and_export_round_trips(write_spec, workdir) -> None:
+    spec = write_spec()
+    assert _run("run", str(spec), "--json")[0] == 0
+    code, stdout, _ = _run("run", str(spec), "--json")
+    assert code == 0
+    again = json.loads(stdout.strip().splitlines()[-1])
+    assert again["resumed"] is True
+
+    code, stdout, _ = _run("status", "tiny", "--json")
+    studies = json.loads(stdout)[0]["studies"]
+    assert [s["finished"] for s in studies] == [2, 2, 2]  # a rerun trains nothing more
+
+    code, _, stderr = _run("export", "tiny", "-o", str(workdir / "best.yaml"))
+    assert code == 0, stderr
+    exported = load_spec(workdir / "best.yaml")
+    assert exported.search == {}
+    assert exported.provenance is not None and exported.provenance["sweep"] == "tiny"
+    best = exported.provenance["best_params"]
+    assert exported.train.lr == best["lr"] and exported.model.width == best["width"]
+    assert exported.model.dropout == best["dropout"] and exported.train.batch_size == best["batch_size"]
+    assert exported.train.l1 == best["l1"] and exported.train.weight_decay == best["weight_decay"]
