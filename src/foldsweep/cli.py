@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
@@ -96,18 +96,21 @@ def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, stora
 @set_opt
 @click.option("--storage", required=True, help="The Optuna storage URL the sweep runs on.")
 @click.option("--device", default=None, help="cpu or cuda:N (default: the spec's first device).")
-@click.option("--name", default="worker", help="Worker name shown in MLflow and status.")
+@click.option("--name", default=None, help="Worker name shown in MLflow and status (default: HOST-PID).")
 @click.option("--threads", type=int, default=None, help="torch threads for a CPU worker.")
+@click.option("--wait", "wait_s", type=click.FloatRange(min=0), default=0.0, metavar="SECONDS",
+              help="Wait this long for the coordinator to create the sweep (batch jobs may start first).")
 @click.option("--quiet", is_flag=True)
 @_guard
-def worker(spec: str, overrides: tuple[str, ...], storage: str, device: str | None, name: str,
-           threads: int | None, quiet: bool) -> None:
+def worker(spec: str, overrides: tuple[str, ...], storage: str, device: str | None, name: str | None,
+           threads: int | None, wait_s: float, quiet: bool) -> None:
     """Join a running sweep from this machine and take trials until every study is done."""
     from foldsweep.workers import join_sweep
 
-    ran = join_sweep(_load(spec, overrides), storage=storage, device=device, name=name, threads=threads)
+    ran = join_sweep(_load(spec, overrides), storage=storage, device=device, name=name, threads=threads,
+                     wait_s=wait_s)
     if not quiet:
-        click.echo(f"{name}: ran {ran} trials; every study is done")
+        click.echo(f"{name or 'worker'}: ran {ran} trials; every study is done")
 
 
 @cli.command()
@@ -118,12 +121,13 @@ def worker(spec: str, overrides: tuple[str, ...], storage: str, device: str | No
 def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check SPEC and its data (and the fold plan) without training anything."""
     from foldsweep.data import load_dataset
-    from foldsweep.splits import make_plan
+    from foldsweep.splits import check_batch_size, make_plan
     from foldsweep.workers import resolve_devices
 
     sweep_spec = _load(spec, overrides)
     data = load_dataset(sweep_spec.data)
     plan = make_plan(data, sweep_spec.split)
+    check_batch_size(sweep_spec, plan)
     info = {"sweep": sweep_spec.name, "rows": len(data.y), "features": data.X.shape[1], "task": data.task,
             "metric": data.metric, "classes": data.classes, "dev_rows": len(plan.dev), "test_rows": len(plan.test),
             "outer_folds": len(plan.outer), "inner_folds": len(plan.final_inner),
@@ -148,20 +152,22 @@ def status(sweep: str | None, as_json: bool) -> None:
     from foldsweep.record import home
     from foldsweep.storage import backend
     from foldsweep.sweep import study_status
-    from foldsweep.workers import open_existing
+    from foldsweep.workers import holders, open_existing
 
     names = [sweep] if sweep else sorted(p.name for p in (home() / "sweeps").glob("*") if (p / "record.json").exists())
     report = []
     for name in names:
         record, refs = open_existing(name)
         report.append({"sweep": name, "storage": record.meta["storage"], "backend": backend(record.meta["storage"]),
-                       "studies": study_status(refs, record.spec.optuna.n_trials),
+                       "studies": study_status(refs, record.spec.optuna.n_trials), "workers": holders(refs),
                        "nested": record.meta.get("summary", {}).get("nested")})
     if as_json:
         click.echo(json.dumps(report, default=str))
         return
     for entry in report:
         out.print(_status_table(entry["studies"], f"{entry['sweep']} ({entry['backend']}: {entry['storage']})"))
+        for held in entry["workers"]:
+            out.print(f"{held['worker']} on {held['host']} ({held['device']}) runs {', '.join(held['trials'])}")
         if entry["nested"]:
             n = entry["nested"]
             out.print(f"nested estimate {n['mean']:.4f} ± {n['std']:.4f} (95% CI {n['ci95'][0]:.4f}..{n['ci95'][1]:.4f})")
@@ -191,24 +197,148 @@ def export(sweep: str, output: str | None, fmt: str) -> None:
 @click.option("--markdown", type=click.Path(dir_okay=False), default=None, help="Also write the report here.")
 @_guard
 def report(sweep: str, as_json: bool, markdown: str | None) -> None:
-    """The nested-CV report: estimate and CI, optimism, stability, final config, test looks."""
-    from foldsweep.record import SweepRecord
-    from foldsweep.report import stability, summary_markdown
+    """The nested-CV report: estimate and CI, optimism, stability, overfitting, final config, test looks."""
+    from foldsweep.report import build_report, report_markdown
 
-    record = SweepRecord.open(sweep)
-    summary = record.meta.get("summary")
-    if summary is None:
-        raise FoldsweepError(f"sweep `{sweep}` has not finished yet; `foldsweep run` it to the end first")
-    looks = record.ledger
+    rep = build_report(sweep)
     if markdown:
-        Path(markdown).write_text(summary_markdown(summary, looks))
+        Path(markdown).write_text(report_markdown(rep))
     if as_json:
-        click.echo(json.dumps(summary | {"stability": stability(summary), "test_looks": looks}, default=str))
+        click.echo(json.dumps(rep, default=str))
         return
-    out.print(summary_markdown(summary, looks))
+    _print_report(rep)
+
+
+@cli.command()
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(file_okay=False), required=True, help="Model folder to write.")
+@json_opt
+@_guard
+def fit(config: str, output: str, as_json: bool) -> None:
+    """Train an exported CONFIG on all development rows; save weights, preprocessing, config, provenance."""
+    from foldsweep.evaluate import fit_config
+
+    info = fit_config(Path(config), Path(output))
+    if as_json:
+        click.echo(json.dumps(info, default=str))
+        return
+    for note in info["notes"]:
+        out.print(f"[yellow]note[/yellow]: {note}")
+    out.print(f"wrote {info['folder']}: {info['epochs']} epochs on {info['dev_rows']} development rows "
+              f"({info['dev_source']}); training-rows {info['metric']} {info['train_score']:.4f} "
+              f"(not an estimate); model {info['model_hash'][:12]}")
+    if info["mlflow"]:
+        out.print(f"MLflow model: {info['mlflow']['model_uri']} (run {info['mlflow']['run_id']})")
+
+
+@cli.command()
+@click.argument("model_dir", type=click.Path(file_okay=False))
+@click.argument("data", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", type=click.Path(dir_okay=False), required=True, help="Predictions CSV to write.")
+@_guard
+def predict(model_dir: str, data: str, output: str) -> None:
+    """Apply the model in MODEL_DIR (from `foldsweep fit`) to the rows of DATA (CSV or Parquet)."""
+    from foldsweep.evaluate import predict_file
+
+    info = predict_file(Path(model_dir), Path(data), Path(output))
+    imputed = f"; {info['imputed']} missing values filled with training means" if info["imputed"] else ""
+    click.echo(f"wrote {info['rows']} predictions to {info['output']}{imputed}", err=True)
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--again", is_flag=True, help="Look although the test set was looked at before (counted).")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="Score this `foldsweep fit` folder instead of refitting the final config.")
+@json_opt
+@_guard
+def test(sweep: str, again: bool, model_dir: str | None, as_json: bool) -> None:
+    """The one deliberate look: score the final config on the sealed test rows of SWEEP."""
+    from foldsweep.evaluate import look
+
+    entry = look(sweep, again=again, model_dir=Path(model_dir) if model_dir else None)
+    if as_json:
+        click.echo(json.dumps(entry, default=str))
+        return
+    n = entry["nested"]
+    out.print(f"[bold]{sweep}[/bold] sealed test set, look {entry['look_number']}: {entry['metric']} "
+              f"{entry['score']:.4f} on {entry['test_rows']} rows (nested estimate {n['mean']:.4f}, 95% CI "
+              f"{n['ci95'][0]:.4f}..{n['ci95'][1]:.4f})")
+    if entry["look_number"] > 1:
+        out.print(f"[yellow]this is look {entry['look_number']}[/yellow]: the ledger counts every look, and each "
+                  "one after the first is biased by those before")
+
+
+@cli.command()
+@click.argument("spec", required=False, type=click.Path(dir_okay=False))
+@click.option("--port", type=click.IntRange(1, 65535), default=5000, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Interface to bind; 0.0.0.0 shows the UI to the whole network.")
+@_guard
+def ui(spec: str | None, port: int, host: str) -> None:
+    """The MLflow UI over ./mlruns (or SPEC's `tracking:` store): every sweep, study and trial."""
+    from foldsweep.spec import TrackingSpec
+    from foldsweep.tracking import serve_ui
+
+    tracking = _load(spec, ()).tracking if spec else TrackingSpec()
+
+    def ready(url: str, links: list[tuple[str, str]]) -> None:
+        click.echo(f"MLflow UI at {url} (Ctrl-C stops it)")
+        for name, link in links:
+            click.echo(f"  {name}: {link}")
+
+    try:
+        code = serve_ui(tracking, host, port, ready)
+    except KeyboardInterrupt:
+        click.echo("MLflow UI stopped", err=True)
+        return
+    if code:
+        raise FoldsweepError(f"the MLflow UI stopped with exit code {code}")
 
 
 # -- printing -------------------------------------------------------------------------------------------
+def _print_report(rep: dict[str, Any]) -> None:
+    n, metric = rep["nested"], rep["metric"]
+    out.print(f"[bold]{rep['sweep']}[/bold]: nested {metric} ({rep['direction']}) {n['mean']:.4f} ± {n['std']:.4f}, "
+              f"95% CI {n['ci95'][0]:.4f}..{n['ci95'][1]:.4f} over {len(n['outer'])} outer folds; "
+              f"optimism {rep['optimism']:+.4f} (inner-CV best minus outer test; > 0: the search flattered itself)")
+    out.print(_table("outer folds", ["fold", "best inner value", "outer-test", "optimism", "refit epochs"],
+                     [[str(i), f"{r['best_inner_value']:.4f}", f"{r['outer_test_score']:.4f}",
+                       f"{r['optimism']:+.4f}", str(r["epochs"])] for i, r in enumerate(rep["outer_refits"])]))
+    out.print(_table("hyperparameter stability (best config per outer fold)", ["knob", "per outer fold", "spread"],
+                     [[k, ", ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in e["values"]),
+                       f"{e['spread']:.3g} ({e['spread_kind']})"] for k, e in rep["stability"].items()]))
+    out.print(_table("overfitting diagnostics (best trial per study)",
+                     ["study", "trial", "inner value", "fold std", "best epoch per fold", "at budget",
+                      "val - train loss"],
+                     [[d["study"], str(d["trial"]), f"{d['value']:.4f}",
+                       f"{d['fold_std']:.4f}" if d["fold_std"] is not None else "-",
+                       ", ".join(map(str, d["best_epochs"])), f"{d['at_budget']}/{len(d['best_epochs'])} of "
+                       f"{d['epoch_budget']}", f"{d['gap']:+.4f}" if d["gap"] is not None else "-"]
+                      for d in rep["diagnostics"]]))
+    final = rep["final"]
+    value = f"{final['best_value']:.4f}" if final["best_value"] is not None else "-"
+    out.print(_table(f"final config (trial {final['best_trial']}, inner-CV {value}, refit epochs "
+                     f"{final.get('best_epoch')})", ["knob", "value"],
+                     [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in final["best_params"].items()]))
+    looks = rep["test_looks"]
+    if not looks:
+        out.print(f"sealed test set: never looked at (foldsweep test {rep['sweep']})")
+        return
+    out.print(_table(f"sealed test set: {len(looks)} look(s)", ["look", "time", metric, "model", "--again"],
+                     [[str(i + 1), lk["time"], f"{lk['score']:.4f}", str(lk.get("model_hash", ""))[:12],
+                       "yes" if lk.get("again") else "no"] for i, lk in enumerate(looks)]))
+
+
+def _table(title: str, columns: list[str], rows: list[list[str]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
 def _public(summary: dict[str, Any]) -> dict[str, Any]:
     keys = ("sweep", "metric", "nested", "final", "optimism", "mlflow", "storage", "fold_fits", "wall_s")
     return {k: summary[k] for k in keys if k in summary} | {"workers": summary.get("workers"),
@@ -244,6 +374,8 @@ class Display:
         self.live: Live | None = None
         self.started = time.time()
         self.rows: list[dict[str, Any]] = []
+        self.workers: list[dict[str, Any]] = []
+        self.done_before: int | None = None  # trials a resumed sweep had already: not part of this run's rate
 
     def __enter__(self) -> Display:
         if not self.quiet and out.is_terminal:
@@ -266,21 +398,31 @@ class Display:
             for note in info["notes"]:
                 self._say(f"note: {note}")
         elif kind == "status":
-            self.rows = info["rows"]
+            self.rows, self.workers = info["rows"], info.get("workers", [])
             if self.live is not None:
                 self.live.update(self._table())
         elif kind == "trial" and self.live is None:
             value = f"{info['value']:.4f}" if info["value"] is not None else info["state"]
             self._say(f"{info['study']} trial {info['number']}: {value}")
         elif kind == "stale":
-            self._say(f"{info['study']} trial {info['number']}: worker stopped answering; failed and re-queued")
+            self._say(f"{info['study']} trial {info['number']}: its worker is gone; failed and re-queued")
+        elif kind == "worker_failed":
+            self._say(f"{info['worker']} exited with code {info['code']} (see {info['log']}); the others go on")
 
-    def _table(self) -> Table:
+    def _table(self) -> Group:
         done = sum(r["finished"] for r in self.rows)
         total = sum(r["n_trials"] for r in self.rows)
+        if self.done_before is None:
+            self.done_before = done
         elapsed = time.time() - self.started
-        eta = f", ETA {elapsed / done * (total - done):.0f}s" if done else ""
-        return _status_table(self.rows, f"{done}/{total} trials, {elapsed:.0f}s{eta}")
+        new = done - self.done_before
+        eta = f", ETA {elapsed / new * (total - done):.0f}s" if new else ""
+        workers = Table(title="workers")
+        for column in ("worker", "host", "device", "running"):
+            workers.add_column(column)
+        for entry in self.workers:
+            workers.add_row(entry["worker"], entry["host"], entry["device"], ", ".join(entry["trials"]))
+        return Group(_status_table(self.rows, f"{done}/{total} trials, {elapsed:.0f}s{eta}"), workers)
 
     def _say(self, text: str) -> None:
         if self.live is not None:

@@ -41,6 +41,7 @@ class Dataset:
     groups: np.ndarray | None = None
     times: np.ndarray | None = None
     row_hashes: list[str] = field(default_factory=list, repr=False)
+    target: str = ""  # the label column's name (a prediction file may carry it; it is ignored there)
 
     @property
     def n_classes(self) -> int:
@@ -146,7 +147,8 @@ def _to_dataset(frame: pd.DataFrame, target: str, spec: DataSpec, name: str) -> 
         raise DataError(f"metric `roc_auc` needs a binary target; `{target}` has {len(classes)} classes")
     X = features.to_numpy(dtype=np.float32)
     return Dataset(name=name, X=X, y=y, feature_names=[str(c) for c in features.columns], task=task,
-                   metric=metric, classes=classes, groups=groups, times=times, row_hashes=hash_rows(X, y))
+                   metric=metric, classes=classes, groups=groups, times=times, row_hashes=hash_rows(X, y),
+                   target=target)
 
 
 def _require_columns(frame: pd.DataFrame, names: list[str], source: str) -> None:

@@ -30,6 +30,7 @@ class TrialOutcome:
     reason: str = ""
     pruned_at: int | None = None
     results: list[FitResult] = field(default_factory=list, repr=False)
+    infeasible: bool = False  # the configuration does not fit the device's memory
 
     @property
     def mean_best_epoch(self) -> int:
@@ -84,7 +85,7 @@ class Pruning:
         stop: list[int] = []
         for t, rows in by_trial.items():
             value = _last_fold_mean(curves[rows])
-            if value is None or self.reported.get(t) == epoch:
+            if value is None or self.reported.get(t, -1) >= epoch:  # a retried trial repeats its epochs
                 continue
             trial = self.trials[t]
             trial.report(value, epoch)

@@ -19,7 +19,7 @@ import yaml
 from foldsweep.data import Dataset
 from foldsweep.errors import FoldsweepError, SealError, SplitError
 from foldsweep.spec import SweepSpec, parse_spec
-from foldsweep.splits import FoldPlan, make_plan
+from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
 ROOT_ENV = "FOLDSWEEP_HOME"
 
@@ -105,6 +105,7 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
                              f"{meta['fingerprint']}, now {data.fingerprint}); rerun with --fresh")
         return record, record.plan, True
     plan = make_plan(data, spec.split)
+    check_batch_size(spec, plan)  # before anything is written: a corrected spec must start cleanly
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
     plan_json = plan.to_json()

@@ -9,14 +9,21 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import optuna
 import yaml
+from optuna.trial import TrialState
 
+from foldsweep.errors import FoldsweepError
 from foldsweep.record import SweepRecord
-from foldsweep.sweep import Sweep
+from foldsweep.spec import SweepSpec
+from foldsweep.sweep import StudyRef, Sweep
 from foldsweep.tracking import NullTracker
+
+if TYPE_CHECKING:
+    from foldsweep.plots import TrialCurves  # matplotlib loads only when plots are drawn
 
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -29,7 +36,8 @@ def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
-def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None = None) -> str:
+def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None = None,
+                     diagnosed: list[dict[str, Any]] | None = None) -> str:
     nested, metric = summary["nested"], summary["metric"]
     lines = [
         f"# Sweep `{summary['sweep']}`: nested cross-validation report",
@@ -48,6 +56,9 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
                      f"{refit['optimism']:+.4f} | {refit['epochs']} |")
     lines += ["", "## Hyperparameter stability (best config per outer fold)", ""]
     lines += _stability_table(summary)
+    if diagnosed:
+        lines += ["", "## Overfitting diagnostics (best trial of each study)", ""]
+        lines += _diagnostics_table(diagnosed)
     lines += ["", "## Final configuration (study `final`, all development rows)", ""]
     lines += [f"- `{k}`: {v}" for k, v in summary["final"]["best_params"].items()]
     best = summary["final"]["best_value"]
@@ -55,7 +66,9 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
               f"- refit epochs: {summary['final'].get('best_epoch')}"]
     lines += ["", "## Sealed test set", ""]
     if looks:
-        lines += [f"- look {i + 1} at {look['time']}: {metric} = {look['score']:.4f}" for i, look in enumerate(looks)]
+        lines += [f"- look {i + 1} at {look['time']}: {metric} = {look['score']:.4f} (model "
+                  f"{str(look.get('model_hash', ''))[:12]}{', --again' if look.get('again') else ''})"
+                  for i, look in enumerate(looks)]
         if len(looks) > 1:
             lines.append(f"- **{len(looks)} looks**: every look after the first is biased by the ones before")
     else:
@@ -80,6 +93,66 @@ def stability(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def diagnostics(studies: list[StudyRef], spec: SweepSpec) -> list[dict[str, Any]]:
+    """Over- and underfitting signs of each study's best trial, from what `tell` stored on it.
+
+    `gap` is validation minus training loss at each fold's best epoch (mean over folds; the training
+    loss is measured as trained, with dropout); a best epoch at the epoch budget means the model was
+    still improving when training stopped.
+    """
+    rows = []
+    for ref in studies:
+        if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            continue
+        best = ref.study.best_trial
+        epochs = [int(e) for e in best.user_attrs.get("best_epochs", [])]
+        budget = spec.with_params(best.params).train.epochs
+        scores = best.user_attrs.get("fold_scores", [])
+        rows.append({"study": ref.key, "trial": best.number, "value": best.value,
+                     "fold_std": float(np.std(scores)) if scores else None, "best_epochs": epochs,
+                     "epoch_budget": budget, "at_budget": sum(e >= budget for e in epochs),
+                     "gap": best.user_attrs.get("gap")})
+    return rows
+
+
+def build_report(name: str) -> dict[str, Any]:
+    """The stored summary plus what needs the studies (diagnostics) and the ledger (test looks)."""
+    from foldsweep.workers import open_existing
+
+    record, refs = open_existing(name)
+    summary = record.meta.get("summary")
+    if summary is None:
+        raise FoldsweepError(f"sweep `{name}` has not finished yet; `foldsweep run` it to the end first")
+    looks = record.ledger
+    return summary | {"stability": stability(summary), "diagnostics": diagnostics(refs, record.spec),
+                      "test_looks": looks, "test_look_count": len(looks)}
+
+
+def report_markdown(report: dict[str, Any]) -> str:
+    return summary_markdown(report, report["test_looks"], report["diagnostics"])
+
+
+def refresh_report(record: SweepRecord) -> Path:
+    """Rewrite the record's report.md (after a test look, say); returns its path for MLflow."""
+    path = record.folder / "report.md"
+    path.write_text(report_markdown(build_report(record.name)))
+    return path
+
+
+def _diagnostics_table(rows: list[dict[str, Any]]) -> list[str]:
+    out = ["| study | best trial | inner value | fold std | best epoch per fold | at epoch budget | val - train loss |",
+           "|---|---|---|---|---|---|---|"]
+    for row in rows:
+        std = f"{row['fold_std']:.4f}" if row["fold_std"] is not None else "-"
+        gap = f"{row['gap']:+.4f}" if row["gap"] is not None else "-"
+        out.append(f"| {row['study']} | {row['trial']} | {row['value']:.4f} | {std} | "
+                   f"{', '.join(map(str, row['best_epochs']))} | {row['at_budget']}/{len(row['best_epochs'])} "
+                   f"(of {row['epoch_budget']}) | {gap} |")
+    out += ["", "A positive loss gap is the overfitting the regularizers fight; best epochs at the budget mean "
+            "training stopped while still improving (raise `train.epochs`)."]
+    return out
+
+
 def _stability_table(summary: dict[str, Any]) -> list[str]:
     table = stability(summary)
     if not table:
@@ -94,15 +167,14 @@ def _stability_table(summary: dict[str, Any]) -> list[str]:
 def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
                         summary: dict[str, Any]) -> None:
     """Headline metrics on the sweep and study runs, files on the sweep run, a copy in the record."""
-    markdown = summary_markdown(summary, record.ledger)
+    markdown = summary_markdown(summary, record.ledger, diagnostics(sweep.studies, sweep.spec))
     (record.folder / "report.md").write_text(markdown)
     if not tracker.enabled:
         return
     tracker.log_values(ids["sweep"], headline_metrics(summary),
                        params={f"best.{k}": v for k, v in summary["final"]["best_params"].items()})
-    final_best = summary["final"]["best_value"]
-    if final_best is not None:
-        tracker.log_values(ids["final"], {"best_inner_value": final_best})
+    for ref in sweep.studies:
+        tracker.log_values(ids[ref.key], study_metrics(ref.study))
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         files = {
@@ -114,12 +186,46 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
         for name, text in files.items():
             (folder / name).write_text(text)
         logged = [(folder / name, "") for name in files] + [(record.folder / "plan.json", "")]
-        logged += [(path, "plots") for path in _plots(sweep, summary, folder / "plots")]
+        logged += [(path, "plots") for path in _plots(sweep, summary, tracker, folder / "plots")]
         tracker.log_files(ids["sweep"], logged)
 
 
-def _plots(sweep: Sweep, summary: dict[str, Any], folder: Path) -> list[Path]:
+def study_metrics(study: optuna.Study) -> dict[str, float]:
+    """A study run's headline: its best inner-CV value and how its trials ended (surplus asks not counted)."""
+    trials = study.get_trials(deepcopy=False)
+    failed = [t for t in trials if t.state == TrialState.FAIL
+              and not str(t.user_attrs.get("reason", "")).startswith("surplus")]
+    metrics = {"n_complete": float(sum(t.state == TrialState.COMPLETE for t in trials)),
+               "n_pruned": float(sum(t.state == TrialState.PRUNED for t in trials)), "n_failed": float(len(failed))}
+    if metrics["n_complete"]:
+        metrics["best_inner_value"] = float(study.best_value)
+    return metrics
+
+
+def _plots(sweep: Sweep, summary: dict[str, Any], tracker: NullTracker, folder: Path) -> list[Path]:
     from foldsweep.plots import sweep_plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    return sweep_plots(sweep, summary, folder)
+    return sweep_plots(sweep, summary, folder, _best_curves(sweep, tracker))
+
+
+def _best_curves(sweep: Sweep, tracker: NullTracker) -> list[TrialCurves]:
+    """Each study's best trial's per-fold loss curves, read back from its MLflow run."""
+    from foldsweep.plots import TrialCurves
+
+    out = []
+    for ref in sweep.studies:
+        if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            continue
+        best = ref.study.best_trial
+        run_id = best.user_attrs.get("mlflow_run_id")
+        if not run_id:
+            continue
+        folds = range(len(ref.folds))
+        curves = tracker.metric_histories(run_id, [f"fold_{i}/{name}" for i in folds
+                                                   for name in ("train_loss", "val_loss")])
+        train = [curves[f"fold_{i}/train_loss"] for i in folds if f"fold_{i}/train_loss" in curves]
+        valid = [curves[f"fold_{i}/val_loss"] for i in folds if f"fold_{i}/val_loss" in curves]
+        out.append(TrialCurves(f"{ref.key}: trial {best.number} ({sweep.data.metric} {best.value:.4f})", train, valid,
+                               list(best.user_attrs.get("best_epochs", []))))
+    return out

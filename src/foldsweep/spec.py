@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -266,11 +267,26 @@ def _anchor_data_path(spec: SweepSpec, folder: Path) -> SweepSpec:
     return spec.model_copy(update={"data": data})
 
 
+class _Loader(yaml.SafeLoader):
+    """The safe loader (no tags that build Python objects), reading `1e-3` as the number YAML 1.2 says it is.
+
+    PyYAML follows YAML 1.1, where a float needs a dot: `choices: [1e-3, 1e-2]` would be two strings.
+    """
+
+
+_EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", _EXPONENT_FLOAT, list("-+.0123456789"))
+
+
+def _yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: still no Python objects
+
+
 def _read_yaml(path: Path) -> Any:
     if not path.is_file():
         raise SpecError(f"spec file `{path}` not found")
     try:
-        return yaml.safe_load(path.read_text())
+        return _yaml(path.read_text())
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -283,7 +299,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if not sep or not key:
         raise SpecError(f"--set `{override}` must look like key.path=value")
     try:
-        value = yaml.safe_load(text)
+        value = _yaml(text)
     except yaml.YAMLError as err:
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"--set `{override}`: the value is not valid YAML: {problem}") from None

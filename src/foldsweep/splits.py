@@ -15,7 +15,7 @@ from sklearn import model_selection as ms
 
 from foldsweep.data import Dataset
 from foldsweep.errors import SplitError
-from foldsweep.spec import FoldSpec, SplitSpec
+from foldsweep.spec import CategoricalParam, FoldSpec, SplitSpec, SweepSpec
 
 
 @dataclass(frozen=True)
@@ -172,3 +172,18 @@ def _guard_duplicates(data: Dataset, dev: np.ndarray, test: np.ndarray, policy: 
     if policy == "drop":
         return dev[~(crossing | repeated)], [message + ": dropped"]
     return dev, [message + ": kept (warn)"]
+
+
+def check_batch_size(spec: SweepSpec, plan: FoldPlan) -> None:
+    """A batch larger than a fold's training rows is one full-batch step an epoch, not what was asked for."""
+    smallest = min(len(fold.train) for fold in [*plan.final_inner, *(f for fs in plan.inner for f in fs)])
+    param = spec.search.get("batch_size")
+    if param is None:
+        key, largest = "train.batch_size", spec.train.batch_size
+    else:
+        key = "search.batch_size"
+        largest = max(int(c) for c in param.choices) if isinstance(param, CategoricalParam) else int(param.high)
+    if largest > smallest:
+        verb = "is" if param is None else "reaches"
+        raise SplitError(f"`{key}` {verb} {largest} but the smallest inner-fold training set has {smallest} rows; "
+                         f"lower it to at most {smallest}")

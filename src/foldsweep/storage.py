@@ -1,20 +1,29 @@
 """Optuna storages: open, check before any training, and keep dead workers from holding trials.
 
 Local sweeps use Optuna's journal file (many processes append safely; `optuna studies --storage FILE
---storage-class JournalFileBackend` opens it). Many machines share a PostgreSQL URL. Optuna's
+--storage-class JournalFileBackend` opens it to read). Many machines share a PostgreSQL URL. Optuna's
 heartbeat exists for RDB storages only, so journal trials get a lease of our own: a worker stamps its
-running trials every few seconds, and a trial whose stamp is too old is failed and re-enqueued.
+running trials every few seconds, and a trial whose stamp is too old is failed and re-enqueued. A
+trial whose worker ran on this host under a process id that no longer exists is dead without waiting
+for its lease to run out, which is what makes a rerun after `kill -9` pick up at once.
 """
 
 from __future__ import annotations
 
+import fcntl
+import os
+import socket
 import threading
 import time
+import warnings
 from pathlib import Path
+from typing import Any
 
 import optuna
-from optuna.storages import JournalStorage, RDBStorage, RetryFailedTrialCallback
-from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
 from foldsweep.errors import StorageError
@@ -22,7 +31,10 @@ from foldsweep.record import home
 
 HEARTBEAT_S = 5
 GRACE_S = 30
+GRACE_ENV = "FOLDSWEEP_HEARTBEAT_GRACE_S"
+MAX_RETRIES = 3
 LEASE = "heartbeat"
+LOST = "lost"  # a trial failed by the machinery (dead worker, surplus, Ctrl-C), not by its configuration
 
 
 def default_storage(name: str) -> str:
@@ -37,21 +49,45 @@ def backend(url: str) -> str:
     return "journal file" if is_journal(url) else url.split("://")[0].split("+")[0]
 
 
-def preflight(url: str, n_workers: int, grace_s: int = GRACE_S) -> optuna.storages.BaseStorage:
+def grace_period() -> float:
+    """Seconds without a stamp after which a running trial counts as dead (`FOLDSWEEP_HEARTBEAT_GRACE_S`).
+
+    Every process of a sweep must use the same value: a worker stamps every third of it.
+    """
+    raw = os.environ.get(GRACE_ENV, "")
+    try:
+        grace = float(raw) if raw else float(GRACE_S)
+    except ValueError:
+        raise StorageError(f"{GRACE_ENV}={raw!r} is not a number of seconds") from None
+    if grace < 1:
+        raise StorageError(f"{GRACE_ENV} must be at least 1 second, got {raw}")
+    return grace
+
+
+def heartbeat_interval() -> float:
+    return min(float(HEARTBEAT_S), grace_period() / 3)
+
+
+def preflight(url: str, n_workers: int) -> optuna.storages.BaseStorage:
     """Open the storage, refusing set-ups that would fail mid-sweep (before any training starts)."""
     if url.startswith("sqlite") and n_workers > 1:
         raise StorageError(f"storage `{url}`: SQLite locks under {n_workers} concurrent workers; use the default "
-                           "journal file (leave `storage:` unset) or PostgreSQL for several workers")
+                           "journal file (leave `storage:` unset) on one machine, or PostgreSQL for several")
+    grace = grace_period()
     if is_journal(url):
         path = Path(url)
         path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
+    # ask/tell with a heartbeat is what we do on purpose: the coordinator runs the stale-trial checks itself
+    warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     try:
-        return RDBStorage(url, engine_kwargs=_connect_timeout(url), heartbeat_interval=HEARTBEAT_S,
-                          grace_period=grace_s, failed_trial_callback=RetryFailedTrialCallback(max_retry=3))
+        with warnings.catch_warnings():  # Optuna marks its heartbeat experimental; we rely on it knowingly
+            warnings.simplefilter("ignore", ExperimentalWarning)
+            return RDBStorage(url, engine_kwargs=_connect_timeout(url),
+                              heartbeat_interval=max(1, int(heartbeat_interval())), grace_period=max(1, int(grace)))
     except Exception as err:  # the driver's error types differ per database
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"storage `{_redact(url)}` cannot be reached: {first}") from None
+        raise StorageError(f"storage `{redact(url)}` cannot be reached: {first}") from None
 
 
 def _connect_timeout(url: str) -> dict[str, object]:
@@ -62,19 +98,48 @@ def _connect_timeout(url: str) -> dict[str, object]:
     return {}
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"
     return url
 
 
+class FlockLock(BaseJournalFileLock):
+    """The journal's write lock as a kernel `flock`: released by the kernel when its holder dies.
+
+    Optuna's file locks are lock files: one left by a `kill -9` blocks every writer for 30 s, and
+    Ctrl-C while waiting for one deletes the lock another process holds. This lock has neither
+    problem; it needs a local file system (several machines share PostgreSQL instead).
+    """
+
+    def __init__(self, journal: str) -> None:
+        self.path = journal + ".flock"
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor drops the lock
+
+
 class Heartbeat:
     """A background stamp on each trial this worker is running, so others can tell it is alive."""
 
-    def __init__(self, storage: optuna.storages.BaseStorage, interval_s: float = HEARTBEAT_S) -> None:
+    def __init__(self, storage: optuna.storages.BaseStorage, interval_s: float | None = None) -> None:
         self.storage = storage
-        self.interval_s = interval_s
+        self.interval_s = interval_s or heartbeat_interval()
         self.trial_ids: set[int] = set()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -82,9 +147,15 @@ class Heartbeat:
         self._thread.start()
 
     def hold(self, trial_ids: list[int]) -> None:
+        """Stamp exactly these trials from now on (already stamped when asked); `[]` once they are told."""
         with self._lock:
             self.trial_ids = set(trial_ids)
-        self._stamp()
+
+    def add(self, trial_id: int) -> None:
+        """Stamp a trial right after it is asked: Optuna never fails an RDB trial that has no heartbeat yet."""
+        with self._lock:
+            self.trial_ids.add(trial_id)
+        self._stamp([trial_id])
 
     def close(self) -> None:
         self._stop.set()
@@ -92,11 +163,11 @@ class Heartbeat:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.interval_s):
-            self._stamp()
+            with self._lock:
+                ids = list(self.trial_ids)
+            self._stamp(ids)
 
-    def _stamp(self) -> None:
-        with self._lock:
-            ids = list(self.trial_ids)
+    def _stamp(self, ids: list[int]) -> None:
         for trial_id in ids:
             try:
                 if isinstance(self.storage, RDBStorage):
@@ -107,23 +178,70 @@ class Heartbeat:
                 continue
 
 
-def fail_stale_trials(study: optuna.Study, grace_s: float = GRACE_S) -> list[int]:
-    """Fail trials whose worker stopped stamping them and enqueue a retry; returns failed trial numbers."""
+def holder() -> dict[str, Any]:
+    """Who runs a trial, stored on it when asked, so a rerun on this host can tell a dead process at once."""
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+def fail_stale_trials(study: optuna.Study, grace_s: float | None = None) -> list[int]:
+    """Fail trials whose worker is gone and queue each for a retry; returns the failed trial numbers.
+
+    Gone means: its lease (Optuna's heartbeat on an RDB, timed by the database server's clock; our
+    stamp on the journal) is older than the grace period, or it was run on this host by a process
+    that no longer exists. The retry is queued here rather than by Optuna's callback so that both
+    storages mark the failed trial `lost` (not the configuration's fault) before failing it.
+    """
     storage = study._storage
-    if isinstance(storage, RDBStorage):
-        before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        optuna.storages.fail_stale_trials(study)
-        after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
-        return sorted(before - after)
-    failed = []
+    grace = grace_s if grace_s is not None else grace_period()
+    expired = set(storage._get_stale_trial_ids(study._study_id)) if isinstance(storage, RDBStorage) else set()
+    failed: list[int] = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        stamp = trial.system_attrs.get(LEASE)
-        started = trial.datetime_start.timestamp() if trial.datetime_start else now
-        if now - (stamp or started) <= grace_s:
-            continue
-        if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
-            storage.set_trial_user_attr(trial._trial_id, "reason", "worker stopped answering (stale heartbeat)")
-            study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number})
+        reason = _why_dead(trial, now, None if isinstance(storage, RDBStorage) else grace)
+        if not reason and trial._trial_id in expired:
+            reason = _no_heartbeat(trial, storage.grace_period or grace)
+        if reason and _fail_and_retry(study, trial, reason):
             failed.append(trial.number)
     return failed
+
+
+def _why_dead(trial: optuna.trial.FrozenTrial, now: float, grace_s: float | None) -> str:
+    who = trial.user_attrs.get("worker") or {}
+    if who.get("host") == socket.gethostname() and who.get("pid") and not _alive(int(who["pid"])):
+        return f"worker {who.get('name', '?')} (pid {who['pid']}) died while running it"
+    if grace_s is None:
+        return ""
+    stamp = trial.system_attrs.get(LEASE)
+    started = trial.datetime_start.timestamp() if trial.datetime_start else now
+    return _no_heartbeat(trial, grace_s) if now - (stamp or started) > grace_s else ""
+
+
+def _no_heartbeat(trial: optuna.trial.FrozenTrial, grace_s: float) -> str:
+    name = (trial.user_attrs.get("worker") or {}).get("name", "?")
+    return f"worker {name} stopped answering (no heartbeat for {grace_s:.0f}s)"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
+    """False when another process finished or failed the trial first."""
+    storage = study._storage
+    try:
+        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
+        storage.set_trial_user_attr(trial._trial_id, LOST, True)
+        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            return False
+    except UpdateFinishedTrialError:
+        return False
+    retries = int(trial.user_attrs.get("retries", 0)) + 1
+    if retries <= MAX_RETRIES:
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries})
+    return True

@@ -9,8 +9,8 @@ outer study's best is refit on its outer-train rows and scored once on its outer
 from __future__ import annotations
 
 import math
-import socket
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 import optuna
 import torch
+from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from foldsweep import space
@@ -27,13 +28,15 @@ from foldsweep.metrics import score
 from foldsweep.objective import Pruning, TrialOutcome, job_seed, outcome, trial_jobs
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
-from foldsweep.storage import Heartbeat
+from foldsweep.storage import LOST, Heartbeat, holder
 from foldsweep.tracking import NullTracker
-from foldsweep.train import FitJob, fit_many
+from foldsweep.train import FitJob, FitResult, fit_many
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
 Progress = Callable[[str, dict[str, Any]], None]
+OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's words
+MEMORY_CONSTRAINT = "fits_memory"  # > 0 on a trial whose configuration ran out of memory
 
 
 @dataclass
@@ -49,7 +52,8 @@ class StudyRef:
             "finished": sum(t.state in FINISHED for t in trials),
             "in_flight": sum(t.state in IN_FLIGHT for t in trials),
             "waiting": sum(t.state == TrialState.WAITING for t in trials),
-            "failed": sum(t.state == TrialState.FAIL for t in trials),
+            "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get(LOST) for t in trials),
+            "lost": sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(LOST)) for t in trials),
         }
 
 
@@ -117,7 +121,7 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
     while True:
         if maintain is not None:
             maintain()
-        asked = ask_round(sweep)
+        asked = ask_round(sweep, worker)
         if not asked:
             _raise_if_all_failed(sweep)
             if sweep.done():
@@ -129,6 +133,9 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
         except BaseException as err:  # Ctrl-C or a crash mid-round: record the trials, never leave them RUNNING
             _abandon(asked, f"interrupted ({type(err).__name__}) on {worker}")
             raise
+        finally:
+            if sweep.heartbeat is not None:
+                sweep.heartbeat.hold([])  # told trials need no lease
         ran += len(asked)
 
 
@@ -136,12 +143,13 @@ def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> N
     for ref, trial in asked:
         try:
             trial.set_user_attr("reason", reason)
+            trial.set_user_attr(LOST, True)
             ref.study.tell(trial, state=TrialState.FAIL)
         except Exception:  # already told before the interruption: nothing left to record
             continue
 
 
-def ask_round(sweep: Sweep) -> list[tuple[StudyRef, optuna.trial.Trial]]:
+def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, optuna.trial.Trial]]:
     """A few trials from every study that needs some, as many as one batch holds."""
     capacity = max(1, _models_per_batch(sweep) // max(1, len(sweep.plan.final_inner)))
     distributions = space.distributions(sweep.spec)
@@ -150,10 +158,12 @@ def ask_round(sweep: Sweep) -> list[tuple[StudyRef, optuna.trial.Trial]]:
         want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
         for _ in range(max(0, want)):
             trial = ref.study.ask(distributions)
+            if sweep.heartbeat is not None:
+                sweep.heartbeat.add(trial._trial_id)
             if _surplus(ref, trial, sweep.n_trials):
                 ref.study.tell(trial, state=TrialState.FAIL)
                 break
-            trial.set_user_attr("worker_host", socket.gethostname())
+            trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
             asked.append((ref, trial))
     return asked
 
@@ -172,15 +182,8 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
     hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
-    try:
-        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
-                           report_every=spec.optuna.report_every, on_report=hook)
-        outcomes = [outcome([r for r, o in zip(results, owners) if o == t], ref.folds, sweep.data.y, sweep.data.metric)
-                    for t, (ref, _) in enumerate(asked)]
-    except torch.OutOfMemoryError:
-        if sweep.device.type == "cuda":
-            torch.cuda.empty_cache()
-        outcomes = [TrialOutcome("failed", None, [], [], "out of memory on " + str(sweep.device)) for _ in asked]
+    members = [[i for i, o in enumerate(owners) if o == t] for t in range(len(asked))]
+    outcomes = _fit_trials(sweep, asked, jobs, members, hook)
     wall = time.time() - started
     for (ref, trial), result in zip(asked, outcomes):
         tell(sweep, ref, trial, result, worker, started, wall / len(asked))
@@ -189,20 +192,71 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
                                "value": result.value, "worker": worker})
 
 
+def _fit_trials(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], jobs: list[FitJob],
+                members: list[list[int]], hook: Pruning) -> list[TrialOutcome]:
+    """All trials as one batch; if the batch raises, each trial alone, so only the trial at fault fails."""
+    try:
+        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
+                           report_every=sweep.spec.optuna.report_every, on_report=hook)
+        return [outcome([results[i] for i in rows], ref.folds, sweep.data.y, sweep.data.metric)
+                for (ref, _), rows in zip(asked, members)]
+    except Exception as err:
+        failed = _failure(err, sweep.device)
+    _release(sweep.device)  # outside the except block: the traceback no longer holds the batch's tensors
+    if len(asked) == 1:
+        return [failed]
+    return [_fit_alone(sweep, ref, jobs, rows, hook) for (ref, _), rows in zip(asked, members)]
+
+
+def _fit_alone(sweep: Sweep, ref: StudyRef, jobs: list[FitJob], rows: list[int], hook: Pruning) -> TrialOutcome:
+    def report(ids: list[int], epoch: int, curves: np.ndarray) -> list[int]:
+        return [rows.index(job) for job in hook([rows[i] for i in ids], epoch, curves)]
+
+    try:
+        results = fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
+                           report_every=sweep.spec.optuna.report_every, on_report=report)
+        return outcome(results, ref.folds, sweep.data.y, sweep.data.metric)
+    except Exception as err:
+        failed = _failure(err, sweep.device)
+    _release(sweep.device)
+    return failed
+
+
+def _failure(err: Exception, device: torch.device) -> TrialOutcome:
+    """Out of memory is the configuration's fault (the sampler is steered away); anything else is recorded."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else ""
+    if isinstance(err, torch.OutOfMemoryError) or any(s in text.lower() for s in OUT_OF_MEMORY):
+        return TrialOutcome("failed", None, [], [], f"out of memory on {device}", infeasible=True)
+    return TrialOutcome("failed", None, [], [], f"{type(err).__name__}: {text}"[:500])
+
+
+def _release(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def tell(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOutcome, worker: str,
          started: float, wall_s: float) -> None:
     """Log the trial to MLflow first, then tell Optuna (whose finished trials can no longer change)."""
     run_id = _log_trial(sweep, ref, trial, result, worker, started, wall_s)
-    trial.set_user_attr("mlflow_run_id", run_id)
-    trial.set_user_attr("fold_scores", result.fold_scores)
-    trial.set_user_attr("best_epochs", result.best_epochs)
-    trial.set_user_attr("mean_best_epoch", result.mean_best_epoch)
-    if result.reason:
-        trial.set_user_attr("reason", result.reason)
-    if result.state == "complete":
-        ref.study.tell(trial, result.value)
-    else:
-        ref.study.tell(trial, state=TrialState.PRUNED if result.state == "pruned" else TrialState.FAIL)
+    try:
+        trial.set_user_attr("mlflow_run_id", run_id)
+        trial.set_user_attr("fold_scores", result.fold_scores)
+        trial.set_user_attr("best_epochs", result.best_epochs)
+        trial.set_user_attr("mean_best_epoch", result.mean_best_epoch)
+        if result.fold_scores:
+            trial.set_user_attr("gap", generalization_gap(result.results))
+        if result.reason:
+            trial.set_user_attr("reason", result.reason)
+        if result.state == "complete":
+            ref.study.tell(trial, result.value)
+        elif result.infeasible:  # samplers ignore failed trials: a pruned one with a violated constraint steers TPE
+            trial.set_constraint(MEMORY_CONSTRAINT, 1.0)
+            ref.study.tell(trial, state=TrialState.PRUNED)
+        else:
+            ref.study.tell(trial, state=TrialState.PRUNED if result.state == "pruned" else TrialState.FAIL)
+    except UpdateFinishedTrialError:  # this worker stalled past its lease: the trial was failed and re-queued
+        return
 
 
 def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOutcome, worker: str,
@@ -223,8 +277,7 @@ def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: T
     if result.fold_scores:
         metrics |= {metric: float(np.mean(result.fold_scores)), f"{metric}_std": float(np.std(result.fold_scores))}
         metrics |= {f"fold_{i}/{metric}": s for i, s in enumerate(result.fold_scores)}
-        gaps = [r.val_loss[r.best_epoch - 1] - r.train_loss[r.best_epoch - 1] for r in fits]
-        metrics["generalization_gap"] = float(np.mean(gaps))
+        metrics["generalization_gap"] = generalization_gap(fits)
     config = sweep.spec.with_params(trial.params)
     params = {**{f"model.{k}": v for k, v in config.model.model_dump().items()},
               **{f"train.{k}": v for k, v in config.train.model_dump().items()}}
@@ -332,19 +385,22 @@ def _surplus(ref: StudyRef, trial: optuna.trial.Trial, n_trials: int) -> bool:
     if len(before) < n_trials:
         return False
     trial.set_user_attr("reason", "surplus: the study already had n_trials when this trial was asked")
+    trial.set_user_attr(LOST, True)
     return True
 
 
 def _raise_if_all_failed(sweep: Sweep) -> None:
+    """A study that spent its budget without one complete trial stops the sweep, with the reasons counted."""
     for ref in sweep.studies:
         counts = ref.counts()
-        if counts["failed"] >= sweep.n_trials and counts["finished"] == 0 and counts["in_flight"] == 0:
-            reasons: dict[str, int] = {}
-            for t in ref.study.get_trials(deepcopy=False, states=(TrialState.FAIL,)):
-                reason = str(t.user_attrs.get("reason", "unknown")).split(" (fold")[0]
-                reasons[reason] = reasons.get(reason, 0) + 1
-            summary = "; ".join(f"{n} x {r}" for r, n in sorted(reasons.items(), key=lambda kv: -kv[1]))
-            raise SweepFailed(f"every trial of study {ref.key} failed ({summary})")
+        spent = counts["failed"] >= sweep.n_trials or counts["finished"] >= sweep.n_trials
+        if not spent or counts["in_flight"] or ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+            continue
+        reasons = Counter(str(t.user_attrs.get("reason", "unknown")).split(" (fold")[0]
+                          for t in ref.study.get_trials(deepcopy=False, states=(TrialState.FAIL, TrialState.PRUNED))
+                          if not t.user_attrs.get(LOST))
+        summary = "; ".join(f"{n} x {r}" for r, n in reasons.most_common())
+        raise SweepFailed(f"every trial of study {ref.key} failed ({summary})")
 
 
 def _models_per_batch(sweep: Sweep) -> int:
@@ -356,6 +412,11 @@ def _models_per_batch(sweep: Sweep) -> int:
 def _optimism(inner: float, outer: float, maximize: bool) -> float:
     """How much better the search's own score looked than the untouched outer-test score."""
     return inner - outer if maximize else outer - inner
+
+
+def generalization_gap(fits: list[FitResult]) -> float:
+    """Validation minus training loss at each fold's best epoch, mean over folds: how much it overfits."""
+    return float(np.mean([r.val_loss[r.best_epoch - 1] - r.train_loss[r.best_epoch - 1] for r in fits]))
 
 
 def _fold_mean_curve(curves: list[np.ndarray]) -> np.ndarray:

@@ -2,25 +2,38 @@
 
 A trial's run is created and filled when the trial ends (one create, a few `log_batch` calls, one
 terminate), so tracking costs a handful of calls per trial whatever the number of epochs and folds.
-`NullTracker` stands in when tracking is off.
+`NullTracker` stands in when tracking is off. The sweep run also carries provenance tags and, while
+it runs, MLflow's system metrics (CPU, memory, GPU); `serve_ui` shows the same store in the MLflow UI.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import platform
+import signal
+import socket
+import subprocess
+import sys
 import time
+import urllib.request
 from collections.abc import Callable
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import torch
 
+from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 
 T = TypeVar("T")
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
 PARENT, RUN_NAME = "mlflow.parentRunId", "mlflow.runName"
+SYSTEM_METRICS_INTERVAL_S = 5.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
+VERSIONED = ("mlflow", "scikit-learn", "numpy", "psutil")
 
 
 class NullTracker:
@@ -47,29 +60,42 @@ class NullTracker:
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         return None
 
+    def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {}
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         return None
 
     def fail_running(self, parent: str) -> int:
         return 0
 
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
+        return None
+
+    def log_model(self, parent: str, name: str, model: torch.nn.Module, n_inputs: int, params: dict[str, Any],
+                  tags: dict[str, str]) -> dict[str, str]:
+        return {}
+
 
 class MlflowTracker(NullTracker):
     enabled = True
 
     def __init__(self, spec: TrackingSpec, sweep_name: str) -> None:
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
         from mlflow import MlflowClient
 
+        # after the import: importing mlflow configures its loggers at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+        self.system_metrics = spec.system_metrics
+        self._monitors: dict[str, Any] = {}
         self.tracking_uri = _absolute_sqlite(spec.uri)
         _ensure_sqlite_folder(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         name = spec.experiment or sweep_name
         experiment = _retry(lambda: self.client.get_experiment_by_name(name))
         if experiment is None:
-            artifacts = Path(spec.artifact_location).resolve().as_uri() if "://" not in spec.artifact_location \
-                else spec.artifact_location
+            artifacts = _artifact_root(spec.artifact_location)
             self.experiment_id = _retry(lambda: self.client.create_experiment(
                 name, artifact_location=f"{artifacts}/{name}",
                 tags={"mlflow.experimentKind": "custom_model_development"}))
@@ -77,11 +103,17 @@ class MlflowTracker(NullTracker):
             self.experiment_id = experiment.experiment_id
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
+        """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
+        resumed = bool(run_id)
         if run_id:
             self._reopen(run_id)
-            return run_id
-        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=tags))
-        return run.info.run_id
+        else:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name,
+                                                        tags={**provenance_tags(), **tags}))
+            run_id = str(run.info.run_id)
+        if self.system_metrics:
+            self._monitors[run_id] = _start_monitor(run_id, self.tracking_uri, resumed)
+        return run_id
 
     def study_run(self, sweep_run_id: str, study: str, run_id: str | None) -> str:
         if run_id:
@@ -109,9 +141,23 @@ class MlflowTracker(NullTracker):
         for path, folder in files:
             _retry(lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), artifact_path=f or None))
 
+    def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(steps, values) of each logged curve, read back so plots need not keep every curve in memory."""
+        out = {}
+        for key in keys:
+            history = sorted(_retry(lambda k=key: self.client.get_metric_history(run_id, k)), key=lambda m: m.step)
+            if history:
+                out[key] = (np.array([m.step for m in history]), np.array([m.value for m in history]))
+        return out
+
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        if run_id:
-            _retry(lambda: self.client.set_terminated(run_id, status))
+        """Stop the run's system-metrics monitor (if any) with a last sample, then close the run."""
+        if not run_id:
+            return
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:
+            _stop_monitor(monitor)
+        _retry(lambda: self.client.set_terminated(run_id, status))
 
     def fail_running(self, parent: str) -> int:
         """Mark runs left RUNNING under `parent` by a killed process as FAILED; returns how many."""
@@ -120,6 +166,35 @@ class MlflowTracker(NullTracker):
         for run in runs:
             self.finish(run.info.run_id, "FAILED")
         return len(runs)
+
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
+        """Metrics at an explicit step (a test look's number), so every look stays in the metric's history."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        _retry(lambda: self.client.log_batch(run_id, metrics=rows, tags=[RunTag(k, v) for k, v in tags.items()]))
+
+    def log_model(self, parent: str, name: str, model: torch.nn.Module, n_inputs: int, params: dict[str, Any],
+                  tags: dict[str, str]) -> dict[str, str]:
+        """A run of its own (a child of `parent` when given) holding the network as an MLflow PyTorch model.
+
+        Saved in MLflow's "pt2" format (torch.export: loading runs no pickle). The network takes
+        preprocessed features, so the input example is all-zero rows: the training mean (two rows, so
+        that torch.export keeps the batch dimension free).
+        """
+        import mlflow.pytorch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # fluent log_model reads the global URI
+
+        run_tags = {**provenance_tags(), **tags, **({PARENT: parent} if parent else {})}
+        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=run_tags))
+        run_id = str(run.info.run_id)
+        self._write(run_id, {}, params, {}, {})
+        example = np.zeros((2, n_inputs), dtype=np.float32)
+        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                            pip_requirements=[f"torch=={torch.__version__}"])
+        return {"run_id": run_id, "model_uri": info.model_uri, "tracking_uri": self.tracking_uri}
 
     def _reopen(self, run_id: str) -> None:
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
@@ -145,6 +220,125 @@ def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:
     return MlflowTracker(spec, sweep_name) if spec.enabled else NullTracker()
 
 
+def provenance_tags(folder: Path | None = None) -> dict[str, str]:
+    """Versions, and the git commit of the working directory when it is a checkout: what a rerun must match."""
+    tags = {"python.version": platform.python_version()}
+    for package in VERSIONED:
+        try:
+            tags[f"{package}.version"] = version(package)
+        except PackageNotFoundError:
+            continue
+    commit = _git(folder, "rev-parse", "HEAD")
+    if commit:
+        tags["mlflow.source.git.commit"] = commit  # the UI shows this one in its Version column
+        tags["foldsweep.git_dirty"] = str(bool(_git(folder, "status", "--porcelain", "--untracked-files=no"))).lower()
+    return tags
+
+
+def _git(folder: Path | None, *args: str) -> str:
+    """Output of a git command, or "" outside a checkout or without git (provenance is best effort)."""
+    try:
+        done = subprocess.run(["git", *args], cwd=folder, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return ""
+    return done.stdout.strip() if done.returncode == 0 else ""
+
+
+def _start_monitor(run_id: str, tracking_uri: str, resumed: bool) -> Any:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=SYSTEM_METRICS_INTERVAL_S, resume_logging=resumed,
+                                   tracking_uri=tracking_uri)
+    monitor.start()
+    return monitor
+
+
+def _stop_monitor(monitor: Any) -> None:
+    """Stop sampling, then log one last sample, so even a sweep shorter than the interval has one point."""
+    monitor.finish()
+    monitor.collect_metrics()
+    monitor.publish_metrics(monitor.aggregate_metrics())
+    _retry(monitor.mlflow_logger.flush)
+
+
+# -- the MLflow UI over this project's store ---------------------------------------------------------------
+def ui_command(spec: TrackingSpec, host: str, port: int) -> list[str]:
+    """`mlflow server` over the spec's store; artifacts it is sent through the server land in the spec's folder."""
+    uri = _absolute_sqlite(spec.uri)
+    if uri.startswith(("http://", "https://")):
+        raise FoldsweepError(f"tracking.uri `{uri}` is an MLflow server already: open it in a browser")
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        raise FoldsweepError(f"no MLflow store at {uri[len('sqlite:///'):]}; run a sweep first "
+                             "(`foldsweep run SPEC`) or start `foldsweep ui` in the folder that holds mlruns/")
+    return [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
+            "--artifacts-destination", _artifact_root(spec.artifact_location), "--host", host, "--port", str(port),
+            "--workers", "1", "--uvicorn-opts", "--no-access-log"]
+
+
+def serve_ui(spec: TrackingSpec, host: str, port: int, on_ready: Callable[[str, list[tuple[str, str]]], None],
+             timeout_s: float = 120.0) -> int:
+    """Run the MLflow UI until it exits or this process is stopped; `on_ready(url, links)` once it answers.
+
+    The server is always stopped on the way out (Ctrl-C, SIGTERM, an error), so no orphan keeps the port.
+    """
+    command = ui_command(spec, host, port)
+    _check_port(host, port)
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # no background job runner for a viewer
+    proc = subprocess.Popen(command, env=env, stdout=2)  # its chatter to stderr: stdout is for the links
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+        _wait_ready(proc, url, timeout_s)
+        on_ready(url, experiment_links(_absolute_sqlite(spec.uri), url))
+        return proc.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        if proc.poll() is None:
+            proc.terminate()  # `mlflow server` forwards it to its uvicorn child
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def experiment_links(tracking_uri: str, url: str) -> list[tuple[str, str]]:
+    """(experiment, deep link) per experiment; without `workflowType` the UI opens its GenAI traces view."""
+    from mlflow import MlflowClient
+
+    experiments = MlflowClient(tracking_uri).search_experiments()
+    return [(e.name, f"{url}/#/experiments/{e.experiment_id}?workflowType=machine_learning")
+            for e in experiments if e.name != "Default"]
+
+
+def _check_port(host: str, port: int) -> None:
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        socket.create_server((host, port), family=family).close()
+    except OSError as err:
+        raise FoldsweepError(f"cannot serve on {host}:{port} ({err.strerror}); pick another with --port") from None
+
+
+def _wait_ready(proc: subprocess.Popen[bytes], url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise FoldsweepError(f"the MLflow UI exited with code {proc.returncode} before answering; "
+                                 "its messages are above")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as answer:
+                if answer.status == 200:
+                    return
+        except OSError:
+            pass  # not listening yet
+        time.sleep(0.25)
+    raise FoldsweepError(f"the MLflow UI did not answer at {url} within {timeout_s:.0f}s")
+
+
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def _short(value: Any, limit: int = 500) -> str:
     text = value if isinstance(value, str) else json.dumps(value, default=str)
     return text[:limit]
@@ -156,6 +350,11 @@ def _absolute_sqlite(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def _artifact_root(location: str) -> str:
+    """A local folder as an absolute file URI (what MLflow stores); any other URI as given."""
+    return location if "://" in location else Path(location).resolve().as_uri()
 
 
 def _ensure_sqlite_folder(uri: str) -> None:

@@ -50,6 +50,9 @@ class FitResult:
     stopped: bool  # stopped from outside (pruned) before it finished
     model: MLP | None = None
     preprocess: dict[str, list[float] | list[int]] | None = None
+    # a regression model outputs standardised values: prediction = output * y_scale + y_shift
+    y_shift: float = 0.0
+    y_scale: float = 1.0
 
 
 def structure_key(job: FitJob) -> tuple[object, ...]:
@@ -291,6 +294,7 @@ class BatchTrainer:
         stopped = self.stopped.cpu().tolist()
         pred = self.best_pred.cpu().numpy()
         n_valid = [len(j.valid_rows) for j in self.jobs]
+        y_shift, y_scale = self.y_shift[:, 0].cpu().tolist(), self.y_scale[:, 0].cpu().tolist()
         if self.keep_models:
             for p, best in zip(self.kept, self.best_params):
                 p.data.copy_(best)
@@ -302,7 +306,8 @@ class BatchTrainer:
                 best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[m, : n_valid[m]],
                 diverged_at=diverged[m] or None, stopped=bool(stopped[m]),
                 model=self.net.export(m, self.templates[m]) if self.keep_models else None,
-                preprocess={k: v[m] for k, v in self.preprocess.items()}))
+                preprocess={k: v[m] for k, v in self.preprocess.items()},
+                y_shift=y_shift[m], y_scale=y_scale[m]))
         return out
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ from typing import Any
 
 import optuna
 import torch
+from optuna.trial import TrialState
 
 from foldsweep import __version__
 from foldsweep.data import Dataset, load_dataset
@@ -25,7 +27,7 @@ from foldsweep.errors import DeviceError, FoldsweepError
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
-from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight
+from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact
 from foldsweep.sweep import (
     Progress,
     StudyRef,
@@ -40,6 +42,7 @@ from foldsweep.sweep import (
 from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
+PARENT_ENV = "FOLDSWEEP_COORDINATOR_PID"
 
 
 def resolve_devices(spec: SweepSpec) -> list[str]:
@@ -84,21 +87,24 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
         progress("start", {"sweep": spec.name, "resumed": resumed, "workers": slots, "storage": url,
                            "notes": plan.notes, "n_trials": spec.optuna.n_trials, "studies": len(sweep.studies)})
     spec_file = record.folder / "spec.yaml"
-    helpers = [_start_worker(spec_file, url, device, i) for i, device in enumerate(slots[1:], start=1)]
+    helpers = Helpers(spec_file, url, slots, record.folder)
     heartbeat = Heartbeat(optuna_storage)
     sweep.heartbeat = heartbeat
     try:
         _set_threads(slots)
-        work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress))
+        work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
         summary = _finish(sweep, record, tracker, ids)
     except BaseException as err:
+        helpers.interrupt()
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
         for run_id in ids.values():
             tracker.finish(run_id, status)
         raise
     finally:
         heartbeat.close()
-        _stop_workers(helpers)
+        for failed in helpers.stop():
+            if progress is not None:
+                progress("worker_failed", failed)
     fits = sum(len(ref.folds) * len(ref.study.get_trials(deepcopy=False)) for ref in sweep.studies)
     return summary | {"mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                                  "run_id": ids.get("sweep", "")},
@@ -107,14 +113,16 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
 
 
 def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, device: str | None = None,
-               name: str = "worker", threads: int | None = None) -> int:
-    """`foldsweep worker`: take trials of a running sweep until every study is done."""
+               name: str | None = None, threads: int | None = None, wait_s: float = 0.0) -> int:
+    """`foldsweep worker`: take trials of a running sweep until every study is done.
+
+    `wait_s` lets a batch job start its workers before (or with) the coordinator.
+    """
     data = load_dataset(spec.data, base_dir)
     plan = make_plan(data, spec.split)
     optuna_storage = preflight(storage, 2)
-    names = optuna.get_all_study_names(optuna_storage)
-    if f"{spec.name}/final" not in names:
-        raise FoldsweepError(f"no sweep `{spec.name}` in storage `{storage}`; start it with `foldsweep run` first")
+    _wait_for_sweep(optuna_storage, spec.name, storage, wait_s)
+    name = name or f"{platform.node()}-{os.getpid()}"
     device = device or resolve_devices(spec)[0]
     sweep = _open(spec, data, plan, optuna_storage, make_tracker(spec.tracking, spec.name), device)
     _check_same_sweep(sweep, data, plan)
@@ -122,9 +130,19 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     if threads:
         torch.set_num_threads(threads)
     try:
-        return work(sweep, name)
+        return work(sweep, name, maintain=_follow_coordinator())
     finally:
         sweep.heartbeat.close()
+
+
+def _wait_for_sweep(storage: optuna.storages.BaseStorage, name: str, url: str, wait_s: float) -> None:
+    deadline = time.time() + wait_s
+    while f"{name}/final" not in optuna.get_all_study_names(storage):
+        if time.time() >= deadline:
+            waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
+            raise FoldsweepError(f"no sweep `{name}` in storage `{redact(url)}`{waited}; start it with "
+                                 "`foldsweep run SPEC --storage URL` (or give the worker --wait SECONDS)")
+        time.sleep(min(2.0, max(0.1, deadline - time.time())))
 
 
 def open_existing(name: str) -> tuple[SweepRecord, list[StudyRef]]:
@@ -139,6 +157,19 @@ def open_existing(name: str) -> tuple[SweepRecord, list[StudyRef]]:
     except KeyError:
         raise FoldsweepError(f"sweep `{name}` has no studies in `{record.meta['storage']}` yet") from None
     return record, refs
+
+
+def holders(studies: list[StudyRef]) -> list[dict[str, Any]]:
+    """Who runs what right now: each worker holding RUNNING trials, with its device and those trials."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for ref in studies:
+        for trial in ref.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            who = trial.user_attrs.get("worker") or {}
+            key = (str(who.get("host", "?")), str(who.get("name", "?")))
+            entry = found.setdefault(key, {"worker": key[1], "host": key[0], "device": who.get("device", "?"),
+                                           "trials": []})
+            entry["trials"].append(f"{ref.key}#{trial.number}")
+    return sorted(found.values(), key=lambda e: (e["host"], e["worker"]))
 
 
 def _open(spec: SweepSpec, data: Dataset, plan: FoldPlan, storage: optuna.storages.BaseStorage,
@@ -168,6 +199,9 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
         ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
         ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
     record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
+    if resumed:  # trial runs a killed process was writing when it died
+        for ref in sweep.studies:
+            tracker.fail_running(ids[ref.key])
     return ids
 
 
@@ -185,11 +219,15 @@ def _check_same_sweep(sweep: Sweep, data: Dataset, plan: FoldPlan) -> None:
                              f"(data fingerprint {data.fingerprint}); point the worker at the same data")
 
 
-def _chores(sweep: Sweep, progress: Progress | None) -> Any:
+def _chores(sweep: Sweep, progress: Progress | None, helpers: Helpers) -> Any:
+    """Between rounds: warm start `final`, fail trials of dead workers, report progress and failed helpers."""
     last = [0.0]
 
     def maintain() -> None:
         warm_start_final(sweep)
+        for failed in helpers.failures():
+            if progress is not None:
+                progress("worker_failed", failed)
         if time.time() - last[0] >= STALE_CHECK_S:
             last[0] = time.time()
             for ref in sweep.studies:
@@ -197,7 +235,7 @@ def _chores(sweep: Sweep, progress: Progress | None) -> Any:
                     if progress is not None:
                         progress("stale", {"study": ref.key, "number": number})
         if progress is not None:
-            progress("status", {"rows": study_status(sweep.studies, sweep.n_trials)})
+            progress("status", {"rows": study_status(sweep.studies, sweep.n_trials), "workers": holders(sweep.studies)})
 
     return maintain
 
@@ -214,22 +252,66 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
     return summary
 
 
-def _start_worker(spec_file: Path, storage: str, device: str, slot: int) -> subprocess.Popen[bytes]:
-    env = dict(os.environ)
-    if device.startswith("cuda:"):
-        env["CUDA_VISIBLE_DEVICES"] = device[5:]
-    cmd = [sys.executable, "-m", "foldsweep", "worker", str(spec_file), "--storage", storage,
-           "--device", device, "--name", f"worker-{slot}", "--threads", "1", "--quiet"]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _follow_coordinator() -> Any:
+    """A local helper stops taking trials once the coordinator that started it is gone.
+
+    Without it, helpers orphaned by a killed coordinator would wait forever for the warm start of
+    `final`, which only the coordinator does. Workers started by hand have no coordinator to follow.
+    """
+    parent = int(os.environ.get(PARENT_ENV, "0"))
+
+    def maintain() -> None:
+        if parent and os.getppid() != parent:
+            raise FoldsweepError(f"the coordinator (pid {parent}) is gone; rerun `foldsweep run` to continue")
+
+    return maintain
 
 
-def _stop_workers(helpers: list[subprocess.Popen[bytes]]) -> None:
-    for proc in helpers:
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.terminate()
-            proc.wait(timeout=10)
+class Helpers:
+    """The coordinator's local `foldsweep worker` processes; each writes to `<record>/logs/worker-N.log`."""
+
+    def __init__(self, spec_file: Path, storage: str, slots: list[str], folder: Path) -> None:
+        (folder / "logs").mkdir(exist_ok=True)
+        self.logs = [folder / "logs" / f"worker-{n}.log" for n in range(1, len(slots))]
+        self.procs = [self._start(spec_file, storage, device, n, log)
+                      for n, (device, log) in enumerate(zip(slots[1:], self.logs), start=1)]
+        self.reported: set[int] = set()
+
+    @staticmethod
+    def _start(spec_file: Path, storage: str, device: str, n: int, log: Path) -> subprocess.Popen[bytes]:
+        env = dict(os.environ) | {PARENT_ENV: str(os.getpid())}
+        if device.startswith("cuda:"):
+            env["CUDA_VISIBLE_DEVICES"] = device[5:]  # before the child imports torch
+        cmd = [sys.executable, "-m", "foldsweep", "worker", str(spec_file), "--storage", storage,
+               "--device", device, "--name", f"worker-{n}", "--threads", "1", "--quiet"]
+        with open(log, "ab") as out:
+            return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+
+    def failures(self) -> list[dict[str, Any]]:
+        """Helpers that exited with an error since the last call (the sweep goes on without them)."""
+        found = []
+        for n, proc in enumerate(self.procs, start=1):
+            code = proc.poll()
+            if code not in (None, 0, 130) and n not in self.reported:
+                self.reported.add(n)
+                found.append({"worker": f"worker-{n}", "code": code, "log": str(self.logs[n - 1])})
+        return found
+
+    def interrupt(self) -> None:
+        """Ctrl-C on a terminal reaches the helpers too; a signal to the coordinator alone must as well."""
+        for proc in self.procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+
+    def stop(self) -> list[dict[str, Any]]:
+        """Wait for the helpers (they stop once every study is done); returns the ones that failed."""
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return self.failures()
 
 
 def _set_threads(slots: list[str]) -> None:

@@ -1,0 +1,168 @@
+"""The final model outside the engine: preprocessing, saved folders, and which rows it may learn from.
+
+A saved model must give the engine's own predictions from raw feature values (classification with
+batch norm and feature selection, regression in the target's units), load with
+`torch.load(weights_only=True)`, refuse a tampered folder, and match prediction columns by name.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from foldsweep.data import load_dataset
+from foldsweep.errors import DataError, FoldsweepError, SealError
+from foldsweep.evaluate import FROM_RECORD, development_rows, load_model, predict_file, save_model, train_final
+from foldsweep.record import create_or_resume
+from foldsweep.spec import parse_spec
+from foldsweep.splits import make_plan
+
+from conftest import tiny_spec
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(**overrides):
+    return parse_spec(tiny_spec(**overrides) | {"search": {}})
+
+
+def test_classification_model_with_batch_norm_and_selection_reproduces_the_engine(tmp_path: Path) -> None:
+    config = _config(model={"width": 12, "depth": 2, "batch_norm": True, "dropout": 0.2},
+                     train={"epochs": 5, "batch_size": 32, "select_k": 20, "preprocess": "minmax"})
+    data = load_dataset(config.data)
+    dev = make_plan(data, config.split).dev
+    final, result = train_final(config, data, dev, epochs=5)
+    assert final.prep.features is not None and len(final.prep.features) == 20
+    assert result.epochs_run == 5 and result.best_epoch == 5  # fixed epochs: the last one, no selection
+    np.testing.assert_allclose(final.predict(data.X[dev]), result.valid_pred, atol=1e-5)
+
+    save_model(final, tmp_path / "m")
+    state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    assert "norms.0.running_mean" in state
+    again = load_model(tmp_path / "m")
+    np.testing.assert_array_equal(again.predict(data.X), final.predict(data.X))
+
+
+def test_regression_predictions_come_back_in_the_targets_units(tmp_path: Path) -> None:
+    config = _config(data={"dataset": "diabetes"}, train={"epochs": 8, "batch_size": 64, "lr": 0.01},
+                     split={"test_size": 0.25, "seed": 0, "outer": {"k": 2}, "inner": {"k": 2}})
+    data = load_dataset(config.data)
+    dev = make_plan(data, config.split).dev
+    final, result = train_final(config, data, dev, epochs=8)
+    assert final.prep.y_scale == pytest.approx(float(np.std(data.y[dev])), rel=1e-4)
+    assert final.prep.y_shift == pytest.approx(float(np.mean(data.y[dev])), rel=1e-4)
+    pred = final.predict(data.X[dev])
+    np.testing.assert_allclose(pred, result.valid_pred, rtol=1e-5, atol=1e-3)
+    assert abs(pred.mean() - data.y[dev].mean()) < 0.3 * data.y[dev].std()  # not standardised values
+
+    save_model(final, tmp_path / "m")
+    frame = pd.DataFrame(data.X[dev], columns=data.feature_names)
+    predict_file(tmp_path / "m", _csv(frame, tmp_path / "rows.csv"), tmp_path / "p.csv")
+    written = pd.read_csv(tmp_path / "p.csv")
+    assert list(written.columns) == ["prediction"]
+    np.testing.assert_allclose(written["prediction"], result.valid_pred, rtol=1e-5, atol=1e-3)
+
+
+def test_a_changed_model_file_is_refused(tmp_path: Path) -> None:
+    config = _config(train={"epochs": 2})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    save_model(final, tmp_path / "m")
+    state = torch.load(tmp_path / "m" / "model.pt", weights_only=True)
+    state["head.bias"] += 1.0
+    torch.save(state, tmp_path / "m" / "model.pt")
+    with pytest.raises(FoldsweepError, match=r"model.pt` does not match the hash in its provenance.json"):
+        load_model(tmp_path / "m")
+    (tmp_path / "m" / "preprocess.json").unlink()
+    with pytest.raises(FoldsweepError, match=r"is not a model folder .*missing `preprocess.json`"):
+        load_model(tmp_path / "m")
+
+
+def test_prediction_columns_are_matched_by_name(tmp_path: Path) -> None:
+    config = _config(train={"epochs": 2})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    frame = pd.DataFrame(data.X[:5], columns=data.feature_names)
+    shuffled = frame[list(reversed(frame.columns))].assign(label="R")  # other order, target present
+    np.testing.assert_array_equal(final.prep.encode(shuffled, "x.csv"), data.X[:5])
+    wrong = frame.drop(columns=["band_07", "band_08"]).assign(extra=1.0)
+    with pytest.raises(DataError, match=r"^`x.csv` does not have the model's columns: missing `band_07`, `band_08`; "
+                                        r"unexpected `extra`$"):
+        final.prep.encode(wrong, "x.csv")
+    with pytest.raises(DataError, match=r"column `band_01` of `x.csv` is not numeric"):
+        final.prep.encode(frame.assign(band_01="a"), "x.csv")
+
+
+def test_onehot_columns_are_encoded_as_in_training(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    n = 80
+    table = pd.DataFrame({"a": rng.normal(size=n), "color": rng.choice(["red", "green", "blue"], size=n),
+                          "b": rng.normal(size=n)})
+    table["y"] = np.where((table["color"] == "red") | (table["a"] > 0.5), "yes", "no")
+    path = _csv(table, tmp_path / "colors.csv")
+    config = _config(data={"path": str(path), "target": "y", "categorical": "onehot"}, train={"epochs": 3})
+    data = load_dataset(config.data)
+    dev = make_plan(data, config.split).dev
+    final, result = train_final(config, data, dev, epochs=3)
+    assert final.prep.columns == ["a", "color", "b"]
+    save_model(final, tmp_path / "m")
+    rows = table.iloc[dev].drop(columns="y")
+    predict_file(tmp_path / "m", _csv(rows, tmp_path / "rows.csv"), tmp_path / "p.csv")
+    written = pd.read_csv(tmp_path / "p.csv")
+    np.testing.assert_allclose(written[["prob_no", "prob_yes"]].to_numpy(), result.valid_pred, atol=1e-5)
+    assert list(written["prediction"]) == [["no", "yes"][i] for i in result.valid_pred.argmax(1)]
+    unseen = rows.assign(color="purple")
+    with pytest.raises(DataError, match=r"category values the model never saw in training: `color_purple`"):
+        predict_file(tmp_path / "m", _csv(unseen, tmp_path / "u.csv"), tmp_path / "p.csv")
+
+
+def test_development_rows_come_from_the_record_or_the_same_seal(workdir: Path) -> None:
+    config = _config()
+    data = load_dataset(config.data)
+    plan = make_plan(data, config.split)
+    dev, source, notes = development_rows(config, data)  # no record, no provenance: sealed again
+    assert np.array_equal(dev, plan.dev) and source.startswith("re-sealed") and notes == []
+
+    create_or_resume(config, data, "unused")
+    exported = config.model_copy(update={"provenance": {"sweep": "tiny", "spec_hash": config.spec_hash()}})
+    dev, source, _ = development_rows(exported, data)
+    assert source == FROM_RECORD and np.array_equal(dev, plan.dev)
+
+    moved = data.__class__(**{**data.__dict__, "X": data.X[::-1].copy(), "y": data.y[::-1].copy(),
+                              "row_hashes": data.row_hashes[::-1]})
+    with pytest.raises(SealError, match=r"sealing it again gives other test rows"):
+        development_rows(exported, moved)
+
+
+def test_a_model_fit_on_other_data_gets_a_note(workdir: Path) -> None:
+    config = _config().model_copy(update={"provenance": {"sweep": "gone", "data_fingerprint": "0123456789abcdef"}})
+    _, _, notes = development_rows(config, load_dataset(config.data))
+    assert len(notes) == 1 and "data differs from the sweep's" in notes[0] and "will not accept" in notes[0]
+
+
+def test_model_folder_files_are_plain_json_and_yaml(tmp_path: Path) -> None:
+    config = _config(train={"epochs": 2})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    final.provenance = {"model_hash": final.model_hash}
+    save_model(final, tmp_path / "m")
+    prep = json.loads((tmp_path / "m" / "preprocess.json").read_text())
+    assert prep["classes"] == ["M", "R"] and prep["ignored_columns"] == ["label"]
+    assert len(prep["fill"]) == len(prep["feature_names"]) == 60 and prep["selected_features"] is None
+    assert load_model(tmp_path / "m").config.model == config.model
+
+
+def _csv(frame: pd.DataFrame, path: Path) -> Path:
+    frame.to_csv(path, index=False)
+    return path

@@ -1,0 +1,150 @@
+"""Storages: the journal's lock, dead-worker detection on the journal and an RDB, and the preflight."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from click.testing import CliRunner
+from optuna.trial import TrialState
+
+from foldsweep.cli import cli
+from foldsweep.errors import StorageError
+from foldsweep.storage import GRACE_ENV, LEASE, LOST, FlockLock, fail_stale_trials, grace_period, preflight
+
+
+def _study(url: str, name: str = "s") -> optuna.Study:
+    return optuna.create_study(storage=preflight(url, 1), study_name=name, load_if_exists=True)
+
+
+def _running(study: optuna.Study, **worker: object) -> optuna.trial.Trial:
+    trial = study.ask()
+    trial.suggest_float("lr", 0.001, 0.1)
+    if worker:
+        trial.set_user_attr("worker", worker)
+    return trial
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_a_journal_lock_held_by_a_killed_process_does_not_block_the_next_writer(tmp_path: Path) -> None:
+    journal = str(tmp_path / "j.journal")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from foldsweep.storage import FlockLock\n"
+        f"FlockLock({journal!r}).acquire(); print('held', flush=True); time.sleep(60)")],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+    holder.kill()
+    holder.wait()
+    started = time.time()
+    lock = FlockLock(journal)
+    lock.acquire()
+    lock.release()
+    assert time.time() - started < 2  # Optuna's lock files would block for their 30 s grace period
+
+
+def test_a_trial_of_a_dead_process_on_this_host_is_failed_at_once_and_retried(tmp_path: Path) -> None:
+    study = _study(str(tmp_path / "j.journal"))
+    dead = _running(study, name="worker-3", host=socket.gethostname(), pid=_dead_pid())
+    alive = _running(study, name="worker-0", host=socket.gethostname(), pid=os.getpid())
+
+    assert fail_stale_trials(study) == [dead.number]
+
+    trials = {t.number: t for t in study.get_trials()}
+    assert trials[dead.number].state == TrialState.FAIL
+    assert trials[dead.number].user_attrs[LOST] is True
+    assert "worker-3" in trials[dead.number].user_attrs["reason"] and "died" in trials[dead.number].user_attrs["reason"]
+    assert trials[alive.number].state == TrialState.RUNNING
+    retry = [t for t in trials.values() if t.state == TrialState.WAITING]
+    assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == trials[dead.number].params  # enqueued
+    assert retry[0].user_attrs == {"retry_of": dead.number, "retries": 1}
+
+
+def test_a_journal_trial_is_failed_when_its_lease_is_older_than_the_grace(tmp_path: Path) -> None:
+    study = _study(str(tmp_path / "j.journal"))
+    away = _running(study, name="remote", host="another-host", pid=1)
+    fresh = _running(study, name="remote", host="another-host", pid=1)
+    study._storage.set_trial_system_attr(away._trial_id, LEASE, time.time() - 100)
+    study._storage.set_trial_system_attr(fresh._trial_id, LEASE, time.time())
+
+    assert fail_stale_trials(study, grace_s=30) == [away.number]
+    reason = study.get_trials()[away.number].user_attrs["reason"]
+    assert reason == "worker remote stopped answering (no heartbeat for 30s)"
+
+
+def test_retries_stop_after_three(tmp_path: Path) -> None:
+    study = _study(str(tmp_path / "j.journal"))
+    trial = _running(study, name="w", host=socket.gethostname(), pid=_dead_pid())
+    study._storage.set_trial_user_attr(trial._trial_id, "retries", 3)
+    assert fail_stale_trials(study) == [trial.number]
+    assert not study.get_trials(states=(TrialState.WAITING,))
+
+
+def test_optunas_heartbeat_fails_an_rdb_trial_whose_worker_stopped_beating(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GRACE_ENV, "1")
+    study = _study(f"sqlite:///{tmp_path / 'o.db'}")
+    trial = _running(study, name="remote", host="another-host", pid=1)
+    study._storage.record_heartbeat(trial._trial_id)
+    assert fail_stale_trials(study) == []
+    time.sleep(2.5)
+    assert fail_stale_trials(study) == [trial.number]
+    assert study.get_trials()[trial.number].user_attrs[LOST] is True
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert [t.system_attrs["fixed_params"] for t in waiting] == [study.get_trials()[trial.number].params]
+
+
+def test_the_grace_period_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(GRACE_ENV, "4")
+    assert grace_period() == 4
+    monkeypatch.setenv(GRACE_ENV, "soon")
+    with pytest.raises(StorageError, match=f"{GRACE_ENV}='soon' is not a number of seconds"):
+        grace_period()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_sqlite_with_two_workers_is_refused_before_training(write_spec, workdir: Path) -> None:
+    spec = write_spec(resources={"devices": "cpu", "workers": 2})
+    result = CliRunner().invoke(cli, ["run", str(spec), "--storage", f"sqlite:///{workdir / 'o.db'}"])
+    assert result.exit_code == 2
+    assert "SQLite locks under 2 concurrent workers" in result.stderr
+    assert "journal file" in result.stderr and "PostgreSQL" in result.stderr
+    assert not (workdir / "mlruns" / "sweeps").exists()  # refused before the sweep was even recorded
+
+
+def test_an_unreachable_postgresql_fails_fast_with_a_clear_message(write_spec) -> None:
+    spec = write_spec()
+    url = f"postgresql://sweeper:secret@127.0.0.1:{_free_port()}/sweeps"
+    started = time.time()
+    result = CliRunner().invoke(cli, ["run", str(spec), "--storage", url])
+    assert result.exit_code == 2
+    assert time.time() - started < 10
+    assert f"storage `postgresql://***@127.0.0.1:{url.rsplit(':', 1)[1]}` cannot be reached" in result.stderr
+    assert "secret" not in result.stderr
+
+
+def test_status_reports_the_backend(write_spec) -> None:
+    spec = write_spec()
+    assert CliRunner().invoke(cli, ["run", str(spec), "--json"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["status", "tiny", "--json"])
+    entry = json.loads(result.stdout)[0]
+    assert entry["backend"] == "journal file"
+    assert entry["storage"].endswith("tiny.journal")
+    assert entry["workers"] == []  # nothing is running any more
+    assert "journal file" in CliRunner().invoke(cli, ["status", "tiny"]).stdout

@@ -1,0 +1,143 @@
+"""The MLflow run tree of a real tiny sweep, read back with `MlflowClient` (real SQLite store, no mocks)."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from conftest import tiny_spec
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from foldsweep.spec import TrackingSpec, parse_spec
+from foldsweep.storage import preflight
+from foldsweep.tracking import MlflowTracker, provenance_tags
+from foldsweep.workers import run_sweep
+
+# Percentile 1 prunes every trial that is not about the best so far at a report; with one trial per round,
+# most of the later trials of each study are pruned.
+PRUNING = {"n_trials": 4, "trials_per_batch": 1, "n_startup_trials": 1, "report_every": 2, "pruner": "percentile",
+           "percentile": 1.0}
+PLOTS = {"optimization_history.png", "outer_scores.png", "param_importances.png", "parallel_coordinates.png",
+         "learning_curves.png"}
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """One tiny sweep with pruning, run once for every test here; its run tree and studies."""
+    folder = tmp_path_factory.mktemp("swept")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        patch.delenv("FOLDSWEEP_HOME", raising=False)
+        spec = parse_spec(tiny_spec(train={"epochs": 8, "patience": 8, "batch_size": 32}, optuna=PRUNING))
+        summary = run_sweep(spec)
+        storage = preflight(str(folder / summary["storage"]), 1)
+        studies = {key: optuna.load_study(study_name=f"tiny/{key}", storage=storage)
+                   for key in ("outer-0", "outer-1", "final")}
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=1000)
+    return {"summary": summary, "client": client, "runs": {r.info.run_id: r for r in runs}, "studies": studies}
+
+
+def _children(swept: dict[str, Any], parent: str) -> list[Any]:
+    return [r for r in swept["runs"].values() if r.data.tags.get("mlflow.parentRunId", "") == parent]
+
+
+def test_one_sweep_run_one_run_per_study_one_per_trial(swept: dict[str, Any]) -> None:
+    sweep_runs = _children(swept, "")
+    assert [r.info.run_id for r in sweep_runs] == [swept["summary"]["mlflow"]["run_id"]]
+    study_runs = {r.info.run_name: r for r in _children(swept, sweep_runs[0].info.run_id)}
+    assert set(study_runs) == {"outer-0", "outer-1", "final"}
+    assert len(swept["runs"]) == 1 + 3 + sum(len(s.trials) for s in swept["studies"].values())
+    for key, study in swept["studies"].items():
+        trial_runs = {r.info.run_id: r for r in _children(swept, study_runs[key].info.run_id)}
+        assert len(study.trials) == PRUNING["n_trials"]
+        for trial in study.trials:  # the Optuna trial names its run, and the run names the trial
+            run = trial_runs[trial.user_attrs["mlflow_run_id"]]
+            assert run.info.run_name == f"{key}/trial-{trial.number}"
+            assert run.data.tags["optuna.trial_number"] == str(trial.number)
+            assert run.data.tags["optuna.study"] == f"tiny/{key}"
+
+
+def test_a_trial_run_holds_params_fold_scores_and_per_epoch_curves(swept: dict[str, Any]) -> None:
+    trial = swept["studies"]["final"].best_trial
+    run = swept["runs"][trial.user_attrs["mlflow_run_id"]]
+    assert run.info.status == "FINISHED" and run.data.tags["foldsweep.state"] == "complete"
+    assert run.data.params["train.lr"] == str(trial.params["lr"])
+    assert run.data.params["model.width"] == str(trial.params["width"])
+    assert run.data.metrics["accuracy"] == pytest.approx(trial.value)
+    assert {"fold_0/accuracy", "fold_1/accuracy", "accuracy_std", "best_epoch", "generalization_gap",
+            "wall_s"} <= set(run.data.metrics)
+    for key in ("val_loss", "train_loss", "val_accuracy", "fold_0/val_loss", "fold_1/train_loss"):
+        steps = [m.step for m in swept["client"].get_metric_history(run.info.run_id, key)]
+        assert len(steps) >= 2 and steps == sorted(set(steps)), key
+
+
+def test_a_pruned_trial_run_says_at_which_epoch(swept: dict[str, Any]) -> None:
+    pruned = [t for s in swept["studies"].values() for t in s.trials if t.state == TrialState.PRUNED]
+    assert pruned, "the percentile pruner pruned nothing; the test sweep must prune"
+    for trial in pruned:
+        run = swept["runs"][trial.user_attrs["mlflow_run_id"]]
+        assert run.data.tags["foldsweep.state"] == f"pruned at epoch {max(trial.intermediate_values)}"
+        assert run.info.status == "KILLED"
+        steps = swept["client"].get_metric_history(run.info.run_id, "val_loss")
+        assert max(m.step for m in steps) == max(trial.intermediate_values)  # the curve stops where it was pruned
+
+
+def test_study_runs_carry_their_headline_metrics(swept: dict[str, Any]) -> None:
+    study_runs = {r.info.run_name: r for r in _children(swept, swept["summary"]["mlflow"]["run_id"])}
+    for key, study in swept["studies"].items():
+        metrics = study_runs[key].data.metrics
+        states = [t.state for t in study.trials]
+        assert metrics["best_inner_value"] == pytest.approx(study.best_value)
+        assert metrics["n_complete"] == states.count(TrialState.COMPLETE)
+        assert metrics["n_pruned"] == states.count(TrialState.PRUNED)
+        assert metrics["n_failed"] == 0
+    assert {"outer_test_score", "optimism"} <= set(study_runs["outer-0"].data.metrics)
+
+
+def test_sweep_run_has_artifacts_plots_provenance_and_system_metrics(swept: dict[str, Any]) -> None:
+    run_id = swept["summary"]["mlflow"]["run_id"]
+    client, run = swept["client"], swept["runs"][run_id]
+    top = {a.path for a in client.list_artifacts(run_id)}
+    assert {"summary.json", "report.md", "spec.yaml", "best_config.yaml", "plan.json", "plots"} <= top
+    assert {Path(a.path).name for a in client.list_artifacts(run_id, "plots")} == PLOTS
+    tags = run.data.tags
+    assert tags["mlflow.version"] and tags["python.version"] and tags["scikit-learn.version"]
+    assert "mlflow.source.git.commit" not in tags  # the sweep ran in a folder that is no git checkout
+    assert {"nested_mean", "nested_ci95_low", "nested_ci95_high", "optimism"} <= set(run.data.metrics)
+    assert "system/cpu_utilization_percentage" in run.data.metrics
+    assert "system/system_memory_usage_megabytes" in run.data.metrics
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_system_metrics_follow_the_flag(tmp_path: Path, enabled: bool) -> None:
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = MlflowTracker(TrackingSpec(uri=uri, artifact_location=str(tmp_path / "artifacts"),
+                                         system_metrics=enabled), "flags")
+    run_id = tracker.sweep_run("flags", {}, None)
+    tracker.finish(run_id)  # finished at once: the last sample taken on the way out is all there is
+    logged = {k for k in MlflowClient(uri).get_run(run_id).data.metrics if k.startswith("system/")}
+    assert ("system/cpu_utilization_percentage" in logged) is enabled
+    assert enabled or not logged
+
+
+def _git(folder: Path, *args: str) -> str:
+    return subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=folder, check=True,
+                          capture_output=True, text=True).stdout.strip()
+
+
+def test_provenance_names_the_commit_of_a_checkout_and_whether_it_was_dirty(tmp_path: Path) -> None:
+    assert "mlflow.source.git.commit" not in provenance_tags(tmp_path)
+    _git(tmp_path, "init", "-q")
+    (tmp_path / "sweep.yaml").write_text("name: a\n")
+    _git(tmp_path, "add", "sweep.yaml")
+    _git(tmp_path, "commit", "-q", "-m", "first")
+    tags = provenance_tags(tmp_path)
+    assert tags["mlflow.source.git.commit"] == _git(tmp_path, "rev-parse", "HEAD")
+    assert tags["foldsweep.git_dirty"] == "false"
+    (tmp_path / "sweep.yaml").write_text("name: b\n")
+    assert provenance_tags(tmp_path)["foldsweep.git_dirty"] == "true"
