@@ -14,15 +14,24 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import tiny_spec
 
 from foldsweep.data import load_dataset
 from foldsweep.errors import DataError, FoldsweepError, SealError
-from foldsweep.evaluate import FROM_RECORD, development_rows, load_model, predict_file, save_model, train_final
+from foldsweep.evaluate import (
+    FROM_RECORD,
+    _check_model_is_of,
+    development_rows,
+    load_model,
+    matching_record,
+    predict_file,
+    rows_hash,
+    save_model,
+    train_final,
+)
 from foldsweep.record import create_or_resume
 from foldsweep.spec import parse_spec
 from foldsweep.splits import make_plan
-
-from conftest import tiny_spec
 
 
 @pytest.fixture(autouse=True)
@@ -111,7 +120,8 @@ def test_onehot_columns_are_encoded_as_in_training(tmp_path: Path) -> None:
                           "b": rng.normal(size=n)})
     table["y"] = np.where((table["color"] == "red") | (table["a"] > 0.5), "yes", "no")
     path = _csv(table, tmp_path / "colors.csv")
-    config = _config(data={"path": str(path), "target": "y", "categorical": "onehot"}, train={"epochs": 3})
+    config = _config(data={"dataset": None, "path": str(path), "target": "y", "categorical": "onehot"},
+                     train={"epochs": 3})
     data = load_dataset(config.data)
     dev = make_plan(data, config.split).dev
     final, result = train_final(config, data, dev, epochs=3)
@@ -131,23 +141,40 @@ def test_development_rows_come_from_the_record_or_the_same_seal(workdir: Path) -
     config = _config()
     data = load_dataset(config.data)
     plan = make_plan(data, config.split)
-    dev, source, notes = development_rows(config, data)  # no record, no provenance: sealed again
+    dev, source, notes = development_rows(config, data, None)  # no record, no provenance: sealed again
     assert np.array_equal(dev, plan.dev) and source.startswith("re-sealed") and notes == []
 
     create_or_resume(config, data, "unused")
     exported = config.model_copy(update={"provenance": {"sweep": "tiny", "spec_hash": config.spec_hash()}})
-    dev, source, _ = development_rows(exported, data)
+    record = matching_record(exported.provenance)
+    assert record is not None and matching_record({"sweep": "tiny", "spec_hash": "another"}) is None
+    dev, source, _ = development_rows(exported, data, record)
     assert source == FROM_RECORD and np.array_equal(dev, plan.dev)
 
     moved = data.__class__(**{**data.__dict__, "X": data.X[::-1].copy(), "y": data.y[::-1].copy(),
                               "row_hashes": data.row_hashes[::-1]})
     with pytest.raises(SealError, match=r"sealing it again gives other test rows"):
-        development_rows(exported, moved)
+        development_rows(exported, moved, record)
+
+
+def test_a_look_takes_only_a_model_of_this_sweeps_development_rows(workdir: Path) -> None:
+    config = _config(train={"epochs": 2})
+    data = load_dataset(config.data)
+    record, plan, _ = create_or_resume(config, data, "unused")
+    final, _ = train_final(config, data, plan.dev, epochs=2)
+    final.provenance = {"sweep": "tiny", "data_fingerprint": data.fingerprint, "dev_rows_hash": rows_hash(plan.dev)}
+    _check_model_is_of(final, record, plan.dev)
+    final.provenance["dev_rows_hash"] = rows_hash(np.arange(len(data.y)))  # trained on every row, test rows too
+    with pytest.raises(SealError, match=r"not trained on the development rows of `tiny`"):
+        _check_model_is_of(final, record, plan.dev)
+    final.provenance["sweep"] = "other"
+    with pytest.raises(SealError, match=r"fit for sweep `other` .* not for `tiny`"):
+        _check_model_is_of(final, record, plan.dev)
 
 
 def test_a_model_fit_on_other_data_gets_a_note(workdir: Path) -> None:
     config = _config().model_copy(update={"provenance": {"sweep": "gone", "data_fingerprint": "0123456789abcdef"}})
-    _, _, notes = development_rows(config, load_dataset(config.data))
+    _, _, notes = development_rows(config, load_dataset(config.data), None)
     assert len(notes) == 1 and "data differs from the sweep's" in notes[0] and "will not accept" in notes[0]
 
 
@@ -155,7 +182,6 @@ def test_model_folder_files_are_plain_json_and_yaml(tmp_path: Path) -> None:
     config = _config(train={"epochs": 2})
     data = load_dataset(config.data)
     final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
-    final.provenance = {"model_hash": final.model_hash}
     save_model(final, tmp_path / "m")
     prep = json.loads((tmp_path / "m" / "preprocess.json").read_text())
     assert prep["classes"] == ["M", "R"] and prep["ignored_columns"] == ["label"]

@@ -318,8 +318,9 @@ def _print_report(rep: dict[str, Any]) -> None:
                       for d in rep["diagnostics"]]))
     final = rep["final"]
     value = f"{final['best_value']:.4f}" if final["best_value"] is not None else "-"
-    out.print(_table(f"final config (trial {final['best_trial']}, inner-CV {value}, refit epochs "
-                     f"{final.get('best_epoch')})", ["knob", "value"],
+    out.print(f"final config: trial {final['best_trial']} of study final, inner-CV {value}, refit epochs "
+              f"{final.get('best_epoch')}")
+    out.print(_table("final config", ["knob", "value"],
                      [[k, f"{v:.4g}" if isinstance(v, float) else str(v)] for k, v in final["best_params"].items()]))
     looks = rep["test_looks"]
     if not looks:

@@ -172,14 +172,14 @@ def train_final(config: SweepSpec, data: Dataset, dev: np.ndarray, epochs: int) 
     return FinalModel(result.model, prep, config), result
 
 
-def development_rows(config: SweepSpec, data: Dataset) -> tuple[np.ndarray, str, list[str]]:
+def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | None
+                     ) -> tuple[np.ndarray, str, list[str]]:
     """The rows the final model may learn from, where they came from, and notes for the user.
 
-    The sweep's stored plan when its record is here and the data is unchanged; else the seal is redone
-    from the config's split seed, and if a record exists its test rows must come out the same.
+    The stored plan of the exporting sweep (`record`, when it is here) if the data is unchanged; else
+    the seal is redone from the config's split seed, and the record's test rows must come out the same.
     """
     provenance = config.provenance or {}
-    record = _matching_record(provenance)
     if record is not None and record.meta["fingerprint"] == data.fingerprint:
         return record.plan.dev, FROM_RECORD, []
     plan = make_plan(data, config.split)
@@ -205,8 +205,9 @@ def fit_config(config_path: Path, out: Path) -> dict[str, Any]:
     if (out / "model.pt").exists():
         raise FoldsweepError(f"`{out}` already holds a model; pick another -o folder or remove it")
     provenance = config.provenance or {}
+    record = matching_record(provenance)
     data = load_dataset(config.data)
-    dev, source, notes = development_rows(config, data)
+    dev, source, notes = development_rows(config, data, record)
     epochs = int(provenance.get("refit_epochs", config.train.epochs))
     final, result = train_final(config, data, dev, epochs)
     final.provenance = {
@@ -215,25 +216,34 @@ def fit_config(config_path: Path, out: Path) -> dict[str, Any]:
         "dev_rows": len(dev), "dev_rows_hash": rows_hash(dev), "epochs": epochs, "seed": final_seed(config),
         # a resubstitution score (the rows it trained on): a sanity check, never an estimate
         "train_score": score(data.metric, data.y[dev], result.valid_pred), "metric": data.metric,
-        "created": _now(), "versions": versions(), "model_hash": final.model_hash,
+        "created": _now(), "versions": versions(),
     }
-    record = _matching_record(provenance)
-    tracker = sweep_tracker(record) if record is not None else make_tracker(config.tracking, config.name)
-    parent = record.meta.get("mlflow_runs", {}).get("sweep", "") if record is not None else ""
-    logged = tracker.log_model(parent, "final-model", final.net, final.prep.n_inputs,
-                               params={"epochs": epochs, "dev_rows": len(dev), **(provenance.get("best_params") or {})},
-                               tags={"foldsweep.model_hash": final.model_hash, "foldsweep.kind": "final-model"})
-    if logged:
-        final.provenance["mlflow"] = logged
-    save_model(final, out)
-    tracker.log_files(logged.get("run_id", ""), [(out / name, "model_folder") for name in MODEL_FILES[1:]])
+    logged = _save_and_track(final, record, out)
     return {"folder": str(out), "model_hash": final.model_hash, "epochs": epochs, "dev_rows": len(dev),
             "dev_source": source, "train_score": final.provenance["train_score"], "metric": data.metric,
             "notes": notes, "mlflow": logged}
 
 
+def _save_and_track(final: FinalModel, record: SweepRecord | None, out: Path) -> dict[str, str]:
+    """Save the folder, with the MLflow model run (a child of the sweep's run when the record is here)."""
+    tracker = sweep_tracker(record) if record is not None else make_tracker(final.config.tracking, final.config.name)
+    parent = record.meta.get("mlflow_runs", {}).get("sweep", "") if record is not None else ""
+    params = {"epochs": final.provenance["epochs"], "dev_rows": final.provenance["dev_rows"],
+              **((final.config.provenance or {}).get("best_params") or {})}
+    logged = tracker.log_model(parent, "final-model", final.net, final.prep.n_inputs, params=params,
+                               tags={"foldsweep.model_hash": final.model_hash, "foldsweep.kind": "final-model"})
+    if logged:
+        final.provenance["mlflow"] = logged
+    save_model(final, out)
+    if logged:
+        tracker.log_files(logged["run_id"], [(out / name, "model_folder") for name in MODEL_FILES[1:]])
+    return logged
+
+
 # -- the model folder --------------------------------------------------------------------------------------
 def save_model(final: FinalModel, folder: Path) -> None:
+    """The four files; provenance.json carries the weights' hash, which `load_model` checks."""
+    final.provenance["model_hash"] = final.model_hash
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model.pt").write_bytes(final.weights())
     (folder / "config.yaml").write_text(yaml.safe_dump(final.config.model_dump(mode="json"), sort_keys=False))
@@ -339,7 +349,7 @@ def versions() -> dict[str, str]:
             "scikit-learn": sklearn.__version__, "numpy": np.__version__, "python": platform.python_version()}
 
 
-def _matching_record(provenance: dict[str, Any]) -> SweepRecord | None:
+def matching_record(provenance: dict[str, Any]) -> SweepRecord | None:
     """The exporting sweep's record, when it is here and is the same sweep (same spec hash)."""
     name = provenance.get("sweep")
     if not name:

@@ -64,6 +64,9 @@ class StackedMLP:
 
     Shapes: weights[l] (M, in, out), biases[l] (M, out); padded units have zero weights and are
     multiplied by `unit_mask` (M, 1, W) after the activation, so they never carry signal or gradient.
+    Every trained tensor is a view into one (M, P) buffer, `flat`, so an optimiser updates all of them
+    with a handful of whole-buffer operations instead of a handful per tensor; the weights come first,
+    so `flat[:, :n_weights]` is what L1 penalises.
     """
 
     def __init__(self, models: list[MLP], device: torch.device) -> None:
@@ -75,8 +78,7 @@ class StackedMLP:
         width = max(widths)
         n_in = first.hidden[0].in_features
         self.unit_mask = torch.stack([(torch.arange(width) < w).float() for w in widths]).unsqueeze(1).to(device)
-        self.weights: list[Tensor] = []
-        self.biases: list[Tensor] = []
+        weights, biases = [], []
         for layer in range(self.depth + 1):
             fan_in = n_in if layer == 0 else width
             fan_out = first.head.out_features if layer == self.depth else width
@@ -86,18 +88,49 @@ class StackedMLP:
             for i, lin in enumerate(linears):
                 W[i, : lin.in_features, : lin.out_features] = lin.weight.detach().T
                 b[i, : lin.out_features] = lin.bias.detach()
-            self.weights.append(W.to(device).requires_grad_())
-            self.biases.append(b.to(device).requires_grad_())
+            weights.append(W)
+            biases.append(b)
         shape = (len(models), self.depth, width)
-        self.bn_scale = torch.ones(shape, device=device, requires_grad=self.batch_norm)
-        self.bn_shift = torch.zeros(shape, device=device, requires_grad=self.batch_norm)
+        norms = [torch.ones(shape), torch.zeros(shape)]
+        trained = [*weights, *biases, *(norms if self.batch_norm else [])]
+        self.shapes = [t.shape[1:] for t in trained]
+        self.n_weights = sum(w[0].numel() for w in weights)
+        self.flat = torch.cat([t.flatten(1) for t in trained], 1).to(device)  # (M, P)
+        if not self.batch_norm:  # fixed at identity: not trained, not in `flat`
+            self.bn_scale, self.bn_shift = norms[0].to(device), norms[1].to(device)
+        self._link()
         self.running_mean = torch.zeros(shape, device=device)
         self.running_var = torch.ones(shape, device=device)
 
+    def _link(self) -> None:
+        """(Re)create the trained tensors as leaf views of `flat`."""
+        self._params = [view.requires_grad_() for view in self.views(self.flat)]
+        self.weights = self._params[: self.depth + 1]
+        self.biases = self._params[self.depth + 1 : 2 * self.depth + 2]
+        if self.batch_norm:
+            self.bn_scale, self.bn_shift = self._params[2 * self.depth + 2 :]
+
     @property
     def params(self) -> list[Tensor]:
-        extra = [self.bn_scale, self.bn_shift] if self.batch_norm else []
-        return [*self.weights, *self.biases, *extra]
+        return self._params
+
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        """A (M, P) buffer laid out like `flat` (optimiser state, gradients) as one view per trained tensor."""
+        out, start = [], 0
+        for shape in self.shapes:
+            size = shape.numel()
+            out.append(buffer[:, start : start + size].view(buffer.shape[0], *shape))
+            start += size
+        return out
+
+    def select(self, keep: Tensor) -> None:
+        """Keep only models `keep` (indices), in that order: finished models stop costing compute."""
+        self.flat = self.flat[keep]
+        self.unit_mask, self.running_mean, self.running_var = (
+            self.unit_mask[keep], self.running_mean[keep], self.running_var[keep])
+        if not self.batch_norm:
+            self.bn_scale, self.bn_shift = self.bn_scale[keep], self.bn_shift[keep]
+        self._link()
 
     def forward(self, x: Tensor, row_mask: Tensor | None, drop: Tensor | None, gen: torch.Generator | None) -> Tensor:
         """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only)."""

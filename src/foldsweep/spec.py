@@ -291,6 +291,8 @@ def _read_yaml(path: Path) -> Any:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built, never run
+            raise SpecError(f"{path}:{where}: refused: {problem}; a sweep file holds plain values only") from None
         raise SpecError(f"{path}:{where}: YAML syntax error: {problem}") from None
 
 

@@ -11,6 +11,7 @@ for its lease to run out, which is what makes a rerun after `kill -9` pick up at
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import os
 import socket
 import threading
@@ -33,6 +34,7 @@ HEARTBEAT_S = 5
 GRACE_S = 30
 GRACE_ENV = "FOLDSWEEP_HEARTBEAT_GRACE_S"
 MAX_RETRIES = 3
+SCHEMA_ATTEMPTS = 5
 LEASE = "heartbeat"
 LOST = "lost"  # a trial failed by the machinery (dead worker, surplus, Ctrl-C), not by its configuration
 
@@ -80,14 +82,37 @@ def preflight(url: str, n_workers: int) -> optuna.storages.BaseStorage:
         return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
     # ask/tell with a heartbeat is what we do on purpose: the coordinator runs the stale-trial checks itself
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
-    try:
-        with warnings.catch_warnings():  # Optuna marks its heartbeat experimental; we rely on it knowingly
-            warnings.simplefilter("ignore", ExperimentalWarning)
-            return RDBStorage(url, engine_kwargs=_connect_timeout(url),
-                              heartbeat_interval=max(1, int(heartbeat_interval())), grace_period=max(1, int(grace)))
-    except Exception as err:  # the driver's error types differ per database
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise StorageError(f"storage `{redact(url)}` cannot be reached: {first}") from None
+    driver_url = _with_driver(url)
+    for attempt in range(SCHEMA_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():  # Optuna marks its heartbeat experimental; we rely on it knowingly
+                warnings.simplefilter("ignore", ExperimentalWarning)
+                return RDBStorage(driver_url, engine_kwargs=_connect_timeout(url),
+                                  heartbeat_interval=max(1, int(heartbeat_interval())),
+                                  grace_period=max(1, int(grace)))
+        except Exception as err:  # the driver's error types differ per database
+            text = str(err).strip()
+            if _creating_schema_elsewhere(text) and attempt < SCHEMA_ATTEMPTS - 1:
+                time.sleep(0.5 * (attempt + 1))
+                continue
+            first = text.splitlines()[0] if text else type(err).__name__
+            raise StorageError(f"storage `{redact(url)}` cannot be reached: {first}") from None
+    raise AssertionError("unreachable")
+
+
+def _creating_schema_elsewhere(error: str) -> bool:
+    """Workers that start together on an empty database all create Optuna's tables; all but one collide."""
+    return any(s in error.lower() for s in ("already exists", "duplicate key", "uniqueviolation"))
+
+
+def _with_driver(url: str) -> str:
+    """A plain `postgresql://` URL works with whichever driver is installed (SQLAlchemy 2.1 assumes psycopg 3)."""
+    if not url.startswith("postgresql://"):
+        return url
+    for module, scheme in (("psycopg", "postgresql+psycopg"), ("psycopg2", "postgresql+psycopg2")):
+        if importlib.util.find_spec(module) is not None:
+            return scheme + url[len("postgresql"):]
+    raise StorageError("storage `postgresql://...` needs a PostgreSQL driver: pip install 'foldsweep[postgres]'")
 
 
 def _connect_timeout(url: str) -> dict[str, object]:

@@ -62,10 +62,16 @@ def structure_key(job: FitJob) -> tuple[object, ...]:
             t.batch_size, t.preprocess, t.select_k, t.patience, t.momentum)
 
 
-def group_jobs(jobs: list[FitJob]) -> list[list[int]]:
+def group_jobs(jobs: list[FitJob], width_bands: bool = False) -> list[list[int]]:
+    """Jobs that can share one batched model. `width_bands` also splits narrow from wide models.
+
+    Narrow models padded to the widest one do its arithmetic: where arithmetic is the cost (a CPU), models
+    whose widths differ by more than 2x train apart; where launches are the cost (a GPU), fewer groups win.
+    """
     groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[structure_key(job)].append(i)
+        band = math.ceil(math.log2(job.model.width)) if width_bands else 0
+        groups[(*structure_key(job), band)].append(i)
     return list(groups.values())
 
 
@@ -74,22 +80,32 @@ StopHook = Callable[[list[int], int, np.ndarray], list[int]]
 
 def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str, *, report_every: int = 10,
              on_report: StopHook | None = None, keep_models: bool = False) -> list[FitResult]:
-    """Fit every job; `on_report(job_ids, epoch, val_metric (len, epoch))` may return jobs to stop."""
+    """Fit every job; `on_report(job_ids, epoch, val_metric (len, epoch))` may return jobs to stop.
+
+    Between reports, models that have stopped leave the batch (`retire`), so a group costs what its
+    running models cost, not what its slowest model kept it busy for.
+    """
     results: list[FitResult | None] = [None] * len(jobs)
-    for ids in group_jobs(jobs):
+    for ids in group_jobs(jobs, width_bands=X.device.type == "cpu"):
         trainer = BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models)
         while not trainer.done:
             trainer.run_epochs(report_every)
-            if on_report is not None and not trainer.done_all_reported:
+            if on_report is not None and not trainer.done:
                 local = on_report(ids, trainer.epoch, trainer.metric_curves())
                 trainer.stop([ids.index(i) for i in local])
+            trainer.retire()
         for i, result in zip(ids, trainer.results()):
             results[i] = result
     return [r for r in results if r is not None]
 
 
 class BatchTrainer:
-    """M models of one structure, trained in lockstep until each stops."""
+    """M models of one structure, trained in lockstep until each stops.
+
+    Per-model tensors have a leading model dimension over the models still in the batch (`slots` maps
+    them to job positions); `retire` drops finished models from it. `history` and the finished results
+    stay indexed by job position.
+    """
 
     def __init__(self, X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str,
                  keep_models: bool = False) -> None:
@@ -99,6 +115,8 @@ class BatchTrainer:
         first = jobs[0].train
         self.cfg = first
         self.M = M = len(jobs)
+        self.slots = torch.arange(M, device=self.device)
+        self.finished: dict[int, FitResult] = {}
         self.gen = torch.Generator(device=self.device).manual_seed(_mix_seeds(j.seed for j in jobs))
         self.np_rng = np.random.default_rng(_mix_seeds(j.seed for j in jobs))
         self.train_idx, self.train_mask, self.n_train = _pad_rows([j.train_rows for j in jobs], self.device)
@@ -110,11 +128,9 @@ class BatchTrainer:
         n_in = self.inputs.shape[-1]
         self.templates = [build_mlp(n_in, max(n_classes, 1), j.model, j.seed) for j in jobs]
         self.net = StackedMLP(self.templates, self.device)
-        self.params = self.net.params
         self.keep_models = keep_models
         # what an exported model needs from its best epoch: the weights and the batch-norm statistics
-        self.kept = [*self.params, self.net.running_mean, self.net.running_var] if keep_models else []
-        self.best_params = [t.detach().clone() for t in self.kept]
+        self.best_kept = [t.clone() for t in self._kept()]
 
         def vec(values: list[float]) -> Tensor:
             return torch.tensor(values, dtype=torch.float32, device=self.device)
@@ -127,10 +143,14 @@ class BatchTrainer:
         self.noise = vec([j.train.noise for j in jobs]).view(M, 1, 1)
         self.smoothing = vec([j.train.label_smoothing for j in jobs]).view(M, 1)
         self.mixup = np.array([j.train.mixup for j in jobs])
+        # which optional terms any model uses, decided once: no per-step test of a tensor
+        self.uses = {"l1": any(j.train.l1 > 0 for j in jobs), "dropout": any(j.model.dropout > 0 for j in jobs),
+                     "clip": any(j.train.grad_clip > 0 for j in jobs), "noise": any(j.train.noise > 0 for j in jobs),
+                     "mixup": any(j.train.mixup > 0 for j in jobs)}
         self.max_epochs = vec([j.fixed_epochs or j.train.epochs for j in jobs])
         self.select_latest = torch.tensor([j.fixed_epochs is not None for j in jobs], device=self.device)
-        self.state = [torch.zeros_like(p) for p in self.params]
-        self.state2 = [torch.zeros_like(p) for p in self.params]
+        self.flat_state = torch.zeros_like(self.net.flat)  # (M, P): momentum / Adam's first moment
+        self.flat_state2 = torch.zeros_like(self.net.flat)  # Adam's second moment
         self.steps = torch.zeros(M, device=self.device)
         self.plateau = torch.ones(M, device=self.device)
         self.plateau_bad = torch.zeros(M, device=self.device)
@@ -146,7 +166,25 @@ class BatchTrainer:
         self.history = torch.full((3, M, total), math.nan, device=self.device)  # train loss, val loss, metric
         self.epoch = 0
         self.done = False
-        self.done_all_reported = False
+
+    # every tensor with a leading model dimension over the models in the batch, for `retire`
+    PER_MODEL = ("slots", "train_idx", "train_mask", "n_train", "valid_idx", "valid_mask", "inputs", "targets",
+                 "y_shift", "y_scale", "x_valid", "y_valid", "lr", "wd", "l1", "drop", "clip", "noise", "smoothing",
+                 "mixup", "max_epochs", "select_latest", "flat_state", "flat_state2", "steps", "plateau",
+                 "plateau_bad", "active", "stopped", "best_loss", "best_epoch", "bad_epochs", "epochs_run",
+                 "diverged_at", "best_pred")
+
+    @property
+    def params(self) -> list[Tensor]:
+        return self.net.params
+
+    @property
+    def state(self) -> list[Tensor]:
+        """The first-moment (momentum) buffer as one view per parameter tensor."""
+        return self.net.views(self.flat_state)
+
+    def _kept(self) -> list[Tensor]:
+        return [self.net.flat, self.net.running_mean, self.net.running_var] if self.keep_models else []
 
     # -- the loop -------------------------------------------------------------------------------------
     def run_epochs(self, n: int) -> None:
@@ -170,29 +208,29 @@ class BatchTrainer:
         for start in range(0, self.train_idx.shape[1], bs):
             rows = rows_all[:, start : start + bs]  # (M, B)
             real = (position[start : start + bs].unsqueeze(0) < self.n_train.unsqueeze(1)).float()  # (M, B)
-            take = running & (real.sum(1) > 0)
+            n_real = real.sum(1)
             x, target = _gather_rows(self.inputs, rows), self.targets.gather(1, rows)
             data_loss = self._batch_loss(x, target, real)
-            total = data_loss + self.l1 * self.net.l1_norm()
-            finite = torch.isfinite(total)
+            finite = torch.isfinite(data_loss)
+            take = running & (n_real > 0)
             nonfinite |= take & ~finite
-            take = take & finite
-            grads = torch.autograd.grad(torch.where(take, total, 0.0).sum(), self.params)
-            self._step(grads, lr, take)
-            loss_sum += torch.where(take, data_loss.detach(), 0.0) * real.sum(1)
+            take &= finite
+            grads = torch.autograd.grad(torch.where(take, data_loss, 0.0).sum(), self.params)
+            self._step(torch.cat([g.flatten(1) for g in grads], 1), lr, take)
+            loss_sum += torch.where(take, data_loss.detach(), 0.0) * n_real
         self._end_epoch(running, loss_sum / self.n_train, nonfinite)
 
     def _batch_loss(self, x: Tensor, target: Tensor, real: Tensor) -> Tensor:
         """Mean loss over each model's real rows, shape (M,); noise and mixup on training batches only."""
-        if float(self.noise.max()) > 0:
+        if self.uses["noise"]:
             x = x + self.noise * torch.randn(x.shape, generator=self.gen, device=x.device)
         lam = None
-        if self.mixup.max() > 0:
+        if self.uses["mixup"]:
             draws = np.where(self.mixup > 0, self.np_rng.beta(np.maximum(self.mixup, 1e-3), np.maximum(self.mixup, 1e-3)), 1.0)
             lam = torch.tensor(draws, dtype=torch.float32, device=x.device).view(-1, 1)
             partner = torch.randperm(x.shape[1], generator=self.gen, device=x.device)
             x = lam.unsqueeze(-1) * x + (1 - lam.unsqueeze(-1)) * x[:, partner]
-        out = self.net.forward(x, real.unsqueeze(-1), self.drop if float(self.drop.max()) > 0 else None, self.gen)
+        out = self.net.forward(x, real.unsqueeze(-1), self.drop if self.uses["dropout"] else None, self.gen)
         rows = self._row_loss(out, target)
         if lam is not None:
             rows = lam * rows + (1 - lam) * self._row_loss(out, target[:, partner])
@@ -206,28 +244,37 @@ class BatchTrainer:
         return (1 - self.smoothing) * nll + self.smoothing * (-logp.mean(-1))
 
     @torch.no_grad()
-    def _step(self, grads: tuple[Tensor, ...], lr: Tensor, take: Tensor) -> None:
-        """AdamW (decoupled weight decay) or SGD with momentum (L2 in the gradient), per model."""
-        if float(self.clip.max()) > 0:
-            norm = torch.sqrt(sum((g.flatten(1) ** 2).sum(1) for g in grads))  # type: ignore[arg-type]
-            coef = torch.where(self.clip > 0, (self.clip / (norm + 1e-6)).clamp(max=1.0), 1.0)
-            grads = tuple(g * _per_model(coef, g) for g in grads)
-        first = self.steps == 0
+    def _step(self, grad: Tensor, lr: Tensor, take: Tensor) -> None:
+        """AdamW (decoupled weight decay) or SGD with momentum (L2 in the gradient), per model.
+
+        `grad` (M, P) is the data-loss gradient over `net.flat`; the L1 term's gradient, l1 * sign(W), is
+        added here rather than traced (it is exact: |W| has derivative sign(W), 0 at 0). Models outside
+        `take` (stopped, or no rows in this batch) are left bit for bit as they are.
+        """
+        flat, s1, mask = self.net.flat, self.flat_state, take.unsqueeze(1)  # mask (M, 1)
+        grad = torch.where(mask, grad, 0.0)  # a stopped model's gradient may be NaN: it must not reach its state
+        if self.uses["l1"]:
+            n = self.net.n_weights
+            grad[:, :n].add_(flat[:, :n].sign() * self.l1.unsqueeze(1))
+        if self.uses["clip"]:
+            norm = grad.square().sum(1, keepdim=True).sqrt()
+            clip = self.clip.unsqueeze(1)
+            grad.mul_(torch.where(clip > 0, (clip / (norm + 1e-6)).clamp(max=1.0), 1.0))
+        first = (self.steps == 0).unsqueeze(1)
         self.steps += take.float()
-        for p, g, s1, s2 in zip(self.params, grads, self.state, self.state2):
-            mask, lr_p, wd_p = _per_model(take, p), _per_model(lr, p), _per_model(self.wd, p)
-            if self.cfg.optimizer == "adamw":
-                b1, b2 = ADAM_BETAS
-                t = _per_model(self.steps.clamp(min=1), p)
-                s1.copy_(torch.where(mask, b1 * s1 + (1 - b1) * g, s1))
-                s2.copy_(torch.where(mask, b2 * s2 + (1 - b2) * g * g, s2))
-                denom = s2.sqrt() / torch.sqrt(1 - b2**t) + ADAM_EPS
-                new = p * (1 - lr_p * wd_p) - lr_p / (1 - b1**t) * s1 / denom
-            else:
-                g = g + wd_p * p
-                s1.copy_(torch.where(mask, torch.where(_per_model(first, p), g, self.cfg.momentum * s1 + g), s1))
-                new = p - lr_p * s1
-            p.copy_(torch.where(mask, new, p))
+        on, lr_m, wd_m = mask.to(flat.dtype), lr.unsqueeze(1), self.wd.unsqueeze(1)
+        if self.cfg.optimizer == "adamw":
+            b1, b2 = ADAM_BETAS
+            t = self.steps.clamp(min=1).unsqueeze(1)
+            s1.lerp_(grad, (1 - b1) * on)
+            self.flat_state2.lerp_(grad.square(), (1 - b2) * on)
+            denom = self.flat_state2.sqrt().mul_(torch.rsqrt(1 - b2**t)).add_(ADAM_EPS)
+            flat.mul_(1 - lr_m * wd_m * on)
+            flat.addcdiv_(s1 * (-lr_m / (1 - b1**t) * on), denom)
+        else:
+            grad.add_(wd_m * flat)
+            s1.copy_(torch.where(mask, torch.where(first, grad, self.cfg.momentum * s1 + grad), s1))
+            flat.sub_(lr_m * on * s1)
 
     @torch.no_grad()
     def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor) -> None:
@@ -235,14 +282,14 @@ class BatchTrainer:
         pred, val_loss = self._predict()
         metric = device_metric(self.metric, pred, self.y_valid if not self.regression else self._unscaled_valid(),
                                self.valid_mask.float())
-        self.history[:, :, self.epoch] = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)
+        self.history[:, self.slots, self.epoch] = torch.where(running, torch.stack([train_loss, val_loss, metric]),
+                                                              math.nan)
         improved = running & ((val_loss < self.best_loss) | self.select_latest)
         self.best_loss = torch.where(improved, val_loss, self.best_loss)
         self.best_epoch = torch.where(improved, self.epoch + 1, self.best_epoch)
         self.best_pred = torch.where(_per_model(improved, pred), pred, self.best_pred)
-        if self.keep_models:
-            for best, p in zip(self.best_params, self.kept):
-                best.copy_(torch.where(_per_model(improved, p), p, best))
+        for best, p in zip(self.best_kept, self._kept()):
+            best.copy_(torch.where(_per_model(improved, p), p, best))
         self.bad_epochs = torch.where(improved, 0.0, self.bad_epochs + 1)
         self._plateau(improved, running)
         diverged = running & (nonfinite | ~torch.isfinite(val_loss))
@@ -276,37 +323,65 @@ class BatchTrainer:
 
     # -- control and results --------------------------------------------------------------------------
     def stop(self, models: list[int]) -> None:
-        """Freeze models from outside (a pruned trial); they keep their best epoch so far."""
-        if models:
-            index = torch.tensor(models, device=self.device)
+        """Freeze models (job positions) from outside (a pruned trial); they keep their best epoch so far.
+
+        A model that already left the batch has finished on its own and stays as it finished.
+        """
+        live = [int(p) for p in self.slots.tolist()]
+        positions = [live.index(m) for m in models if m in live]
+        if positions:
+            index = torch.tensor(positions, device=self.device)
             self.stopped[index] = self.active[index]
             self.active[index] = False
             self.done = bool(not self.active.any().item())
+
+    def retire(self) -> None:
+        """Move the models that stopped out of the batch: their results are final, their compute is saved."""
+        active = self.active.tolist()
+        if all(active) or not any(active):
+            return
+        leaving = [m for m, on in enumerate(active) if not on]
+        for m, result in zip(leaving, self._results_of(leaving)):
+            self.finished[int(self.slots[m])] = result
+        keep = torch.tensor([m for m, on in enumerate(active) if on], device=self.device)
+        for name in self.PER_MODEL:
+            setattr(self, name, getattr(self, name)[keep.cpu().numpy() if name == "mixup" else keep])
+        self.net.select(keep)
+        self.best_kept = [t[keep] for t in self.best_kept]
+        self.M = len(keep)
 
     def metric_curves(self) -> np.ndarray:
         return self.history[2, :, : self.epoch].cpu().numpy()
 
     def results(self) -> list[FitResult]:
+        """Results by job position: those that left the batch early, then the rest from the batch."""
+        live = self._results_of(list(range(self.M)))
+        for m, result in zip(self.slots.tolist(), live):
+            self.finished[int(m)] = result
+        return [self.finished[i] for i in range(len(self.jobs))]
+
+    def _results_of(self, models: list[int]) -> list[FitResult]:
+        """FitResults of batch positions `models`, with their best epoch's predictions (and weights)."""
         history = self.history.cpu().numpy()
         epochs_run = self.epochs_run.long().cpu().tolist()
         best_epoch = self.best_epoch.long().cpu().tolist()
         diverged = self.diverged_at.long().cpu().tolist()
         stopped = self.stopped.cpu().tolist()
         pred = self.best_pred.cpu().numpy()
-        n_valid = [len(j.valid_rows) for j in self.jobs]
         y_shift, y_scale = self.y_shift[:, 0].cpu().tolist(), self.y_scale[:, 0].cpu().tolist()
-        if self.keep_models:
-            for p, best in zip(self.kept, self.best_params):
-                p.data.copy_(best)
+        if self.keep_models:  # the best epoch's weights back into the batch, so `export` reads them
+            for p, best in zip(self._kept(), self.best_kept):
+                p.copy_(best)
         out = []
-        for m in range(self.M):
+        for m in models:
+            job = int(self.slots[m])
             n = epochs_run[m]
             out.append(FitResult(
-                train_loss=history[0, m, :n], val_loss=history[1, m, :n], val_metric=history[2, m, :n],
-                best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[m, : n_valid[m]],
+                train_loss=history[0, job, :n], val_loss=history[1, job, :n], val_metric=history[2, job, :n],
+                best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[m, : len(self.jobs[job].valid_rows)],
                 diverged_at=diverged[m] or None, stopped=bool(stopped[m]),
-                model=self.net.export(m, self.templates[m]) if self.keep_models else None,
-                preprocess={k: v[m] for k, v in self.preprocess.items()},
+                model=self.net.export(m, self.templates[job]) if self.keep_models else None,
+                preprocess={k: v[job] for k, v in self.preprocess.items()},
                 y_shift=y_shift[m], y_scale=y_scale[m]))
         return out
 

@@ -14,6 +14,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,7 @@ from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
 PARENT_ENV = "FOLDSWEEP_COORDINATOR_PID"
+HELPER_WAIT_S = 600  # helpers start before the coordinator has opened MLflow and created the studies
 
 
 def resolve_devices(spec: SweepSpec) -> list[str]:
@@ -80,20 +82,34 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
     url = storage or spec.storage or default_storage(spec.name)
     optuna_storage = preflight(url, len(slots))
     record, plan, resumed = create_or_resume(spec, data, url)
-    tracker = make_tracker(spec.tracking, spec.name)
-    sweep = _open(spec, data, plan, optuna_storage, tracker, slots[0])
-    ids = _open_runs(sweep, record, tracker, devices, resumed)
-    if progress is not None:
-        progress("start", {"sweep": spec.name, "resumed": resumed, "workers": slots, "storage": url,
-                           "notes": plan.notes, "n_trials": spec.optuna.n_trials, "studies": len(sweep.studies)})
-    spec_file = record.folder / "spec.yaml"
-    helpers = Helpers(spec_file, url, slots, record.folder)
-    heartbeat = Heartbeat(optuna_storage)
-    sweep.heartbeat = heartbeat
+    helpers = Helpers(record.folder / "spec.yaml", url, slots, record.folder)  # they start up while MLflow opens
     try:
-        _set_threads(slots)
+        tracker = make_tracker(spec.tracking, spec.name)
+        sweep = _open(spec, data, plan, optuna_storage, tracker, slots[0])
+        ids = _open_runs(sweep, record, tracker, devices, resumed)
+    except BaseException:
+        helpers.interrupt()
+        helpers.stop()
+        raise
+    if progress is not None:
+        progress("start", {"sweep": spec.name, "resumed": resumed, "workers": slots, "storage": redact(url),
+                           "notes": plan.notes, "n_trials": spec.optuna.n_trials, "studies": len(sweep.studies)})
+    summary = _coordinate(sweep, record, tracker, ids, helpers, progress)
+    fits = sum(len(ref.folds) * len(ref.study.get_trials(deepcopy=False)) for ref in sweep.studies)
+    return summary | {"mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
+                                 "run_id": ids.get("sweep", "")},
+                      "storage": url, "fold_fits": fits + len(plan.outer), "wall_s": round(time.time() - started, 2),
+                      "resumed": resumed, "workers": len(slots), "devices": devices}
+
+
+def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str], helpers: Helpers,
+                progress: Progress | None) -> dict[str, Any]:
+    """Work as worker-0 beside the helpers, then refit and summarise; the MLflow runs are closed on any exit."""
+    sweep.heartbeat = Heartbeat(sweep.studies[0].study._storage)
+    try:
+        _set_threads(len(helpers.procs) + 1, sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
-        summary = _finish(sweep, record, tracker, ids)
+        return _finish(sweep, record, tracker, ids)
     except BaseException as err:
         helpers.interrupt()
         status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
@@ -101,15 +117,10 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
             tracker.finish(run_id, status)
         raise
     finally:
-        heartbeat.close()
+        sweep.heartbeat.close()
         for failed in helpers.stop():
             if progress is not None:
                 progress("worker_failed", failed)
-    fits = sum(len(ref.folds) * len(ref.study.get_trials(deepcopy=False)) for ref in sweep.studies)
-    return summary | {"mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
-                                 "run_id": ids.get("sweep", "")},
-                      "storage": url, "fold_fits": fits + len(plan.outer), "wall_s": round(time.time() - started, 2),
-                      "resumed": resumed, "workers": len(slots), "devices": devices}
 
 
 def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, device: str | None = None,
@@ -121,7 +132,8 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     data = load_dataset(spec.data, base_dir)
     plan = make_plan(data, spec.split)
     optuna_storage = preflight(storage, 2)
-    _wait_for_sweep(optuna_storage, spec.name, storage, wait_s)
+    follow = _follow_coordinator()
+    _wait_for_sweep(optuna_storage, spec.name, storage, wait_s, follow)
     name = name or f"{platform.node()}-{os.getpid()}"
     device = device or resolve_devices(spec)[0]
     sweep = _open(spec, data, plan, optuna_storage, make_tracker(spec.tracking, spec.name), device)
@@ -130,14 +142,16 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     if threads:
         torch.set_num_threads(threads)
     try:
-        return work(sweep, name, maintain=_follow_coordinator())
+        return work(sweep, name, maintain=follow)
     finally:
         sweep.heartbeat.close()
 
 
-def _wait_for_sweep(storage: optuna.storages.BaseStorage, name: str, url: str, wait_s: float) -> None:
+def _wait_for_sweep(storage: optuna.storages.BaseStorage, name: str, url: str, wait_s: float,
+                    follow: Callable[[], None]) -> None:
     deadline = time.time() + wait_s
     while f"{name}/final" not in optuna.get_all_study_names(storage):
+        follow()
         if time.time() >= deadline:
             waited = f" after waiting {wait_s:.0f}s" if wait_s else ""
             raise FoldsweepError(f"no sweep `{name}` in storage `{redact(url)}`{waited}; start it with "
@@ -252,7 +266,7 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
     return summary
 
 
-def _follow_coordinator() -> Any:
+def _follow_coordinator() -> Callable[[], None]:
     """A local helper stops taking trials once the coordinator that started it is gone.
 
     Without it, helpers orphaned by a killed coordinator would wait forever for the warm start of
@@ -276,20 +290,23 @@ class Helpers:
         self.procs = [self._start(spec_file, storage, device, n, log)
                       for n, (device, log) in enumerate(zip(slots[1:], self.logs), start=1)]
         self.reported: set[int] = set()
+        self.interrupted = False
 
     @staticmethod
     def _start(spec_file: Path, storage: str, device: str, n: int, log: Path) -> subprocess.Popen[bytes]:
         env = dict(os.environ) | {PARENT_ENV: str(os.getpid())}
         if device.startswith("cuda:"):
             env["CUDA_VISIBLE_DEVICES"] = device[5:]  # before the child imports torch
-        cmd = [sys.executable, "-m", "foldsweep", "worker", str(spec_file), "--storage", storage,
-               "--device", device, "--name", f"worker-{n}", "--threads", "1", "--quiet"]
+        cmd = [sys.executable, "-m", "foldsweep", "worker", str(spec_file), "--storage", storage, "--device", device,
+               "--name", f"worker-{n}", "--threads", "1", "--wait", str(HELPER_WAIT_S), "--quiet"]
         with open(log, "ab") as out:
             return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
     def failures(self) -> list[dict[str, Any]]:
         """Helpers that exited with an error since the last call (the sweep goes on without them)."""
-        found = []
+        found: list[dict[str, Any]] = []
+        if self.interrupted:  # they were told to stop; how they stopped is no news
+            return found
         for n, proc in enumerate(self.procs, start=1):
             code = proc.poll()
             if code not in (None, 0, 130) and n not in self.reported:
@@ -299,6 +316,7 @@ class Helpers:
 
     def interrupt(self) -> None:
         """Ctrl-C on a terminal reaches the helpers too; a signal to the coordinator alone must as well."""
+        self.interrupted = True
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)
@@ -314,7 +332,7 @@ class Helpers:
         return self.failures()
 
 
-def _set_threads(slots: list[str]) -> None:
+def _set_threads(n_workers: int, device: torch.device) -> None:
     """CPU workers share the cores: one torch thread each when there are several."""
-    if slots[0] == "cpu":
-        torch.set_num_threads(1 if len(slots) > 1 else max(1, os.cpu_count() or 1))
+    if device.type == "cpu":
+        torch.set_num_threads(1 if n_workers > 1 else max(1, os.cpu_count() or 1))

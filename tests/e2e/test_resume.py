@@ -1,0 +1,114 @@
+"""Resume: a sweep killed with SIGKILL or stopped with Ctrl-C continues where it was; --fresh starts beside it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+from sweep_procs import finish, finished, start, states, trials, wait_for
+
+from foldsweep.cli import cli
+
+# Two worker processes, one trial (two inner folds) per round: a few seconds in, trials are mid-flight.
+BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},
+        "train": {"epochs": 30, "patience": 30, "batch_size": 32},
+        "optuna": {"n_trials": 4, "trials_per_batch": 1, "n_startup_trials": 2, "report_every": 5}}
+EXACT = {"outer-0": 4, "outer-1": 4, "final": 4}
+
+
+def _progress(journal: Path, at_least: int) -> bool:
+    """True once `at_least` trials finished and one is running: the moment to pull the plug."""
+    if not journal.exists():
+        return False
+    found = trials(str(journal), "tiny")
+    done = sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for ts in found.values() for t in ts)
+    running = any(t.state == TrialState.RUNNING for ts in found.values() for t in ts)
+    return done >= at_least and running
+
+
+def _refit_history(summary: dict) -> dict[str, list[float]]:
+    """Every outer_test_score ever logged per outer study run: one value per refit."""
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.`foldsweep.study` LIKE 'outer-%'")
+    return {r.data.tags["foldsweep.study"]: [m.value for m in client.get_metric_history(r.info.run_id,
+                                                                                      "outer_test_score")]
+            for r in runs}
+
+
+@pytest.mark.slow  # ~60 s: three sweep processes start up, one is killed, the sweep is run twice more
+def test_a_sweep_killed_with_sigkill_resumes_to_exactly_n_trials_without_refitting_twice(write_spec,
+                                                                                         workdir: Path) -> None:
+    spec = write_spec(**BUSY)
+    journal = workdir / "mlruns" / "optuna" / "tiny.journal"
+    first = start("run", str(spec), cwd=workdir)
+    wait_for(lambda: _progress(journal, at_least=2), first)
+    os.killpg(first.pid, signal.SIGKILL)  # the coordinator and its worker
+    first.wait()
+    left = [t.number for ts in trials(str(journal), "tiny").values() for t in ts if t.state == TrialState.RUNNING]
+    assert left, "the kill should leave trials RUNNING"
+
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["resumed"] is True
+    after = trials(str(journal), "tiny")
+    assert {key: finished(c) for key, c in states(str(journal), "tiny").items()} == EXACT
+    assert all(t.state not in (TrialState.RUNNING, TrialState.WAITING) for ts in after.values() for t in ts)
+    dead = [t for ts in after.values() for t in ts if "died while running it" in t.user_attrs.get("reason", "")]
+    assert dead and all(t.state == TrialState.FAIL and t.user_attrs["lost"] for t in dead)
+
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]])
+    assert [r.info.run_name for r in runs if r.info.status == "RUNNING"] == []
+    assert client.get_run(summary["mlflow"]["run_id"]).info.status == "FINISHED"  # the reopened sweep run
+    assert _refit_history(summary) == {key: [score] for key, score in
+                                       zip(("outer-0", "outer-1"), summary["nested"]["outer"])}
+
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))  # a finished sweep: nothing to redo
+    assert code == 0, err
+    again = json.loads(out.strip().splitlines()[-1])
+    assert again["nested"] == summary["nested"]
+    assert _refit_history(again) == _refit_history(summary)  # still one refit per outer fold
+    assert {key: finished(c) for key, c in states(str(journal), "tiny").items()} == EXACT
+
+
+@pytest.mark.slow  # ~45 s: a two-worker sweep is interrupted and run again
+def test_ctrl_c_exits_130_tells_how_to_resume_and_the_rerun_finishes(write_spec, workdir: Path) -> None:
+    spec = write_spec(**BUSY)
+    journal = workdir / "mlruns" / "optuna" / "tiny.journal"
+    first = start("run", str(spec), cwd=workdir)
+    wait_for(lambda: _progress(journal, at_least=1), first)
+    os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C on a terminal does: the whole foreground group
+    code, _, err = finish(first, timeout=120)
+    assert code == 130, err
+    assert f"interrupted: finished trials are kept; resume with: foldsweep run {spec}" in err
+    assert "Traceback" not in err
+    found = trials(str(journal), "tiny")
+    assert all(t.state != TrialState.RUNNING for ts in found.values() for t in ts)  # told, not left hanging
+    stopped = [t for ts in found.values() for t in ts if t.user_attrs.get("reason", "").startswith("interrupted")]
+    assert stopped and all(t.state == TrialState.FAIL and t.user_attrs["lost"] for t in stopped)
+
+    code, _, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    assert {key: finished(c) for key, c in states(str(journal), "tiny").items()} == EXACT
+
+
+def test_fresh_starts_a_new_sweep_beside_the_old_one(write_spec, workdir: Path) -> None:
+    spec = write_spec()
+    assert CliRunner().invoke(cli, ["run", str(spec), "--json"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["run", str(spec), "--fresh", "--json"])
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["sweep"] == "tiny-2" and summary["resumed"] is False
+    assert summary["storage"].endswith("tiny-2.journal")
+    sweeps = workdir / "mlruns" / "sweeps"
+    assert sorted(p.name for p in sweeps.iterdir()) == ["tiny", "tiny-2"]  # the first one is untouched
+    status = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)
+    assert [(s["sweep"], [row["finished"] for row in s["studies"]]) for s in status] == [("tiny", [2, 2, 2]),
+                                                                                         ("tiny-2", [2, 2, 2])]

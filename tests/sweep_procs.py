@@ -1,0 +1,68 @@
+"""Helpers for tests that run `foldsweep` as real processes (to kill them, interrupt them, run several)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from foldsweep.storage import preflight
+
+STUDIES = ("outer-0", "outer-1", "final")
+LOCK_WORDS = ("database is locked", "lock file", "could not obtain lock", "deadlock")
+
+
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`foldsweep ARGS` in its own process group (so a test can signal it and its helpers together)."""
+    return subprocess.Popen([sys.executable, "-m", "foldsweep", *args], cwd=cwd, env={**os.environ, **(env or {})},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def finish(proc: subprocess.Popen[str], timeout: float = 300) -> tuple[int, str, str]:
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+def trials(storage: str, sweep: str) -> dict[str, list[optuna.trial.FrozenTrial]]:
+    """Every trial of every study of the sweep, read straight from its Optuna storage."""
+    opened = preflight(storage, 1)
+    names = set(optuna.get_all_study_names(opened))
+    return {key: optuna.load_study(study_name=f"{sweep}/{key}", storage=opened).get_trials(deepcopy=False)
+            if f"{sweep}/{key}" in names else [] for key in STUDIES}
+
+
+def states(storage: str, sweep: str) -> dict[str, Counter[str]]:
+    return {key: Counter(t.state.name for t in found) for key, found in trials(storage, sweep).items()}
+
+
+def finished(counts: Counter[str]) -> int:
+    return counts[TrialState.COMPLETE.name] + counts[TrialState.PRUNED.name]
+
+
+def wait_for(condition: Callable[[], bool], proc: subprocess.Popen[str], timeout: float = 180) -> None:
+    """Poll until `condition` holds; fail early (with the process's stderr) if the process ends first."""
+    deadline = time.time() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            raise AssertionError(f"process ended ({proc.returncode}) before the condition held: "
+                                 f"{proc.stderr.read() if proc.stderr else ''}")
+        if time.time() > deadline:
+            raise AssertionError(f"condition not reached within {timeout}s")
+        time.sleep(0.2)
+
+
+def worker_names(storage: str, sweep: str) -> Counter[str]:
+    """How many finished trials each worker ran (the `worker` attribute a worker stamps on what it asks)."""
+    return Counter((t.user_attrs.get("worker") or {}).get("name", "?") for found in trials(storage, sweep).values()
+                   for t in found if t.state in (TrialState.COMPLETE, TrialState.PRUNED))
+
+
+def lock_errors(*texts: str) -> list[str]:
+    return [line for text in texts for line in text.splitlines() if any(w in line.lower() for w in LOCK_WORDS)]
