@@ -6,6 +6,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -13,7 +14,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from sweep_procs import finish, finished, lock_errors, start, states, worker_names
+from optuna.trial import TrialState
+from sweep_procs import finish, finished, lock_errors, start, states, trials, wait_for, worker_names
 
 from foldsweep.errors import DeviceError
 from foldsweep.spec import load_spec
@@ -60,6 +62,32 @@ def test_two_cpu_workers_finish_each_study_at_exactly_n_trials_without_lock_erro
     assert set(worker_names(journal, "tiny")) == {"worker-0", "worker-1"}  # both processes ran trials
     assert lock_errors(err, logs) == []
     assert "Traceback" not in err + logs
+
+
+@pytest.mark.slow  # ~45 s: a two-worker sweep in which one worker is killed
+def test_a_worker_killed_mid_sweep_has_its_trials_failed_and_retried_while_the_sweep_goes_on(write_spec,
+                                                                                            workdir: Path) -> None:
+    spec = write_spec(**BUSY)
+    journal = str(workdir / "mlruns" / "optuna" / "tiny.journal")
+    coordinator = start("run", str(spec), "--json", cwd=workdir)
+
+    def held_by_worker_1() -> list[int]:
+        if not Path(journal).exists():
+            return []
+        return [t.user_attrs["worker"]["pid"] for ts in trials(journal, "tiny").values() for t in ts
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", {}).get("name") == "worker-1"]
+
+    wait_for(lambda: bool(held_by_worker_1()), coordinator)
+    os.kill(held_by_worker_1()[0], signal.SIGKILL)
+    code, out, err = finish(coordinator)
+    assert code == 0, err
+    assert {key: finished(c) for key, c in states(journal, "tiny").items()} == {"outer-0": 8, "outer-1": 8, "final": 8}
+    found = trials(journal, "tiny")
+    dead = {(key, t.number) for key, ts in found.items() for t in ts
+            if t.user_attrs.get("reason", "").startswith("worker worker-1 (pid") and t.state == TrialState.FAIL
+            and t.user_attrs["lost"]}
+    retried = {(key, t.user_attrs.get("retry_of")) for key, ts in found.items() for t in ts if t.state.is_finished()}
+    assert dead and dead <= retried  # each dead trial's configuration was run again
 
 
 # -- a real PostgreSQL, started by the test --------------------------------------------------------------

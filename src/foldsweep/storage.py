@@ -218,13 +218,16 @@ def fail_stale_trials(study: optuna.Study, grace_s: float | None = None) -> list
     """
     storage = study._storage
     grace = grace_s if grace_s is not None else grace_period()
-    expired = set(storage._get_stale_trial_ids(study._study_id)) if isinstance(storage, RDBStorage) else set()
+    expired: set[int] = set()
+    if isinstance(storage, RDBStorage):
+        expired = set(storage._get_stale_trial_ids(study._study_id))
+        grace = storage.grace_period or grace
     failed: list[int] = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = _why_dead(trial, now, None if isinstance(storage, RDBStorage) else grace)
         if not reason and trial._trial_id in expired:
-            reason = _no_heartbeat(trial, storage.grace_period or grace)
+            reason = _no_heartbeat(trial, grace)
         if reason and _fail_and_retry(study, trial, reason):
             failed.append(trial.number)
     return failed

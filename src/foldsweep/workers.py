@@ -142,9 +142,23 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     if threads:
         torch.set_num_threads(threads)
     try:
-        return work(sweep, name, maintain=follow)
+        return work(sweep, name, maintain=_worker_chores(sweep, follow))
     finally:
         sweep.heartbeat.close()
+
+
+def _worker_chores(sweep: Sweep, follow: Callable[[], None]) -> Callable[[], None]:
+    """Every worker also fails trials of dead workers, so a sweep whose coordinator died still recovers them."""
+    last = [time.time()]
+
+    def maintain() -> None:
+        follow()
+        if time.time() - last[0] >= STALE_CHECK_S:
+            last[0] = time.time()
+            for ref in sweep.studies:
+                fail_stale_trials(ref.study)
+
+    return maintain
 
 
 def _wait_for_sweep(storage: optuna.storages.BaseStorage, name: str, url: str, wait_s: float,

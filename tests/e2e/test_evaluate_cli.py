@@ -1,7 +1,7 @@
 """Honest evaluation through the CLI, on one finished CSV sweep with planted duplicate rows.
 
-The sweep, its export and a `fit` run once per module (about 25 s); each test works in that folder.
-Only the look test writes to or reads the ledger, and the edit test puts the CSV back.
+The sweep, its export and a `fit` run once per module (25-35 s on 2 cores, the cost of all five tests);
+each test works in that folder. Only the look test touches the ledger; the edit test puts the CSV back.
 """
 
 from __future__ import annotations
