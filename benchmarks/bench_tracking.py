@@ -3,7 +3,10 @@
 Each run starts in a fresh folder (own Optuna journal, own MLflow store), so the "on" runs pay for
 everything a user pays for: creating the store, one run per study and per trial with its curves, the
 artifacts and plots, and the system-metrics thread. The modes alternate (off, on, off, on, ...) so
-that a change in machine load hits both alike; the medians are compared.
+that a change in machine load hits both alike; the medians are compared. On a busy machine the wall
+difference drowns in noise, so the "on" runs also clock the time spent inside tracking itself (every
+tracker call, and the report with its plots, which only runs for MLflow), with one worker so that all
+of it happens in this process.
 
     python benchmarks/bench_tracking.py                 # quickstart: 3 outer x 3 inner, 10 trials per study
     python benchmarks/bench_tracking.py --trials 4 --repeats 1
@@ -12,19 +15,60 @@ that a change in machine load hits both alike; the medians are compared.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import statistics
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import chdir
 from pathlib import Path
+from typing import Any
 
 import optuna
 
+from foldsweep import report
 from foldsweep.spec import load_spec
+from foldsweep.tracking import MlflowTracker
 from foldsweep.workers import run_sweep
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
+TRACKER_CALLS = ("__init__", "sweep_run", "study_run", "log_trial", "log_values", "log_files", "metric_histories",
+                 "finish", "fail_running")
+
+
+class Stopwatch:
+    """Seconds spent inside the wrapped functions, outermost call only (the report calls the tracker)."""
+
+    def __init__(self) -> None:
+        self.by_call: dict[str, float] = {}
+        self.depth = 0
+
+    @property
+    def seconds(self) -> float:
+        return sum(self.by_call.values())
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(fn)
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self.depth += 1
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.depth -= 1
+                if self.depth == 0:
+                    self.by_call[fn.__name__] = self.by_call.get(fn.__name__, 0.0) + time.perf_counter() - started
+
+        return timed
+
+
+def clock_tracking() -> Stopwatch:
+    watch = Stopwatch()
+    for name in TRACKER_CALLS:
+        setattr(MlflowTracker, name, watch.wrap(getattr(MlflowTracker, name)))
+    report.log_sweep_artifacts = watch.wrap(report.log_sweep_artifacts)  # looked up at call time by workers
+    return watch
 
 
 def timed_sweep(tracking: bool, trials: int, workers: int) -> tuple[float, int]:
@@ -48,18 +92,29 @@ def main() -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     logging.getLogger("mlflow").setLevel(logging.WARNING)
 
+    watch = clock_tracking()
     walls: dict[bool, list[float]] = {False: [], True: []}
+    inside: list[float] = []
     n_trials = 0
     for repeat in range(args.repeats):
         for tracking in (False, True):
+            before = watch.seconds
             wall, n_trials = timed_sweep(tracking, args.trials, args.workers)
             walls[tracking].append(wall)
-            print(f"run {repeat + 1}, tracking {'on ' if tracking else 'off'}: {wall:6.2f} s", flush=True)
+            spent = f", {watch.seconds - before:.2f} s of it inside tracking" if tracking else ""
+            print(f"run {repeat + 1}, tracking {'on ' if tracking else 'off'}: {wall:6.2f} s{spent}", flush=True)
+            if tracking:
+                inside.append(watch.seconds - before)
     off, on = statistics.median(walls[False]), statistics.median(walls[True])
     print(f"quickstart, {n_trials} trials, {args.workers} worker(s), median of {args.repeats}: "
           f"tracking off {off:.2f} s, on {on:.2f} s")
-    print(f"tracking overhead: {on - off:+.2f} s = {(on / off - 1) * 100:+.1f}% of the sweep "
+    print(f"tracking overhead by wall time: {on - off:+.2f} s = {(on / off - 1) * 100:+.1f}% of the sweep "
           f"({(on - off) / n_trials * 1000:+.0f} ms per trial)")
+    spent = statistics.median(inside)
+    print(f"time inside tracking calls: {spent:.2f} s = {spent / off * 100:.1f}% of the untracked sweep "
+          f"({spent / n_trials * 1000:.0f} ms per trial)")
+    print("by call, all runs: " + ", ".join(f"{name} {seconds:.2f} s" for name, seconds in
+                                            sorted(watch.by_call.items(), key=lambda kv: -kv[1])))
 
 
 if __name__ == "__main__":

@@ -62,16 +62,10 @@ def structure_key(job: FitJob) -> tuple[object, ...]:
             t.batch_size, t.preprocess, t.select_k, t.patience, t.momentum)
 
 
-def group_jobs(jobs: list[FitJob], width_bands: bool = False) -> list[list[int]]:
-    """Jobs that can share one batched model. `width_bands` also splits narrow from wide models.
-
-    Narrow models padded to the widest one do its arithmetic: where arithmetic is the cost (a CPU), models
-    whose widths differ by more than 2x train apart; where launches are the cost (a GPU), fewer groups win.
-    """
+def group_jobs(jobs: list[FitJob]) -> list[list[int]]:
     groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        band = math.ceil(math.log2(job.model.width)) if width_bands else 0
-        groups[(*structure_key(job), band)].append(i)
+        groups[structure_key(job)].append(i)
     return list(groups.values())
 
 
@@ -86,11 +80,11 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
     running models cost, not what its slowest model kept it busy for.
     """
     results: list[FitResult | None] = [None] * len(jobs)
-    for ids in group_jobs(jobs, width_bands=X.device.type == "cpu"):
+    for ids in group_jobs(jobs):
         trainer = BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models)
         while not trainer.done:
             trainer.run_epochs(report_every)
-            if on_report is not None and not trainer.done:
+            if on_report is not None:
                 local = on_report(ids, trainer.epoch, trainer.metric_curves())
                 trainer.stop([ids.index(i) for i in local])
             trainer.retire()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import pytest
@@ -43,8 +44,12 @@ def test_each_example_is_documented_and_validates_as_shipped(path: Path, workdir
 
 @pytest.mark.parametrize("path", SWEEPS, ids=[p.stem for p in SWEEPS])
 def test_each_example_runs_on_a_tiny_budget(path: Path, workdir: Path) -> None:
-    result = CliRunner().invoke(cli, ["run", str(path), "--json", *_sets(TINY_BUDGET)])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = CliRunner().invoke(cli, ["run", str(path), "--json", *_sets(TINY_BUDGET)])
     assert result.exit_code == 0, result.stderr
+    ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in caught if "/foldsweep/" in w.filename]
+    assert not ours  # a warning raised at our line would land on the user's terminal
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     spec = load_spec(path)
     assert summary["sweep"] == spec.name
