@@ -135,7 +135,7 @@ def test_an_unreachable_postgresql_fails_fast_with_a_clear_message(write_spec) -
     result = CliRunner().invoke(cli, ["run", str(spec), "--storage", url])
     assert result.exit_code == 2
     assert time.time() - started < 10
-    assert f"storage `postgresql://***@127.0.0.1:{url.rsplit(':', 1)[1]}` cannot be reached" in result.stderr
+    assert f"storage `postgresql://sweeper:***@127.0.0.1:{url.rsplit(':', 1)[1]}` cannot be reached" in result.stderr
     assert "secret" not in result.stderr
 
 

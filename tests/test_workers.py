@@ -23,7 +23,7 @@ from foldsweep.workers import resolve_devices, worker_slots
 
 # Long enough that a worker starting a few seconds after the coordinator still finds trials to take.
 BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},  # one trial (2 folds) a round
-        "train": {"epochs": 30, "patience": 30, "batch_size": 32},
+        "train": {"epochs": 150, "patience": 150, "batch_size": 32},
         "optuna": {"n_trials": 8, "trials_per_batch": 1, "n_startup_trials": 2, "report_every": 5}}
 
 
@@ -49,7 +49,7 @@ def test_a_worker_without_a_running_sweep_says_how_to_start_one(write_spec, work
     assert "foldsweep run SPEC --storage URL" in err
 
 
-@pytest.mark.slow  # ~40 s on 2 busy cores: two processes must both start up and share the work
+@pytest.mark.slow  # ~30 s on 2 cores: two processes must both start up and share the work
 def test_two_cpu_workers_finish_each_study_at_exactly_n_trials_without_lock_errors(write_spec, workdir: Path) -> None:
     spec = write_spec(**BUSY)
     code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
@@ -64,7 +64,7 @@ def test_two_cpu_workers_finish_each_study_at_exactly_n_trials_without_lock_erro
     assert "Traceback" not in err + logs
 
 
-@pytest.mark.slow  # ~45 s: a two-worker sweep in which one worker is killed
+@pytest.mark.slow  # ~35 s: a two-worker sweep in which one worker is killed
 def test_a_worker_killed_mid_sweep_has_its_trials_failed_and_retried_while_the_sweep_goes_on(write_spec,
                                                                                             workdir: Path) -> None:
     spec = write_spec(**BUSY)
@@ -131,7 +131,7 @@ def postgres() -> Iterator[str]:
         shutil.rmtree(root, ignore_errors=True)
 
 
-@pytest.mark.slow  # ~60 s: a database server and three foldsweep processes start up on 2 cores
+@pytest.mark.slow  # ~35 s: a database server and three foldsweep processes start up on 2 cores
 def test_a_coordinator_and_two_workers_share_one_sweep_over_postgresql(postgres: str, write_spec,
                                                                        workdir: Path) -> None:
     spec = write_spec(**{**BUSY, "resources": {**BUSY["resources"], "workers": 1}})

@@ -150,7 +150,7 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
 def status(sweep: str | None, as_json: bool) -> None:
     """Per study: finished / n_trials, running, failed, best value (all sweeps without SWEEP)."""
     from foldsweep.record import home
-    from foldsweep.storage import backend
+    from foldsweep.storage import backend, redact
     from foldsweep.sweep import study_status
     from foldsweep.workers import holders, open_existing
 
@@ -158,7 +158,8 @@ def status(sweep: str | None, as_json: bool) -> None:
     report = []
     for name in names:
         record, refs = open_existing(name)
-        report.append({"sweep": name, "storage": record.meta["storage"], "backend": backend(record.meta["storage"]),
+        url = record.meta["storage"]
+        report.append({"sweep": name, "storage": redact(url), "backend": backend(url),
                        "studies": study_status(refs, record.spec.optuna.n_trials), "workers": holders(refs),
                        "nested": record.meta.get("summary", {}).get("nested")})
     if as_json:

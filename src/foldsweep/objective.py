@@ -75,6 +75,7 @@ class Pruning:
         self.owners = owners  # job index -> index into `trials`
         self.enabled = enabled
         self.reported: dict[int, int] = {}
+        self.pruned: set[int] = set()  # reported no more: a later report would claim epochs it never trained
 
     def __call__(self, job_ids: list[int], epoch: int, curves: np.ndarray) -> list[int]:
         if not self.enabled:
@@ -85,12 +86,13 @@ class Pruning:
         stop: list[int] = []
         for t, rows in by_trial.items():
             value = _last_fold_mean(curves[rows])
-            if value is None or self.reported.get(t, -1) >= epoch:  # a retried trial repeats its epochs
+            if value is None or t in self.pruned or self.reported.get(t, -1) >= epoch:  # a retry repeats epochs
                 continue
             trial = self.trials[t]
             trial.report(value, epoch)
             self.reported[t] = epoch
             if trial.should_prune():
+                self.pruned.add(t)
                 stop.extend(job_ids[r] for r in rows)
         return stop
 

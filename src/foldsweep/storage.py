@@ -124,11 +124,12 @@ def _connect_timeout(url: str) -> dict[str, object]:
 
 
 def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    if "@" in url and "://" in url:
-        scheme, rest = url.split("://", 1)
-        return f"{scheme}://***@{rest.split('@', 1)[1]}"
-    return url
+    """The URL with its password masked, for messages, MLflow tags and printed summaries."""
+    if "://" not in url or "@" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    userinfo, host = rest.rsplit("@", 1)
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}" if ":" in userinfo else url
 
 
 class FlockLock(BaseJournalFileLock):

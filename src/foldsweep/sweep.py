@@ -158,12 +158,12 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
         want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
         for _ in range(max(0, want)):
             trial = ref.study.ask(distributions)
+            trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})  # first: who
             if sweep.heartbeat is not None:
                 sweep.heartbeat.add(trial._trial_id)
             if _surplus(ref, trial, sweep.n_trials):
                 ref.study.tell(trial, state=TrialState.FAIL)
                 break
-            trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
             asked.append((ref, trial))
     return asked
 
@@ -181,6 +181,7 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
         fold_jobs = trial_jobs(config, ref.folds, (ref.key, trial.number))
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
+        sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
     hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
     members = [[i for i, o in enumerate(owners) if o == t] for t in range(len(asked))]
     outcomes = _fit_trials(sweep, asked, jobs, members, hook)
@@ -287,8 +288,11 @@ def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: T
             "foldsweep.device": str(sweep.device), "foldsweep.worker": worker,
             **{f"searched.{k}": str(v) for k, v in trial.params.items()}}
     status = {"complete": "FINISHED", "pruned": "KILLED"}.get(result.state, "FAILED")
-    return sweep.tracker.log_trial(parent, f"{ref.key}/trial-{trial.number}", params, metrics, curves, tags,
-                                   status, started)
+    return sweep.tracker.log_trial(parent, _run_name(ref, trial), params, metrics, curves, tags, status, started)
+
+
+def _run_name(ref: StudyRef, trial: optuna.trial.Trial) -> str:
+    return f"{ref.key}/trial-{trial.number}"
 
 
 # -- warm start, refits, summary --------------------------------------------------------------------------

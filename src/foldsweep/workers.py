@@ -98,8 +98,9 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
     fits = sum(len(ref.folds) * len(ref.study.get_trials(deepcopy=False)) for ref in sweep.studies)
     return summary | {"mlflow": {"tracking_uri": tracker.tracking_uri, "experiment_id": tracker.experiment_id,
                                  "run_id": ids.get("sweep", "")},
-                      "storage": url, "fold_fits": fits + len(plan.outer), "wall_s": round(time.time() - started, 2),
-                      "resumed": resumed, "workers": len(slots), "devices": devices}
+                      "storage": redact(url), "fold_fits": fits + len(plan.outer),
+                      "wall_s": round(time.time() - started, 2), "resumed": resumed, "workers": len(slots),
+                      "devices": devices}
 
 
 def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str], helpers: Helpers,
@@ -144,9 +145,14 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     else:
         _set_threads(sweep.device)
     try:
-        return work(sweep, name, maintain=_worker_chores(sweep, follow))
+        ran = work(sweep, name, maintain=_worker_chores(sweep, follow))
+    except BaseException:
+        sweep.tracker.abandon("KILLED")
+        raise
     finally:
         sweep.heartbeat.close()
+    sweep.tracker.flush()  # trial runs are written in the background; land them before the process ends
+    return ran
 
 
 def _worker_chores(sweep: Sweep, follow: Callable[[], None]) -> Callable[[], None]:
@@ -219,7 +225,7 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
     known: dict[str, str] = record.meta.get("mlflow_runs", {})
     tags = {"foldsweep.version": __version__, "foldsweep.spec_hash": sweep.spec.spec_hash(),
             "foldsweep.data_fingerprint": sweep.data.fingerprint, "foldsweep.devices": ",".join(devices),
-            "foldsweep.host": platform.node(), "foldsweep.storage": record.meta["storage"],
+            "foldsweep.host": platform.node(), "foldsweep.storage": redact(record.meta["storage"]),
             "torch.version": str(torch.__version__), "optuna.version": optuna.__version__}
     ids = {"sweep": tracker.sweep_run(sweep.spec.name, tags, known.get("sweep"))}
     for ref in sweep.studies:

@@ -17,7 +17,7 @@ from foldsweep.cli import cli
 
 # Two worker processes, one trial (two inner folds) per round: a few seconds in, trials are mid-flight.
 BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},
-        "train": {"epochs": 30, "patience": 30, "batch_size": 32},
+        "train": {"epochs": 150, "patience": 150, "batch_size": 32},
         "optuna": {"n_trials": 4, "trials_per_batch": 1, "n_startup_trials": 2, "report_every": 5}}
 EXACT = {"outer-0": 4, "outer-1": 4, "final": 4}
 
@@ -61,7 +61,8 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exactly_n_trials_without_refitti
     assert {key: finished(c) for key, c in states(str(journal), "tiny").items()} == EXACT
     assert all(t.state not in (TrialState.RUNNING, TrialState.WAITING) for ts in after.values() for t in ts)
     dead = [t for ts in after.values() for t in ts if "died while running it" in t.user_attrs.get("reason", "")]
-    assert dead and all(t.state == TrialState.FAIL and t.user_attrs["lost"] for t in dead)
+    assert dead, [t.user_attrs.get("reason") for ts in after.values() for t in ts if t.state == TrialState.FAIL]
+    assert all(t.state == TrialState.FAIL and t.user_attrs["lost"] for t in dead)
 
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     runs = client.search_runs([summary["mlflow"]["experiment_id"]])
@@ -78,7 +79,7 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exactly_n_trials_without_refitti
     assert {key: finished(c) for key, c in states(str(journal), "tiny").items()} == EXACT
 
 
-@pytest.mark.slow  # ~45 s: a two-worker sweep is interrupted and run again
+@pytest.mark.slow  # ~40 s: a two-worker sweep is interrupted and run again
 def test_ctrl_c_exits_130_tells_how_to_resume_and_the_rerun_finishes(write_spec, workdir: Path) -> None:
     spec = write_spec(**BUSY)
     journal = workdir / "mlruns" / "optuna" / "tiny.journal"
