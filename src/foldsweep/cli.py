@@ -38,7 +38,7 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             sys.exit(2)
         except KeyboardInterrupt:
             spec = kwargs.get("spec")
-            hint = f"; resume with: foldsweep run {spec}" if spec else ""
+            hint = f"; resume with: foldsweep run {spec}" if spec and fn.__name__ == "run" else ""
             click.echo(f"interrupted: finished trials are kept{hint}", err=True)
             sys.exit(130)
 

@@ -154,17 +154,22 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
     capacity = max(1, _models_per_batch(sweep) // max(1, len(sweep.plan.final_inner)))
     distributions = space.distributions(sweep.spec)
     asked: list[tuple[StudyRef, optuna.trial.Trial]] = []
-    for ref in sweep.studies:
-        want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
-        for _ in range(max(0, want)):
-            trial = ref.study.ask(distributions)
-            trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})  # first: who
-            if sweep.heartbeat is not None:
-                sweep.heartbeat.add(trial._trial_id)
-            if _surplus(ref, trial, sweep.n_trials):
-                ref.study.tell(trial, state=TrialState.FAIL)
-                break
-            asked.append((ref, trial))
+    try:
+        for ref in sweep.studies:
+            want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
+            for _ in range(max(0, want)):
+                trial = ref.study.ask(distributions)
+                asked.append((ref, trial))  # from here on an interruption records it as failed
+                trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
+                if sweep.heartbeat is not None:
+                    sweep.heartbeat.add(trial._trial_id)
+                if _surplus(ref, trial, sweep.n_trials):
+                    ref.study.tell(trial, state=TrialState.FAIL)
+                    asked.pop()
+                    break
+    except BaseException as err:  # Ctrl-C while asking: what was asked must not stay RUNNING
+        _abandon(asked, f"interrupted ({type(err).__name__}) on {worker}")
+        raise
     return asked
 
 
@@ -245,6 +250,7 @@ def tell(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOu
         trial.set_user_attr("fold_scores", result.fold_scores)
         trial.set_user_attr("best_epochs", result.best_epochs)
         trial.set_user_attr("mean_best_epoch", result.mean_best_epoch)
+        trial.set_user_attr("epochs_trained", sum(r.epochs_run for r in result.results))  # what pruning saves
         if result.fold_scores:
             trial.set_user_attr("gap", generalization_gap(result.results))
         if result.reason:
@@ -358,7 +364,15 @@ def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
                   "best_epoch": final.user_attrs.get("mean_best_epoch")},
         "optimism": float(np.mean([r["optimism"] for r in refits])),
         "outer_refits": refits,
+        "epochs_trained": _epochs_trained(sweep, refits),
     }
+
+
+def _epochs_trained(sweep: Sweep, refits: list[dict[str, Any]]) -> int:
+    """Fold-model epochs the sweep trained: every trial's folds (pruned and failed ones too) and the refits."""
+    trials = sum(int(t.user_attrs.get("epochs_trained", 0)) for ref in sweep.studies
+                 for t in ref.study.get_trials(deepcopy=False))
+    return trials + sum(int(r["epochs"]) for r in refits)
 
 
 def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str, Any]]:
@@ -408,9 +422,11 @@ def _raise_if_all_failed(sweep: Sweep) -> None:
 
 
 def _models_per_batch(sweep: Sweep) -> int:
+    """On a CPU, rounds of a few hundred models: the engine cuts them into width bands, and bigger rounds
+    amortise each band's fixed cost per step (measured on sonar: 16 fits/s at 48 models, 27 at 192)."""
     if sweep.spec.resources.models_per_batch:
         return sweep.spec.resources.models_per_batch
-    return 1024 if sweep.device.type == "cuda" else 64
+    return 1024 if sweep.device.type == "cuda" else 256
 
 
 def _optimism(inner: float, outer: float, maximize: bool) -> float:

@@ -296,7 +296,8 @@ class _TrialWriter:
         self._requests: Any = context.Queue()
         self._answers: Any = context.Queue()
         self._process = context.Process(target=_writer_loop, name="foldsweep-mlflow-writer", daemon=True,
-                                        args=(tracking_uri, experiment_id, self._requests, self._answers))
+                                        args=(tracking_uri, experiment_id, self._requests, self._answers,
+                                              os.getpid()))
         # born with SIGINT blocked: Ctrl-C reaches the whole process group, and the writer must outlive it
         # until the parent has flushed it (a handler set in the child would come too late, after its imports)
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
@@ -354,7 +355,7 @@ class _TrialWriter:
             self._flushed[key] = value
 
 
-def _writer_loop(tracking_uri: str, experiment_id: str, requests: Any, answers: Any) -> None:
+def _writer_loop(tracking_uri: str, experiment_id: str, requests: Any, answers: Any, parent: int) -> None:
     """The writer process: open, fill and close runs until told to stop; errors wait for the next flush."""
     from mlflow import MlflowClient
 
@@ -362,7 +363,6 @@ def _writer_loop(tracking_uri: str, experiment_id: str, requests: Any, answers: 
     client = MlflowClient(tracking_uri)
     errors: list[str] = []
     unfilled: set[str] = set()
-    parent = os.getppid()
     while (request := _next_request(requests, parent)) is not None:
         kind, key, value = request
         answer = ""
