@@ -26,6 +26,7 @@ from contextlib import chdir
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from mlflow import MlflowClient
 
@@ -73,13 +74,14 @@ def clock_tracking() -> Stopwatch:
     return watch
 
 
-def cpu_seconds() -> float:
-    """CPU time of this process and of its children that have ended (the MLflow writer, worker processes)."""
+def cpu_seconds() -> np.ndarray:
+    """CPU seconds of this process, and of its children that have ended (the MLflow writer, helper workers)."""
     me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+    return np.array([me.ru_utime + me.ru_stime, children.ru_utime + children.ru_stime])
 
 
-def timed_sweep(tracking: bool, trials: int, workers: int, fresh_store: bool) -> tuple[float, float, float, int]:
+def timed_sweep(tracking: bool, trials: int, workers: int, fresh_store: bool) -> tuple[float, float, np.ndarray,
+                                                                                     int]:
     """Seconds to create the MLflow store (0 if `fresh_store` or off), wall and CPU seconds of the sweep, trials.
 
     The store is created before the clock starts unless `fresh_store`: creating it (MLflow's schema
@@ -115,7 +117,7 @@ def main() -> None:
     created: list[float] = []
     watch = clock_tracking()
     walls: dict[bool, list[float]] = {False: [], True: []}
-    cpus: dict[bool, list[float]] = {False: [], True: []}
+    cpus: dict[bool, list[np.ndarray]] = {False: [], True: []}
     inside: list[float] = []
     n_trials = 0
     for repeat in range(args.repeats):
@@ -126,8 +128,8 @@ def main() -> None:
             walls[tracking].append(wall)
             cpus[tracking].append(cpu)
             spent = f", {watch.seconds - before:.2f} s of it inside tracking calls" if tracking else ""
-            print(f"run {repeat + 1}, tracking {'on ' if tracking else 'off'}: {wall:6.2f} s wall, {cpu:6.2f} s CPU"
-                  f"{spent}", flush=True)
+            print(f"run {repeat + 1}, tracking {'on ' if tracking else 'off'}: {wall:6.2f} s wall, CPU {cpu[0]:6.2f} s "
+                  f"in the sweep process + {cpu[1]:5.2f} s in its children{spent}", flush=True)
             if tracking:
                 inside.append(watch.seconds - before)
     off, on = statistics.median(walls[False]), statistics.median(walls[True])
@@ -135,9 +137,11 @@ def main() -> None:
           f"tracking off {off:.2f} s, on {on:.2f} s")
     print(f"tracking overhead by wall time: {on - off:+.2f} s = {(on / off - 1) * 100:+.1f}% of the sweep "
           f"({(on - off) / n_trials * 1000:+.0f} ms per trial)")
-    cpu_off, cpu_on = statistics.median(cpus[False]), statistics.median(cpus[True])
-    print(f"tracking overhead in CPU time: {cpu_on - cpu_off:+.2f} s = {(cpu_on / cpu_off - 1) * 100:+.1f}% "
-          f"({(cpu_on - cpu_off) / n_trials * 1000:+.0f} ms per trial)")
+    cpu_off, cpu_on = np.median(cpus[False], axis=0), np.median(cpus[True], axis=0)
+    for label, off_s, on_s in (("the sweep process", cpu_off[0], cpu_on[0]),
+                               ("all processes", cpu_off.sum(), cpu_on.sum())):
+        print(f"tracking overhead in CPU time of {label}: {on_s - off_s:+.2f} s = {(on_s / off_s - 1) * 100:+.1f}% "
+              f"({(on_s - off_s) / n_trials * 1000:+.0f} ms per trial)")
     if created:
         print(f"creating the MLflow store (once per folder, not in the times above): "
               f"{statistics.median(created):.2f} s")

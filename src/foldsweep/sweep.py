@@ -9,9 +9,12 @@ outer study's best is refit on its outer-train rows and scored once on its outer
 from __future__ import annotations
 
 import math
+import signal
+import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -140,13 +143,15 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
 
 
 def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> None:
-    for ref, trial in asked:
-        try:
-            trial.set_user_attr("reason", reason)
-            trial.set_user_attr(LOST, True)
-            ref.study.tell(trial, state=TrialState.FAIL)
-        except Exception:  # already told before the interruption: nothing left to record
-            continue
+    """Fail the trials in hand; a second Ctrl-C waits until they are recorded."""
+    with _deferred_interrupt():
+        for ref, trial in asked:
+            try:
+                trial.set_user_attr("reason", reason)
+                trial.set_user_attr(LOST, True)
+                ref.study.tell(trial, state=TrialState.FAIL)
+            except Exception:  # already told before the interruption: nothing left to record
+                continue
 
 
 def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, optuna.trial.Trial]]:
@@ -158,8 +163,9 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
         for ref in sweep.studies:
             want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
             for _ in range(max(0, want)):
-                trial = ref.study.ask(distributions)
-                asked.append((ref, trial))  # from here on an interruption records it as failed
+                with _deferred_interrupt():  # a trial Ctrl-C hits inside `ask` would be RUNNING and unknown
+                    trial = ref.study.ask(distributions)
+                    asked.append((ref, trial))  # from here on an interruption records it as failed
                 trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
                 if sweep.heartbeat is not None:
                     sweep.heartbeat.add(trial._trial_id)
@@ -171,6 +177,22 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
         _abandon(asked, f"interrupted ({type(err).__name__}) on {worker}")
         raise
     return asked
+
+
+@contextmanager
+def _deferred_interrupt() -> Iterator[None]:
+    """Hold Ctrl-C until the block is done (main thread only; signals are delivered there)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], worker: str,

@@ -24,13 +24,15 @@ import urllib.request
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
-import torch
 
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
+
+if TYPE_CHECKING:
+    import torch  # imported where a model is logged: the MLflow writer process must start light
 
 T = TypeVar("T")
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100
@@ -245,6 +247,7 @@ class MlflowTracker(NullTracker):
         that torch.export keeps the batch dimension free).
         """
         import mlflow.pytorch
+        import torch
         from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # fluent log_model reads the global URI
 
         run_tags = {**provenance_tags(), **tags, **({PARENT: parent} if parent else {})}

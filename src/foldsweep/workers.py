@@ -44,6 +44,7 @@ from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
 PARENT_ENV = "FOLDSWEEP_COORDINATOR_PID"
+INTERRUPT_GRACE_S = 5.0  # after Ctrl-C, helpers in the terminal's process group stop by themselves
 HELPER_WAIT_S = 600  # helpers start before the coordinator has opened MLflow and created the studies
 
 
@@ -112,8 +113,9 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
         return _finish(sweep, record, tracker, ids)
     except BaseException as err:
-        helpers.interrupt()
-        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+        ctrl_c = isinstance(err, KeyboardInterrupt)
+        helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
+        status = "KILLED" if ctrl_c else "FAILED"
         for run_id in ids.values():
             tracker.finish(run_id, status)
         raise
@@ -336,9 +338,15 @@ class Helpers:
                 found.append({"worker": f"worker-{n}", "code": code, "log": str(self.logs[n - 1])})
         return found
 
-    def interrupt(self) -> None:
-        """Ctrl-C on a terminal reaches the helpers too; a signal to the coordinator alone must as well."""
+    def interrupt(self, grace_s: float = 0.0) -> None:
+        """Stop the helpers with one SIGINT each, after `grace_s` for those a terminal's Ctrl-C already reached.
+
+        A second SIGINT would only cut short a helper that is recording its trials as failed.
+        """
         self.interrupted = True
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(proc.poll() is None for proc in self.procs):
+            time.sleep(0.1)
         for proc in self.procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGINT)

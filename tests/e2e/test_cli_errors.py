@@ -168,7 +168,7 @@ CASES = [
          ("refused", "python/object/apply:os.system", "plain values only")),
     Case("storage that cannot be reached",
          lambda f: ["run", tiny(f), "--storage", f"postgresql://u:secret@127.0.0.1:{closed_port()}/x"],
-         ("storage `postgresql://***@127.0.0.1:", "cannot be reached")),
+         ("storage `postgresql://u:***@127.0.0.1:", "cannot be reached")),
     Case("every trial diverges",
          run(lambda f: tiny(f, search={"lr": {"type": "categorical", "choices": [1e9]}}, train={"weight_decay": 0.01}),
              "--set", "tracking.enabled=false"),
