@@ -8,21 +8,22 @@ it runs, MLflow's system metrics (CPU, memory, GPU); `serve_ui` shows the same s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
-import multiprocessing
 import os
 import platform
-import queue
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -109,7 +110,8 @@ class MlflowTracker(NullTracker):
         _ensure_sqlite_folder(self.tracking_uri)
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         name = spec.experiment or sweep_name
-        experiment = _retry(lambda: self.client.get_experiment_by_name(name))
+        experiment = _retry(lambda: self.client.get_experiment_by_name(name))  # creates the store's tables
+        _write_ahead_log(self.tracking_uri)
         if experiment is None:
             artifacts = _artifact_root(spec.artifact_location)
             self.experiment_id = _retry(lambda: self.client.create_experiment(
@@ -289,25 +291,20 @@ def _write_rows(client: Any, run_id: str, metrics: dict[str, float], params: dic
 class _TrialWriter:
     """Creates and fills trial runs in a child process, in request order.
 
-    MLflow spends about 0.2 ms of Python per metric row. In a thread that time would share the GIL with
-    training, which drops and retakes it on every tensor op and so waits out each of the thread's slices
-    (measured: slower than writing inline); a process writes on another core instead.
+    MLflow spends about 0.1-0.2 ms of Python per metric row. In a thread that time would share the GIL
+    with training, which drops and retakes it on every tensor op and so waits out each of the thread's
+    slices (measured: slower than writing inline); a process writes on another core instead. It is a
+    plain subprocess (not multiprocessing), so it never re-runs the caller's script, in its own session,
+    so Ctrl-C on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone.
     """
 
     def __init__(self, tracking_uri: str, experiment_id: str) -> None:
-        context = multiprocessing.get_context("spawn")  # never fork a process that holds torch threads
-        self._requests: Any = context.Queue()
-        self._answers: Any = context.Queue()
-        self._process = context.Process(target=_writer_loop, name="foldsweep-mlflow-writer", daemon=True,
-                                        args=(tracking_uri, experiment_id, self._requests, self._answers,
-                                              os.getpid()))
-        # born with SIGINT blocked: Ctrl-C reaches the whole process group, and the writer must outlive it
-        # until the parent has flushed it (a handler set in the child would come too late, after its imports)
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        try:
-            self._process.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        ours, theirs = socket.socketpair()
+        command = [sys.executable, "-c", "from foldsweep.tracking import _writer_main; _writer_main()",
+                   str(theirs.fileno()), tracking_uri, experiment_id]
+        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+        theirs.close()
+        self._conn = Connection(ours.detach())
         self._opened: set[tuple[str, str]] = set()
         self._run_ids: dict[tuple[str, str], str] = {}
         self._flushed: dict[int, list[str]] = {}
@@ -315,58 +312,86 @@ class _TrialWriter:
 
     def open(self, parent: str, name: str, start: float) -> None:
         self._opened.add((parent, name))
-        self._requests.put(("open", (parent, name), start))
+        self._send(("open", (parent, name), start))
 
     def run_id(self, parent: str, name: str, start: float) -> str:
         """The run opened for this trial ("" if MLflow refused it; `flush` then reports why)."""
         key = (parent, name)
         if key not in self._opened:
             self.open(parent, name, start)
-        self._opened.discard(key)
         while key not in self._run_ids:
-            self._receive()
+            self._receive(timeout=1.0)
+        self._opened.discard(key)
         return self._run_ids.pop(key)
 
     def fill(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
              curves: dict[str, np.ndarray], status: str) -> None:
-        self._requests.put(("fill", run_id, (metrics, params, tags, curves, status)))
+        self._send(("fill", run_id, (metrics, params, tags, curves, status)))
 
     def flush(self, close_unlogged: str | None = None) -> list[str]:
         """Wait for every request so far; returns the errors since the last flush."""
         token = next(self._tokens)
-        self._requests.put(("flush", token, close_unlogged))
+        self._send(("flush", token, close_unlogged))
         while token not in self._flushed:
-            self._receive()
+            self._receive(timeout=1.0)
         return self._flushed.pop(token)
 
     def close(self) -> None:
-        self._requests.put(None)
-        self._process.join(timeout=30)
+        with contextlib.suppress(OSError):
+            self._conn.send(None)
+        try:
+            self._process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+        self._conn.close()
 
-    def _receive(self) -> None:
-        while True:
-            try:
-                kind, key, value = self._answers.get(timeout=1.0)
-                break
-            except queue.Empty:
-                if not self._process.is_alive():
-                    raise FoldsweepError(f"the MLflow writer process stopped (exit code {self._process.exitcode}); "
-                                         "trial runs from then on were not written") from None
+    def _send(self, request: tuple[str, Any, Any]) -> None:
+        try:
+            while self._conn.poll(0):  # take the answers first, so neither side ever blocks on a full socket
+                self._receive(timeout=0)
+            self._conn.send(request)
+        except OSError:
+            raise self._gone() from None
+
+    def _receive(self, timeout: float) -> None:
+        try:
+            ready = self._conn.poll(timeout)
+            answer = self._conn.recv() if ready else None
+        except (EOFError, OSError):
+            raise self._gone() from None
+        if answer is None:
+            if self._process.poll() is not None:
+                raise self._gone()
+            return
+        kind, key, value = answer
         if kind == "opened":
             self._run_ids[key] = value
         else:
             self._flushed[key] = value
 
+    def _gone(self) -> FoldsweepError:
+        return FoldsweepError(f"the MLflow writer process stopped (exit code {self._process.poll()}); trial "
+                              "runs from then on were not written")
 
-def _writer_loop(tracking_uri: str, experiment_id: str, requests: Any, answers: Any, parent: int) -> None:
-    """The writer process: open, fill and close runs until told to stop; errors wait for the next flush."""
+
+def _writer_main() -> None:
+    """The writer process: open, fill and close runs until told to stop or the parent is gone."""
     from mlflow import MlflowClient
 
+    fd, tracking_uri, experiment_id = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    conn = Connection(fd)
     client = MlflowClient(tracking_uri)
     errors: list[str] = []
     unfilled: set[str] = set()
-    while (request := _next_request(requests, parent)) is not None:
+    while True:
+        try:
+            request = conn.recv()
+        except EOFError:  # the parent died without saying stop
+            return
+        if request is None:
+            return
         kind, key, value = request
         answer = ""
         try:
@@ -374,20 +399,10 @@ def _writer_loop(tracking_uri: str, experiment_id: str, requests: Any, answers: 
         except Exception as err:  # the sweep goes on; the parent hears of it at its next flush
             errors.append(f"{kind} {key}: {err}")
         if kind == "open":
-            answers.put(("opened", key, answer))
+            conn.send(("opened", key, answer))
         elif kind == "flush":
-            answers.put(("flushed", key, errors))
+            conn.send(("flushed", key, errors))
             errors = []
-
-
-def _next_request(requests: Any, parent: int) -> Any:
-    """The next request, or None once the parent is gone (killed before it could say stop)."""
-    while True:
-        try:
-            return requests.get(timeout=5.0)
-        except queue.Empty:
-            if os.getppid() != parent:
-                return None
 
 
 def _serve(client: Any, experiment_id: str, kind: str, key: Any, value: Any, unfilled: set[str]) -> str:
@@ -553,6 +568,20 @@ def _artifact_root(location: str) -> str:
 def _ensure_sqlite_folder(uri: str) -> None:
     if uri.startswith("sqlite:///"):
         Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+
+
+def _write_ahead_log(uri: str) -> None:
+    """Put a SQLite store in WAL mode (it stays so): one fsync per commit instead of three, and readers
+    (the UI, other workers) no longer wait for writers. Measured here: 40 trial runs in 7 s instead of 15 s.
+    Best effort: a store another process holds busy right now keeps its mode until the next sweep."""
+    if not uri.startswith("sqlite:///"):
+        return
+    try:
+        with contextlib.closing(sqlite3.connect(uri[len("sqlite:///"):], timeout=1.0)) as db:
+            if db.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+                db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.OperationalError:
+        return
 
 
 def _retry(call: Callable[[], T], attempts: int = 8) -> T:

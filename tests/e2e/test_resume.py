@@ -89,7 +89,8 @@ def test_ctrl_c_exits_130_tells_how_to_resume_and_the_rerun_finishes(write_spec,
     code, _, err = finish(first, timeout=120)
     assert code == 130, err
     assert f"interrupted: finished trials are kept; resume with: foldsweep run {spec}" in err
-    assert "Traceback" not in err
+    logs = "".join(p.read_text() for p in (workdir / "mlruns" / "sweeps" / "tiny" / "logs").glob("*.log"))
+    assert "Traceback" not in err + logs  # the helper stopped as cleanly as the coordinator
     found = trials(str(journal), "tiny")
     assert all(t.state != TrialState.RUNNING for ts in found.values() for t in ts)  # told, not left hanging
     stopped = [t for ts in found.values() for t in ts if t.user_attrs.get("reason", "").startswith("interrupted")]
