@@ -305,6 +305,7 @@ class _TrialWriter:
         self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self._conn = Connection(ours.detach())
+        self._used = False
         self._opened: set[tuple[str, str]] = set()
         self._run_ids: dict[tuple[str, str], str] = {}
         self._flushed: dict[int, list[str]] = {}
@@ -330,6 +331,8 @@ class _TrialWriter:
 
     def flush(self, close_unlogged: str | None = None) -> list[str]:
         """Wait for every request so far; returns the errors since the last flush."""
+        if not self._used:
+            return []
         token = next(self._tokens)
         self._send(("flush", token, close_unlogged))
         while token not in self._flushed:
@@ -337,6 +340,8 @@ class _TrialWriter:
         return self._flushed.pop(token)
 
     def close(self) -> None:
+        if not self._used:  # nothing to write (a sweep resumed after its last trial): no need to wait for it
+            self._process.terminate()
         with contextlib.suppress(OSError):
             self._conn.send(None)
         try:
@@ -351,6 +356,7 @@ class _TrialWriter:
             while self._conn.poll(0):  # take the answers first, so neither side ever blocks on a full socket
                 self._receive(timeout=0)
             self._conn.send(request)
+            self._used = True
         except OSError:
             raise self._gone() from None
 
