@@ -93,8 +93,7 @@ class StackedMLP:
         shape = (len(models), self.depth, width)
         norms = [torch.ones(shape), torch.zeros(shape)]
         trained = [*weights, *biases, *(norms if self.batch_norm else [])]
-        self.n_in, self.n_out, self.width = n_in, first.head.out_features, width
-        self.shapes = self._layout(width)
+        self.shapes = [t.shape[1:] for t in trained]
         self.n_weights = sum(w[0].numel() for w in weights)
         self.flat = torch.cat([t.flatten(1) for t in trained], 1).to(device)  # (M, P)
         if not self.batch_norm:  # fixed at identity: not trained, not in `flat`
@@ -124,48 +123,6 @@ class StackedMLP:
             start += size
         return out
 
-    def _layout(self, width: int) -> list[torch.Size]:
-        """Shapes of the trained tensors, in `flat` order, when padded to `width` units."""
-        ins = [self.n_in] + [width] * self.depth
-        outs = [width] * self.depth + [self.n_out]
-        shapes = [torch.Size((i, o)) for i, o in zip(ins, outs)] + [torch.Size((o,)) for o in outs]
-        return shapes + [torch.Size((self.depth, width))] * 2 * self.batch_norm
-
-    def resized(self, buffer: Tensor, width: int) -> Tensor:
-        """A (M, P) buffer laid out like `flat`, laid out for `width` units instead (new entries zero)."""
-        parts = []
-        for old, shape in zip(self.views(buffer), self._layout(width)):
-            part = buffer.new_zeros(buffer.shape[0], *shape)
-            part[(slice(None), *(slice(0, n) for n in old.shape[1:]))] = old
-            parts.append(part.flatten(1))
-        return torch.cat(parts, 1)
-
-    def widen(self, width: int) -> None:
-        """Pad every model to `width` units: the new units are dead ones, as for any narrower model."""
-        if width == self.width:
-            return
-        with torch.no_grad():
-            self.flat = self.resized(self.flat.detach(), width)
-        extra = width - self.width
-        self.unit_mask = F.pad(self.unit_mask, (0, extra))
-        self.running_mean = F.pad(self.running_mean, (0, extra))
-        self.running_var = F.pad(self.running_var, (0, extra), value=1.0)
-        if not self.batch_norm:
-            self.bn_scale, self.bn_shift = F.pad(self.bn_scale, (0, extra), value=1.0), F.pad(self.bn_shift, (0, extra))
-        self.width, self.shapes = width, self._layout(width)
-        self.n_weights = sum(s.numel() for s in self.shapes[: self.depth + 1])
-        self._link()
-
-    def absorb(self, other: StackedMLP) -> None:
-        """Append `other`'s models (same layout) after this one's; both end at the wider width."""
-        width = max(self.width, other.width)
-        self.widen(width)
-        other.widen(width)
-        self.flat = torch.cat([self.flat.detach(), other.flat.detach()])
-        for name in ("unit_mask", "running_mean", "running_var", *(() if self.batch_norm else ("bn_scale", "bn_shift"))):
-            setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
-        self._link()
-
     def select(self, keep: Tensor) -> None:
         """Keep only models `keep` (indices), in that order: finished models stop costing compute."""
         self.flat = self.flat[keep]
@@ -183,9 +140,9 @@ class StackedMLP:
             if self.batch_norm:
                 h = self._batch_norm(h, layer, row_mask)
             h = ACTIVATIONS[self.activation](h) * self.unit_mask
-            if drop is not None:
-                keep = torch.rand(h.shape, generator=gen, device=h.device) >= drop  # drop (M, 1, 1)
-                h = h * keep / (1 - drop)
+            if drop is not None:  # drop (M, 1, 1); the scaled keep mask is built in place, outside autograd
+                keep = torch.rand(h.shape, generator=gen, device=h.device, dtype=h.dtype).ge_(drop).div_(1 - drop)
+                h = h * keep
         return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
 
     def _batch_norm(self, h: Tensor, layer: int, row_mask: Tensor | None) -> Tensor:

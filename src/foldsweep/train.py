@@ -109,55 +109,22 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
              on_report: StopHook | None = None, keep_models: bool = False) -> list[FitResult]:
     """Fit every job; `on_report(job_ids, epoch, val_metric (len, epoch))` may return jobs to stop.
 
-    The groups advance together, `report_every` epochs at a time. Between reports, models that have
-    stopped leave their batch (`retire`), and on a CPU a width band that has shrunk joins the next wider
-    one of its structure (`_merge_bands`): a group costs what its running models cost, and the last
-    slow models of several bands share one batch rather than each paying a batch's fixed cost per step.
+    Between reports, models that have stopped leave the batch (`retire`), so a group costs what its
+    running models cost, not what its slowest model kept it busy for.
     """
     split = CPU_GROUP_STEP_PARAMS if X.device.type == "cpu" else None
-    n_out = max(n_classes, 1)
-    live = [(ids, BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models))
-            for ids in group_jobs(jobs, X.shape[1], n_out, split)]
     results: list[FitResult | None] = [None] * len(jobs)
-    while live:
-        for ids, trainer in live:
+    for ids in group_jobs(jobs, X.shape[1], max(n_classes, 1), split):
+        trainer = BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models)
+        while not trainer.done:
             trainer.run_epochs(report_every)
             if on_report is not None:
                 local = on_report(ids, trainer.epoch, trainer.metric_curves())
                 trainer.stop([ids.index(i) for i in local])
             trainer.retire()
-        for ids, trainer in live:
-            if trainer.done:
-                for i, result in zip(ids, trainer.results()):
-                    results[i] = result
-        live = [(ids, trainer) for ids, trainer in live if not trainer.done]
-        if split is not None:
-            live = _merge_bands(live, X.shape[1], n_out, split)
+        for i, result in zip(ids, trainer.results()):
+            results[i] = result
     return [r for r in results if r is not None]
-
-
-def _merge_bands(live: list[tuple[list[int], BatchTrainer]], n_in: int, n_out: int, split_cost: float
-                 ) -> list[tuple[list[int], BatchTrainer]]:
-    """Fold a band into the next wider one of its structure once padding its models costs less than
-    keeping it apart (the rule `group_jobs` cut by, applied to the models still running)."""
-    by_key: dict[tuple[object, ...], list[tuple[list[int], BatchTrainer]]] = defaultdict(list)
-    for entry in live:
-        by_key[structure_key(entry[1].jobs[0])].append(entry)
-    merged = []
-    for entries in by_key.values():
-        entries.sort(key=lambda e: e[1].net.width)
-        while len(entries) > 1:
-            (narrow_ids, narrow), (wide_ids, wide) = entries[0], entries[1]
-            spec = narrow.jobs[0].model
-            padding = narrow.M * (n_parameters(n_in, n_out, spec.model_copy(update={"width": wide.net.width}))
-                                  - n_parameters(n_in, n_out, spec.model_copy(update={"width": narrow.net.width})))
-            if padding >= split_cost:
-                merged.append(entries.pop(0))
-                continue
-            wide.absorb(narrow)
-            entries[:2] = [(wide_ids + narrow_ids, wide)]
-        merged += entries
-    return merged
 
 
 class BatchTrainer:
@@ -270,9 +237,9 @@ class BatchTrainer:
             rows = rows_all[:, start : start + self.cfg.batch_size]  # (M, B)
             data_loss = self._batch_loss(_gather_rows(self.inputs, rows), self.targets.gather(1, rows), real)
             take = running & has_rows
-            # a model outside `take` gets a zero gradient; one whose loss is not finite gets a NaN one and is
-            # flagged as diverged at the end of the epoch (its results come from its best epoch before)
-            grads = torch.autograd.grad((data_loss * take).sum(), self.params)
+            # every model's gradient, used only by those in `take` (see _step); a model whose loss is not
+            # finite is flagged as diverged at the end of the epoch, its results from its best epoch before
+            grads = torch.autograd.grad(data_loss.sum(), self.params)
             self._step(grads, lr, take)
             losses.append(data_loss.detach())
             takes.append(take)
@@ -424,49 +391,6 @@ class BatchTrainer:
         self.net.select(keep)
         self.best_kept = [t[keep] for t in self.best_kept]
         self.M = len(keep)
-        self._plan_batches()
-
-    def absorb(self, other: BatchTrainer) -> None:
-        """Take `other`'s models (same structure, same epoch) after this batch's own, jobs and all."""
-        width = max(self.net.width, other.net.width)
-        for trainer in (self, other):
-            trainer.flat_state = trainer.net.resized(trainer.flat_state, width)
-            trainer.flat_state2 = trainer.net.resized(trainer.flat_state2, width)
-            if trainer.keep_models:
-                flat, mean, var = trainer.best_kept
-                extra = width - trainer.net.width
-                trainer.best_kept = [trainer.net.resized(flat, width), F.pad(mean, (0, extra)),
-                                     F.pad(var, (0, extra), value=1.0)]
-        self.net.absorb(other.net)  # widens both
-        for rows, mask in (("train_idx", "train_mask"), ("valid_idx", "valid_mask")):
-            width_rows = max(getattr(self, rows).shape[1], getattr(other, rows).shape[1])
-            for trainer in (self, other):
-                idx, extra = getattr(trainer, rows), width_rows - getattr(trainer, rows).shape[1]
-                setattr(trainer, rows, torch.cat([idx, idx[:, :1].expand(-1, extra)], 1))  # own first row
-                setattr(trainer, mask, F.pad(getattr(trainer, mask), (0, extra), value=False))
-        n_valid = self.valid_idx.shape[1]
-        for trainer in (self, other):
-            extra = n_valid - trainer.best_pred.shape[1]
-            trainer.best_pred = F.pad(trainer.best_pred, (0, 0) * (trainer.best_pred.dim() - 2) + (0, extra))
-        offset = len(self.jobs)
-        other.slots = other.slots + offset
-        for name in self.PER_MODEL:
-            if name not in ("x_valid", "y_valid", "grad_buf", "scratch"):  # rebuilt below, for the joined rows
-                joined = (np.concatenate if name == "mixup" else torch.cat)([getattr(self, name), getattr(other, name)])
-                setattr(self, name, joined)
-        self.best_kept = [torch.cat([a, b]) for a, b in zip(self.best_kept, other.best_kept)]
-        self.x_valid = _gather_rows(self.inputs, self.valid_idx)
-        self.y_valid = self.targets.gather(1, self.valid_idx)
-        self.grad_buf, self.scratch = torch.empty_like(self.net.flat), torch.empty_like(self.net.flat)
-        steps = max(self.history.shape[-1], other.history.shape[-1])
-        self.history = torch.cat([F.pad(h, (0, steps - h.shape[-1]), value=math.nan)
-                                  for h in (self.history, other.history)], 1)
-        self.jobs, self.templates = [*self.jobs, *other.jobs], [*self.templates, *other.templates]
-        self.preprocess = {k: [*v, *other.preprocess[k]] for k, v in self.preprocess.items()}
-        self.finished |= {offset + i: r for i, r in other.finished.items()}
-        self.uses = {k: on or other.uses[k] for k, on in self.uses.items()}
-        self.M += other.M
-        self.done = self.done and other.done
         self._plan_batches()
 
     def metric_curves(self) -> np.ndarray:
