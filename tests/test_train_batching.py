@@ -56,6 +56,8 @@ def _assert_same(results, reference) -> None:
         assert got.epochs_run == want.epochs_run and got.best_epoch == want.best_epoch
         np.testing.assert_allclose(got.val_loss, want.val_loss, atol=1e-8, rtol=0)
         np.testing.assert_allclose(got.valid_pred, want.valid_pred, atol=1e-8, rtol=0)
+        for a, b in zip(got.model.state_dict().values(), want.model.state_dict().values(), strict=True):
+            torch.testing.assert_close(a, b, atol=1e-8, rtol=0)  # the exported best-epoch weights too
 
 
 @pytest.mark.parametrize("batch_norm", [False, True])
@@ -69,9 +71,9 @@ def test_fit_many_with_bands_and_retiring_equals_one_batch_per_model(sonar, monk
     sizes = []
     retire = BatchTrainer.retire
     monkeypatch.setattr(BatchTrainer, "retire", lambda self: retire(self) or sizes.append(self.M))
-    packed = fit_many(X, y, jobs, 2, "accuracy", report_every=2)
+    packed = fit_many(X, y, jobs, 2, "accuracy", report_every=2, keep_models=True)
     assert min(sizes) < 12  # stopped models really left their batch mid-training
-    alone = [fit_many(X, y, [job], 2, "accuracy", report_every=2)[0] for job in jobs]
+    alone = [fit_many(X, y, [job], 2, "accuracy", report_every=2, keep_models=True)[0] for job in jobs]
     assert len({r.epochs_run for r in packed}) > 2  # models stopped at different epochs
     _assert_same(packed, alone)
 

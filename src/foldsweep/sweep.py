@@ -466,7 +466,12 @@ def _fold_mean_curve(curves: list[np.ndarray]) -> np.ndarray:
     length = max(len(c) for c in curves)
     padded = np.stack([np.pad(c, (0, length - len(c)), mode="edge") if len(c) else np.full(length, np.nan)
                        for c in curves])
-    return np.nanmean(padded, axis=0) if length else np.array([])
+    if not length:
+        return np.array([])
+    seen = ~np.isnan(padded)
+    totals = np.where(seen, padded, 0.0).sum(axis=0)
+    counts = seen.sum(axis=0)
+    return np.divide(totals, counts, out=np.full(length, np.nan), where=counts > 0)  # all-NaN epochs stay NaN
 
 
 def _t_quantile(dof: int) -> float:

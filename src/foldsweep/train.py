@@ -262,7 +262,8 @@ class BatchTrainer:
             x = x + self.noise * torch.randn(x.shape, generator=self.gen, device=x.device)
         lam = None
         if self.uses["mixup"]:
-            draws = np.where(self.mixup > 0, self.np_rng.beta(np.maximum(self.mixup, 1e-3), np.maximum(self.mixup, 1e-3)), 1.0)
+            alpha = np.maximum(self.mixup, 1e-3)
+            draws = np.where(self.mixup > 0, self.np_rng.beta(alpha, alpha), 1.0)
             lam = torch.tensor(draws, dtype=torch.float32, device=x.device).view(-1, 1)
             partner = torch.randperm(x.shape[1], generator=self.gen, device=x.device)
             x = lam.unsqueeze(-1) * x + (1 - lam.unsqueeze(-1)) * x[:, partner]
@@ -412,9 +413,11 @@ class BatchTrainer:
         stopped = self.stopped.cpu().tolist()
         pred = self.best_pred.cpu().numpy()
         y_shift, y_scale = self.y_shift[:, 0].cpu().tolist(), self.y_scale[:, 0].cpu().tolist()
-        if self.keep_models:  # the best epoch's weights back into the batch, so `export` reads them
-            for p, best in zip(self._kept(), self.best_kept):
-                p.copy_(best)
+        if self.keep_models and models:  # their best epoch's weights back into the batch, for `export` to read
+            index = torch.tensor(models, device=self.device)  # (only theirs: the others may still be training)
+            with torch.no_grad():
+                for p, best in zip(self._kept(), self.best_kept):
+                    p[index] = best[index]
         out = []
         for m in models:
             job = int(self.slots[m])
@@ -478,7 +481,8 @@ def _fit_preprocessing(X: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tens
     train_vals = torch.where(present, x_train, fill.unsqueeze(1))
     if kind == "standard":
         shift = fill
-        var = (((train_vals - shift.unsqueeze(1)) * train_mask.unsqueeze(-1)) ** 2).sum(1) / train_mask.sum(1, keepdim=True)
+        centred = (train_vals - shift.unsqueeze(1)) * train_mask.unsqueeze(-1)
+        var = (centred**2).sum(1) / train_mask.sum(1, keepdim=True)
         scale = var.sqrt()
     elif kind == "minmax":
         big = torch.finfo(X.dtype).max
