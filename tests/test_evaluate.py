@@ -34,14 +34,6 @@ from foldsweep.spec import parse_spec
 from foldsweep.splits import make_plan
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _config(**overrides):
     return parse_spec(tiny_spec(**overrides) | {"search": {}})
 

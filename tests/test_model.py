@@ -12,14 +12,6 @@ from foldsweep.spec import ModelSpec
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _models(specs: list[ModelSpec], n_in: int = 7, n_out: int = 3) -> list[MLP]:
     return [build_mlp(n_in, n_out, spec, seed=10 + i) for i, spec in enumerate(specs)]
 

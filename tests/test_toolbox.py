@@ -29,14 +29,6 @@ SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 FULL_BATCH = 512  # more than sonar's rows: one step an epoch, so row order cannot matter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sonar() -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     data = load_dataset(DataSpec(dataset="sonar"))

@@ -33,14 +33,6 @@ from foldsweep.train import BatchTrainer, FitJob, FitResult, fit_many, schedule_
 FULL_BATCH = 256  # more than sonar's 208 rows: one step per epoch, row order cannot matter
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def sonar() -> tuple[np.ndarray, np.ndarray]:
     data = load_dataset(DataSpec(dataset="sonar"))

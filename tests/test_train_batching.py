@@ -20,14 +20,6 @@ from foldsweep.train import CPU_GROUP_STEP_PARAMS, BatchTrainer, FitJob, fit_man
 FULL_BATCH = 256
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def sonar():
     before = torch.get_default_dtype()
