@@ -138,7 +138,8 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
         return
     out.print(f"[green]ok[/green] {spec}: {info['rows']} rows x {info['features']} features, {data.task}, "
               f"metric {data.metric}; {info['dev_rows']} dev / {info['test_rows']} sealed test rows; "
-              f"{info['outer_folds']} outer x {info['inner_folds']} inner folds; searching {', '.join(sweep_spec.search)}")
+              f"{info['outer_folds']} outer x {info['inner_folds']} inner folds; "
+              f"searching {', '.join(sweep_spec.search)}")
     for note in plan.notes:
         out.print(f"[yellow]note[/yellow]: {note}")
 
@@ -171,7 +172,8 @@ def status(sweep: str | None, as_json: bool) -> None:
             out.print(f"{held['worker']} on {held['host']} ({held['device']}) runs {', '.join(held['trials'])}")
         if entry["nested"]:
             n = entry["nested"]
-            out.print(f"nested estimate {n['mean']:.4f} ± {n['std']:.4f} (95% CI {n['ci95'][0]:.4f}..{n['ci95'][1]:.4f})")
+            low, high = n["ci95"]
+            out.print(f"nested estimate {n['mean']:.4f} ± {n['std']:.4f} (95% CI {low:.4f}..{high:.4f})")
 
 
 @cli.command()

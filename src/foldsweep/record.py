@@ -54,7 +54,8 @@ class SweepRecord:
 
     @property
     def spec(self) -> SweepSpec:
-        return parse_spec(yaml.safe_load((self.folder / "spec.yaml").read_text()), source=str(self.folder / "spec.yaml"))
+        path = self.folder / "spec.yaml"
+        return parse_spec(yaml.safe_load(path.read_text()), source=str(path))
 
     @property
     def plan(self) -> FoldPlan:

@@ -356,7 +356,7 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
                            fixed_epochs=int(best.user_attrs.get("mean_best_epoch", config.train.epochs))))
     if jobs:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric)
-        for (i, ref), job, result in zip(pending, jobs, results):
+        for (_, ref), job, result in zip(pending, jobs, results):
             best = _best_trial(ref)
             assert best is not None and best.value is not None
             test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
@@ -364,8 +364,9 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
                      "params": best.params, "epochs": job.fixed_epochs,
                      "optimism": _optimism(best.value, test_score, sweep.data.maximize)}
             ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
-            sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), {"outer_test_score": test_score, "best_inner_value": best.value,
-                                           "optimism": refit["optimism"], "refit_epochs": float(job.fixed_epochs)},
+            metrics = {"outer_test_score": test_score, "best_inner_value": best.value,
+                       "optimism": refit["optimism"], "refit_epochs": float(job.fixed_epochs)}
+            sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), metrics,
                                      tags={"best_trial": str(best.number)})
     return [ref.study.user_attrs["refit"] for ref in sweep.studies[:-1]]
 
