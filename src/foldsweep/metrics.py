@@ -11,8 +11,6 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
-from foldsweep.data import MAXIMIZE
-
 
 def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     """`pred` holds class probabilities (n, C) for classification, values (n,) for regression."""
@@ -29,10 +27,6 @@ def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     if metric == "mae":
         return float(skm.mean_absolute_error(y_true, pred))
     return float(skm.r2_score(y_true, pred))
-
-
-def worst(metric: str) -> float:
-    return -np.inf if MAXIMIZE[metric] else np.inf
 
 
 def device_metric(metric: str, pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
