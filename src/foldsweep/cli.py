@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,6 +31,8 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = click.get_current_context().find_root().params.get("debug", False)
+        previous = _stop_on_first_ctrl_c()
+        interrupted = False
         try:
             return fn(*args, **kwargs)
         except FoldsweepError as error:
@@ -37,12 +41,35 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"error: {error}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
+            interrupted = True
             spec = kwargs.get("spec")
             hint = f"; resume with: foldsweep run {spec}" if spec and fn.__name__ == "run" else ""
             click.echo(f"interrupted: finished trials are kept{hint}", err=True)
             sys.exit(130)
+        finally:
+            if not interrupted and previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     return wrapper
+
+
+def _stop_on_first_ctrl_c() -> Any:
+    """The first Ctrl-C stops the command; later ones are ignored until the process has exited.
+
+    A terminal's Ctrl-C reaches a worker and then the coordinator forwards one more: a second
+    KeyboardInterrupt would cut short the recording of the trials in hand, or land in an exit handler
+    and print a traceback. Returns the handler to put back when the command ends without Ctrl-C.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    stopping: list[int] = []
+
+    def first_only(signum: int, frame: Any) -> None:
+        if not stopping:
+            stopping.append(signum)
+            raise KeyboardInterrupt
+
+    return signal.signal(signal.SIGINT, first_only)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -80,12 +82,15 @@ def test_a_sweep_killed_with_sigkill_resumes_to_exactly_n_trials_without_refitti
 
 
 @pytest.mark.slow  # ~40 s: a two-worker sweep is interrupted and run again
-def test_ctrl_c_exits_130_tells_how_to_resume_and_the_rerun_finishes(write_spec, workdir: Path) -> None:
+def test_ctrl_c_twice_exits_130_tells_how_to_resume_and_the_rerun_finishes(write_spec, workdir: Path) -> None:
     spec = write_spec(**BUSY)
     journal = workdir / "mlruns" / "optuna" / "tiny.journal"
     first = start("run", str(spec), cwd=workdir)
     wait_for(lambda: _progress(journal, at_least=1), first)
     os.killpg(first.pid, signal.SIGINT)  # what Ctrl-C on a terminal does: the whole foreground group
+    time.sleep(0.5)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(first.pid, signal.SIGINT)  # an impatient second Ctrl-C must not cut the recording short
     code, _, err = finish(first, timeout=120)
     assert code == 130, err
     assert f"interrupted: finished trials are kept; resume with: foldsweep run {spec}" in err
