@@ -53,3 +53,30 @@ def test_summary_counts_every_epoch_trained(pruned_sweep) -> None:
     refits = sum(r["epochs"] for r in summary["outer_refits"])
     assert summary["epochs_trained"] == sum(t.user_attrs["epochs_trained"] for t in trials) + refits
     assert summary["epochs_trained"] < len(trials) * 2 * EPOCHS + refits  # pruning (and early stopping) saved some
+
+
+def test_wilcoxon_prunes_between_folds_with_one_report_per_fold(write_spec) -> None:
+    """Folds are the steps: a pruned trial reported its first folds' scores and never trained the rest."""
+    k = 6
+    path = write_spec(split={"test_size": 0.25, "seed": 0, "outer": {"k": 2}, "inner": {"k": k}},
+                      search={"lr": {"type": "float", "low": 0.00001, "high": 0.03, "log": True}},
+                      train={"epochs": EPOCHS, "patience": EPOCHS, "batch_size": 16},
+                      optuna={"n_trials": 8, "trials_per_batch": 1, "n_startup_trials": 2, "pruner": "wilcoxon",
+                              "seed": 0},
+                      tracking={"enabled": False})
+    spec = load_spec(path)
+    run_sweep(spec)
+    storage = preflight(default_storage(spec.name), 1)
+    trials = [t for name in optuna.get_all_study_names(storage)
+              for t in optuna.load_study(study_name=name, storage=storage).get_trials()]
+    pruned = [t for t in trials if t.state == TrialState.PRUNED]
+    assert pruned, "Wilcoxon pruned nothing; the test sweep must prune"
+    for trial in pruned:
+        folds = len(trial.intermediate_values)
+        assert sorted(trial.intermediate_values) == list(range(folds)) and 2 <= folds < k
+        assert trial.user_attrs["reason"].startswith(f"pruned after fold {folds} of {k}")
+        assert trial.user_attrs["epochs_trained"] <= folds * EPOCHS  # the folds after it were never trained
+    for trial in (t for t in trials if t.state == TrialState.COMPLETE):
+        scores = trial.user_attrs["fold_scores"]
+        assert [trial.intermediate_values[s] for s in range(k)] == pytest.approx(scores)
+        assert trial.value == pytest.approx(sum(scores) / k)

@@ -28,7 +28,6 @@ class TrialOutcome:
     fold_scores: list[float]
     best_epochs: list[int]
     reason: str = ""
-    pruned_at: int | None = None
     results: list[FitResult] = field(default_factory=list, repr=False)
     infeasible: bool = False  # the configuration does not fit the device's memory
 
@@ -58,8 +57,7 @@ def outcome(results: list[FitResult], folds: list[Fold], y: np.ndarray, metric: 
                             f"(fold {fold}); lower the learning rate", results=results)
     if any(r.stopped for r in results):
         epoch = max(r.epochs_run for r in results)
-        return TrialOutcome("pruned", None, [], best_epochs, f"pruned at epoch {epoch}", pruned_at=epoch,
-                            results=results)
+        return TrialOutcome("pruned", None, [], best_epochs, f"pruned at epoch {epoch}", results=results)
     scores = [score(metric, y[f.valid], r.valid_pred) for f, r in zip(folds, results)]
     return TrialOutcome("complete", float(np.mean(scores)), scores, best_epochs, results=results)
 

@@ -6,6 +6,7 @@ Distributions (rather than `suggest_*` calls inside an objective) let the sweep 
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import optuna
@@ -57,5 +58,7 @@ def pruner(spec: SweepSpec) -> optuna.pruners.BasePruner:
     if opts.pruner == "hyperband":
         return optuna.pruners.HyperbandPruner(min_resource=warmup, max_resource=spec.train.epochs)
     if opts.pruner == "wilcoxon":
-        return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
+        with warnings.catch_warnings():  # experimental in Optuna, and the user chose it by name
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return optuna.pruners.WilcoxonPruner(p_threshold=0.1, n_startup_steps=2)
     return optuna.pruners.NopPruner()

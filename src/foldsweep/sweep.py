@@ -209,9 +209,13 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
         sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
-    hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
     members = [[i for i, o in enumerate(owners) if o == t] for t in range(len(asked))]
-    outcomes = _fit_trials(sweep, asked, jobs, members, hook)
+    if spec.optuna.pruner == "wilcoxon":
+        outcomes = _fit_fold_by_fold(sweep, asked, jobs, members)
+    else:
+        hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
+        fits = _fit_batch(sweep, jobs, members, hook)
+        outcomes = [_outcome(sweep, ref.folds, fit) for (ref, _), fit in zip(asked, fits)]
     wall = time.time() - started
     for (ref, trial), result in zip(asked, outcomes):
         tell(sweep, ref, trial, result, worker, started, wall / len(asked))
@@ -220,30 +224,65 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
                                "value": result.value, "worker": worker})
 
 
-def _fit_trials(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], jobs: list[FitJob],
-                members: list[list[int]], hook: Pruning) -> list[TrialOutcome]:
-    """All trials as one batch; if the batch raises, each trial alone, so only the trial at fault fails."""
+def _fit_fold_by_fold(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], jobs: list[FitJob],
+                      members: list[list[int]]) -> list[TrialOutcome]:
+    """Wilcoxon pruning: a trial's inner folds are its pruning steps.
+
+    Fold s of every trial still in the running trains as one batch; each trial then reports that fold's
+    score as step s, and a trial that Optuna's WilcoxonPruner finds worse than the best trial, fold for
+    fold, skips its remaining folds. Batching across trials instead of folds keeps the batch full.
+    """
+    fits: list[list[FitResult]] = [[] for _ in asked]
+    settled: dict[int, TrialOutcome] = {}
+    for s in range(max(len(rows) for rows in members)):
+        alive = [t for t in range(len(asked)) if t not in settled and s < len(members[t])]
+        stage = _fit_batch(sweep, [jobs[members[t][s]] for t in alive], [[n] for n in range(len(alive))], None)
+        for t, fit in zip(alive, stage):
+            ref, trial = asked[t]
+            if isinstance(fit, TrialOutcome):
+                settled[t] = fit
+                continue
+            fits[t] += fit
+            so_far = outcome(fits[t], ref.folds[: s + 1], sweep.data.y, sweep.data.metric)
+            if so_far.state != "complete":
+                settled[t] = so_far
+                continue
+            trial.report(so_far.fold_scores[-1], s)
+            if s + 1 < len(members[t]) and trial.should_prune():
+                settled[t] = TrialOutcome("pruned", None, [], so_far.best_epochs,
+                                          f"pruned after fold {s + 1} of {len(members[t])} (Wilcoxon signed-rank "
+                                          "test against the best trial)", results=fits[t])
+    return [settled.get(t) or _outcome(sweep, ref.folds, fits[t]) for t, (ref, _) in enumerate(asked)]
+
+
+def _outcome(sweep: Sweep, folds: list[Fold], fit: list[FitResult] | TrialOutcome) -> TrialOutcome:
+    return fit if isinstance(fit, TrialOutcome) else outcome(fit, folds, sweep.data.y, sweep.data.metric)
+
+
+def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook: Pruning | None
+               ) -> list[list[FitResult] | TrialOutcome]:
+    """Each member's fits, all trained as one batch; if the batch raises, each member alone, so only the
+    member at fault fails (with its reason as a TrialOutcome)."""
     try:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
                            report_every=sweep.spec.optuna.report_every, on_report=hook)
-        return [outcome([results[i] for i in rows], ref.folds, sweep.data.y, sweep.data.metric)
-                for (ref, _), rows in zip(asked, members)]
+        return [[results[i] for i in rows] for rows in members]
     except Exception as err:
         failed = _failure(err, sweep.device)
     _release(sweep.device)  # outside the except block: the traceback no longer holds the batch's tensors
-    if len(asked) == 1:
+    if len(members) == 1:
         return [failed]
-    return [_fit_alone(sweep, ref, jobs, rows, hook) for (ref, _), rows in zip(asked, members)]
+    return [_fit_alone(sweep, jobs, rows, hook) for rows in members]
 
 
-def _fit_alone(sweep: Sweep, ref: StudyRef, jobs: list[FitJob], rows: list[int], hook: Pruning) -> TrialOutcome:
+def _fit_alone(sweep: Sweep, jobs: list[FitJob], rows: list[int], hook: Pruning | None
+               ) -> list[FitResult] | TrialOutcome:
     def report(ids: list[int], epoch: int, curves: np.ndarray) -> list[int]:
-        return [rows.index(job) for job in hook([rows[i] for i in ids], epoch, curves)]
+        return [rows.index(job) for job in hook([rows[i] for i in ids], epoch, curves)] if hook else []
 
     try:
-        results = fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
-                           report_every=sweep.spec.optuna.report_every, on_report=report)
-        return outcome(results, ref.folds, sweep.data.y, sweep.data.metric)
+        return fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
+                        report_every=sweep.spec.optuna.report_every, on_report=report)
     except Exception as err:
         failed = _failure(err, sweep.device)
     _release(sweep.device)
@@ -311,7 +350,7 @@ def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: T
     params = {**{f"model.{k}": v for k, v in config.model.model_dump().items()},
               **{f"train.{k}": v for k, v in config.train.model_dump().items()}}
     state = result.state if result.state != "failed" else f"failed: {result.reason}"
-    tags = {"foldsweep.state": state if result.state != "pruned" else f"pruned at epoch {result.pruned_at}",
+    tags = {"foldsweep.state": state if result.state != "pruned" else result.reason,
             "optuna.study": ref.study.study_name, "optuna.trial_number": str(trial.number),
             "foldsweep.device": str(sweep.device), "foldsweep.worker": worker,
             **{f"searched.{k}": str(v) for k, v in trial.params.items()}}
