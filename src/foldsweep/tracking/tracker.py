@@ -1,0 +1,255 @@
+"""The tracker the sweep talks to: `MlflowTracker` when tracking is on, `NullTracker` when it is off.
+
+Both have the same methods, so callers never test whether tracking is enabled. The sweep run and
+study runs are written here, in the calling process; trial runs go through the writer process.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from foldsweep.errors import FoldsweepError
+from foldsweep.spec import TrackingSpec
+from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
+from foldsweep.tracking.store import _absolute_sqlite, _artifact_root, _ensure_sqlite_folder, _retry, _write_ahead_log
+from foldsweep.tracking.writer import PARENT, _TrialWriter, _write_rows
+
+if TYPE_CHECKING:
+    import torch  # imported where a model is logged: the MLflow writer process must start light
+
+
+class NullTracker:
+    """Tracking switched off: every call succeeds and records nothing."""
+
+    enabled = False
+    tracking_uri = ""
+    experiment_id = ""
+
+    def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
+        return ""
+
+    def study_run(self, sweep_run_id: str, study: str, run_id: str | None) -> str:
+        return ""
+
+    def open_trial(self, parent: str, name: str, start: float) -> None:
+        return None
+
+    def log_trial(self, parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                  curves: dict[str, np.ndarray], tags: dict[str, str], status: str, start: float) -> str:
+        return ""
+
+    def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+        return None
+
+    def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
+        return None
+
+    def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        return {}
+
+    def flush(self) -> None:
+        return None
+
+    def abandon(self, status: str) -> None:
+        return None
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        return None
+
+    def fail_running(self, parent: str) -> int:
+        return 0
+
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
+        return None
+
+    def log_model(self, parent: str, name: str, model: torch.nn.Module, n_inputs: int, params: dict[str, Any],
+                  tags: dict[str, str]) -> dict[str, str]:
+        return {}
+
+
+class MlflowTracker(NullTracker):
+    enabled = True
+
+    def __init__(self, spec: TrackingSpec, sweep_name: str) -> None:
+        from mlflow import MlflowClient
+
+        # after the import: importing mlflow configures its loggers at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+        logging.getLogger("mlflow").setLevel(logging.WARNING)
+
+        self.system_metrics = spec.system_metrics
+        self._monitors: dict[str, Any] = {}
+        self._writer: _TrialWriter | None = None  # started with the first trial
+        self._sweep_run = ""
+        self.tracking_uri = _absolute_sqlite(spec.uri)
+        _ensure_sqlite_folder(self.tracking_uri)
+        self.client = MlflowClient(tracking_uri=self.tracking_uri)
+        name = spec.experiment or sweep_name
+        experiment = _retry(lambda: self.client.get_experiment_by_name(name))  # creates the store's tables
+        _write_ahead_log(self.tracking_uri)
+        if experiment is None:
+            artifacts = _artifact_root(spec.artifact_location)
+            self.experiment_id = _retry(lambda: self.client.create_experiment(
+                name, artifact_location=f"{artifacts}/{name}",
+                tags={"mlflow.experimentKind": "custom_model_development"}))
+        else:
+            self.experiment_id = experiment.experiment_id
+
+    def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
+        """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
+        resumed = bool(run_id)
+        if run_id:
+            self._reopen(run_id)
+        else:
+            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name,
+                                                        tags={**provenance_tags(), **tags}))
+            run_id = str(run.info.run_id)
+        self._sweep_run = run_id
+        self._trial_writer()  # the writer process starts up while the sweep does
+        if self.system_metrics:
+            self._monitors[run_id] = _start_monitor(run_id, self.tracking_uri, resumed)
+        return run_id
+
+    def study_run(self, sweep_run_id: str, study: str, run_id: str | None) -> str:
+        if run_id:
+            self._reopen(run_id)
+            return run_id
+        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=study,
+                                                    tags={PARENT: sweep_run_id, "foldsweep.study": study}))
+        return run.info.run_id
+
+    def open_trial(self, parent: str, name: str, start: float) -> None:
+        """Create a trial's run in the writer process while the trial trains (RUNNING in the UI until told)."""
+        if parent:
+            self._trial_writer().open(parent, name, start)
+
+    def log_trial(self, parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
+                  curves: dict[str, np.ndarray], tags: dict[str, str], status: str, start: float) -> str:
+        """The run id at once (the Optuna trial must name it before it is told); the rows follow in the background."""
+        writer = self._trial_writer()
+        run_id = writer.run_id(parent, name, start)
+        if run_id:
+            writer.fill(run_id, metrics, params, tags, curves, status)
+        return run_id
+
+    def flush(self) -> None:
+        """Wait until every trial run is written; a failed write raises here."""
+        self._drain(None, strict=True)
+
+    def abandon(self, status: str) -> None:
+        """After an interruption: land what was sent, end the runs of trials never told with `status`.
+
+        Never raises (failures are logged), so it cannot hide the interruption that got us here.
+        """
+        self._drain(status, strict=False)
+
+    def _drain(self, close_unlogged: str | None, strict: bool) -> None:
+        if self._writer is None:
+            return
+        try:
+            errors = self._writer.flush(close_unlogged)
+        except FoldsweepError as err:  # the writer process is gone
+            errors = [str(err)]
+        self._report(errors, strict)
+
+    def _trial_writer(self) -> _TrialWriter:
+        if self._writer is None:
+            self._writer = _TrialWriter(self.tracking_uri, self.experiment_id)
+        return self._writer
+
+    def _report(self, errors: list[str], strict: bool) -> None:
+        if errors and strict:
+            raise FoldsweepError(f"MLflow could not write {len(errors)} trial run(s); first: {errors[0]}")
+        for error in errors:
+            logging.getLogger(__name__).warning("a trial run was not fully written to MLflow: %s", error)
+
+    def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
+                   tags: dict[str, str] | None = None) -> None:
+        self._write(run_id, metrics, params or {}, tags or {}, {})
+
+    def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
+        """Each (file, folder inside the run's artifacts; "" for the top)."""
+        for path, folder in files:
+            _retry(lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), artifact_path=f or None))
+
+    def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """(steps, values) of each logged curve, read back so plots need not keep every curve in memory."""
+        self.flush()
+        out = {}
+        for key in keys:
+            history = sorted(_retry(lambda k=key: self.client.get_metric_history(run_id, k)), key=lambda m: m.step)
+            if history:
+                out[key] = (np.array([m.step for m in history]), np.array([m.value for m in history]))
+        return out
+
+    def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        """Stop the run's system-metrics monitor (if any) with a last sample, then close the run."""
+        if not run_id:
+            return
+        if status == "FINISHED":
+            self.flush()
+        else:  # after a failure, trials asked but never told end with the sweep's status
+            self.abandon(status)
+        if run_id == self._sweep_run and self._writer is not None:
+            self._writer.close()
+            self._writer = None
+        monitor = self._monitors.pop(run_id, None)
+        if monitor is not None:
+            _stop_monitor(monitor)
+        _retry(lambda: self.client.set_terminated(run_id, status))
+
+    def fail_running(self, parent: str) -> int:
+        """Mark runs left RUNNING under `parent` by a killed process as FAILED; returns how many."""
+        self.flush()
+        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT}` = '{parent}' and "
+                                       "attributes.status = 'RUNNING'")
+        for run in runs:
+            self.finish(run.info.run_id, "FAILED")
+        return len(runs)
+
+    def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
+        """Metrics at an explicit step (a test look's number), so every look stays in the metric's history."""
+        from mlflow.entities import Metric, RunTag
+
+        now = int(time.time() * 1000)
+        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        _retry(lambda: self.client.log_batch(run_id, metrics=rows, tags=[RunTag(k, v) for k, v in tags.items()]))
+
+    def log_model(self, parent: str, name: str, model: torch.nn.Module, n_inputs: int, params: dict[str, Any],
+                  tags: dict[str, str]) -> dict[str, str]:
+        """A run of its own (a child of `parent` when given) holding the network as an MLflow PyTorch model.
+
+        Saved in MLflow's "pt2" format (torch.export: loading runs no pickle). The network takes
+        preprocessed features, so the input example is all-zero rows: the training mean (two rows, so
+        that torch.export keeps the batch dimension free).
+        """
+        import mlflow.pytorch
+        import torch
+        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # fluent log_model reads the global URI
+
+        run_tags = {**provenance_tags(), **tags, **({PARENT: parent} if parent else {})}
+        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=run_tags))
+        run_id = str(run.info.run_id)
+        self._write(run_id, {}, params, {}, {})
+        example = np.zeros((2, n_inputs), dtype=np.float32)
+        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+            info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
+                                            pip_requirements=[f"torch=={torch.__version__}"])
+        return {"run_id": run_id, "model_uri": info.model_uri, "tracking_uri": self.tracking_uri}
+
+    def _reopen(self, run_id: str) -> None:
+        _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+
+    def _write(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
+               curves: dict[str, np.ndarray]) -> None:
+        _write_rows(self.client, run_id, metrics, params, tags, curves)
+
+
+def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:
+    return MlflowTracker(spec, sweep_name) if spec.enabled else NullTracker()
