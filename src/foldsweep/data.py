@@ -61,7 +61,7 @@ def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
     """Load the spec's data set; relative paths are resolved against `base_dir` (the spec's folder)."""
     if spec.dataset is not None:
         frame, target = _bundled(spec.dataset)
-        name = spec.dataset
+        name: str = spec.dataset
     else:
         path = _resolve(spec.path or "", base_dir)
         frame, target = _read_table(path), spec.target or ""

@@ -7,13 +7,17 @@ batch; it is initialised by stacking `MLP` instances, so both start from identic
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import cast
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
 from foldsweep.spec import ModelSpec
 
-ACTIVATIONS = {"relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
+ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
+    "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
@@ -32,7 +36,11 @@ class MLP(nn.Module):
             width_in = spec.width
         self.head = nn.Linear(width_in, n_out)
         self.dropout = nn.Dropout(spec.dropout)
-        _initialise(self.hidden, spec.init)
+        _initialise(self.linears()[:-1], spec.init)
+
+    def linears(self) -> list[nn.Linear]:
+        """The hidden layers and the head, in order."""
+        return [cast(nn.Linear, layer) for layer in self.hidden] + [self.head]
 
     def forward(self, x: Tensor) -> Tensor:
         for linear, norm in zip(self.hidden, self.norms):
@@ -40,7 +48,7 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-def _initialise(layers: nn.ModuleList, init: str) -> None:
+def _initialise(layers: list[nn.Linear], init: str) -> None:
     if init == "default":
         return
     fn = getattr(nn.init, f"{init}_")
@@ -74,15 +82,15 @@ class StackedMLP:
         self.activation = first.activation
         self.batch_norm = isinstance(first.norms[0], nn.BatchNorm1d)
         self.depth = len(first.hidden)
-        widths = [m.hidden[0].out_features for m in models]
+        widths = [m.linears()[0].out_features for m in models]
         width = max(widths)
-        n_in = first.hidden[0].in_features
+        n_in = first.linears()[0].in_features
         self.unit_mask = torch.stack([(torch.arange(width) < w).float() for w in widths]).unsqueeze(1).to(device)
         weights, biases = [], []
         for layer in range(self.depth + 1):
             fan_in = n_in if layer == 0 else width
             fan_out = first.head.out_features if layer == self.depth else width
-            linears = [m.head if layer == self.depth else m.hidden[layer] for m in models]
+            linears = [m.linears()[layer] for m in models]
             W = torch.zeros(len(models), fan_in, fan_out)
             b = torch.zeros(len(models), fan_out)
             for i, lin in enumerate(linears):
@@ -169,12 +177,12 @@ class StackedMLP:
         """Model `index` as a plain MLP (its real width, no padding), for saving and prediction."""
         model = template
         with torch.no_grad():
-            linears = [*model.hidden, model.head]
-            for layer, lin in enumerate(linears):
+            for layer, lin in enumerate(model.linears()):
                 lin.weight.copy_(self.weights[layer][index, : lin.in_features, : lin.out_features].T.cpu())
                 lin.bias.copy_(self.biases[layer][index, : lin.out_features].cpu())
             for layer, norm in enumerate(model.norms):
                 if isinstance(norm, nn.BatchNorm1d):
+                    assert norm.running_mean is not None and norm.running_var is not None  # tracked by default
                     w = norm.num_features
                     norm.weight.copy_(self.bn_scale[index, layer, :w].cpu())
                     norm.bias.copy_(self.bn_shift[index, layer, :w].cpu())

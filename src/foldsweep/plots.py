@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import matplotlib
 
@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import optuna  # noqa: E402
 from matplotlib.lines import Line2D  # noqa: E402
-from optuna.distributions import CategoricalDistribution  # noqa: E402
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
 from foldsweep.sweep import Sweep  # noqa: E402
@@ -51,7 +51,7 @@ def optimization_history(sweep: Sweep, path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7, 4))
     for ref in sweep.studies:
         trials = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        ax.plot([t.number for t in trials], [t.value for t in trials], "o", ms=3, alpha=0.6, label=ref.key)
+        ax.plot([t.number for t in trials], [_value(t) for t in trials], "o", ms=3, alpha=0.6, label=ref.key)
     ax.set_xlabel("trial")
     ax.set_ylabel(f"inner-CV {sweep.data.metric}")
     ax.set_title("optimization history per study")
@@ -84,9 +84,9 @@ def param_importances(studies: list[tuple[str, optuna.Study]], knobs: list[str],
     knobs = sorted({k for scores in table.values() for k in scores})
     fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(knobs)))
     height = 0.8 / len(table)
-    for s, (study, scores) in enumerate(table.items()):
+    for s, (name, scores) in enumerate(table.items()):
         ax.barh([k + s * height for k in range(len(knobs))], [scores.get(k, 0.0) for k in knobs], height,
-                label=study)
+                label=name)
     ax.set_yticks([k + 0.4 - height / 2 for k in range(len(knobs))], knobs)
     ax.invert_yaxis()
     ax.set_xlabel("importance (share of the inner-CV value's variation)")
@@ -102,15 +102,15 @@ def parallel_coordinates(studies: list[tuple[str, optuna.Study]], knobs: list[st
     if not drawn or not knobs:
         return None
     maximize = studies[0][1].direction == optuna.study.StudyDirection.MAXIMIZE
-    values = [t.value for _, _, trials in drawn for t in trials]
+    values = [_value(t) for _, _, trials in drawn for t in trials]
     norm = plt.Normalize(min(values), max(values))
     cmap = plt.get_cmap("viridis" if maximize else "viridis_r")
     fig, axes = plt.subplots(len(drawn), 1, figsize=(9, 2.4 * len(drawn)), squeeze=False)
     for ax, (key, best, trials) in zip(axes[:, 0], drawn):
-        for trial in sorted(trials, key=lambda t: t.value * (1 if maximize else -1)):
-            ys = [_scaled(trial, k) for k in knobs] + [norm(trial.value)]
+        for trial in sorted(trials, key=lambda t: _value(t) * (1 if maximize else -1)):
+            ys = [_scaled(trial, k) for k in knobs] + [norm(_value(trial))]
             is_best = trial.number == best.number
-            ax.plot(range(len(ys)), ys, color=cmap(norm(trial.value)), alpha=0.8, lw=2.5 if is_best else 1.0,
+            ax.plot(range(len(ys)), ys, color=cmap(norm(_value(trial))), alpha=0.8, lw=2.5 if is_best else 1.0,
                     zorder=3 if is_best else 2)
         for x, knob in enumerate(knobs):
             low, high = _range_labels(trials, knob)
@@ -162,6 +162,11 @@ def _complete(study: optuna.Study) -> list[FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
 
 
+def _value(trial: FrozenTrial) -> float:
+    """A complete trial's value (Optuna types it optional, for the other states)."""
+    return cast(float, trial.value)
+
+
 def _scaled(trial: FrozenTrial, knob: str) -> float:
     """A knob's value as a position in [0, 1] of its search range (log ranges on a log scale)."""
     dist = trial.distributions.get(knob)
@@ -169,6 +174,7 @@ def _scaled(trial: FrozenTrial, knob: str) -> float:
         return float("nan")
     if isinstance(dist, CategoricalDistribution):
         return dist.to_internal_repr(trial.params[knob]) / max(1, len(dist.choices) - 1)
+    dist = cast(FloatDistribution | IntDistribution, dist)
     low, high, value = float(dist.low), float(dist.high), float(trial.params[knob])
     if getattr(dist, "log", False):
         low, high, value = np.log10(low), np.log10(high), np.log10(value)
@@ -181,6 +187,7 @@ def _range_labels(trials: list[FrozenTrial], knob: str) -> tuple[str, str]:
         return "", ""
     if isinstance(dist, CategoricalDistribution):
         return str(dist.choices[0]), str(dist.choices[-1])
+    dist = cast(FloatDistribution | IntDistribution, dist)
     return f"{dist.low:.3g}", f"{dist.high:.3g}"
 
 

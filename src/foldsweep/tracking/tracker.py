@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -176,14 +177,14 @@ class MlflowTracker(NullTracker):
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         """Each (file, folder inside the run's artifacts; "" for the top)."""
         for path, folder in files:
-            _retry(lambda p=path, f=folder: self.client.log_artifact(run_id, str(p), artifact_path=f or None))
+            _retry(partial(self.client.log_artifact, run_id, str(path), artifact_path=folder or None))
 
     def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(steps, values) of each logged curve, read back so plots need not keep every curve in memory."""
         self.flush()
         out = {}
         for key in keys:
-            history = sorted(_retry(lambda k=key: self.client.get_metric_history(run_id, k)), key=lambda m: m.step)
+            history = sorted(_retry(partial(self.client.get_metric_history, run_id, key)), key=lambda m: m.step)
             if history:
                 out[key] = (np.array([m.step for m in history]), np.array([m.value for m in history]))
         return out

@@ -16,6 +16,7 @@ import socket
 import subprocess
 import sys
 import time
+from functools import partial
 from multiprocessing.connection import Connection
 from typing import Any
 
@@ -43,7 +44,7 @@ def _write_rows(client: Any, run_id: str, metrics: dict[str, float], params: dic
     for b in range(batches):
         chunk = (rows[b * MAX_METRICS : (b + 1) * MAX_METRICS], param_rows[b * MAX_PARAMS : (b + 1) * MAX_PARAMS],
                  tag_rows[b * MAX_TAGS : (b + 1) * MAX_TAGS])
-        _retry(lambda c=chunk: client.log_batch(run_id, metrics=c[0], params=c[1], tags=c[2]))
+        _retry(partial(client.log_batch, run_id, metrics=chunk[0], params=chunk[1], tags=chunk[2]))
 
 
 class _TrialWriter:
@@ -183,7 +184,7 @@ def _serve(client: Any, experiment_id: str, kind: str, key: Any, value: Any, unf
         _retry(lambda: client.set_terminated(key, status))
     elif value is not None:  # a flush after a failure: trials asked but never told end with the sweep's status
         for run_id in sorted(unfilled):
-            _retry(lambda r=run_id: client.set_terminated(r, value))
+            _retry(partial(client.set_terminated, run_id, value))
         unfilled.clear()
     return ""
 
