@@ -4,7 +4,7 @@ Every pruner runs `sweeps/sonar.yaml` (5 outer x 5 inner, 50 trials per study, 2
 in a fresh folder with full tracking, one worker process. "epochs trained" counts every fold model's
 epochs (pruned and failed trials too) and the outer refits: what the sweep paid for.
 
-    python benchmarks/bench_pruning.py                                # none, median, hyperband: ~5 minutes
+    python benchmarks/bench_pruning.py                                # none, median, hyperband, wilcoxon: ~7 min
     python benchmarks/bench_pruning.py --trials 20 --pruners none,median
 """
 
@@ -46,7 +46,7 @@ def run(pruner: str, overrides: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruners", default="none,median,hyperband", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--pruners", default="none,median,hyperband,wilcoxon", help="comma-separated (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=None, help="optuna.n_trials (default: the spec's 50)")
     parser.add_argument("--outer", type=int, default=None, help="split.outer.k (default: the spec's 5)")
     parser.add_argument("--inner", type=int, default=None, help="split.inner.k (default: the spec's 5)")
