@@ -46,7 +46,8 @@ def run(pruner: str, overrides: list[str]) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--pruners", default="none,median,hyperband,wilcoxon", help="comma-separated (default: %(default)s)")
+    parser.add_argument("--pruners", default="none,median,hyperband,wilcoxon",
+                        help="comma-separated (default: %(default)s)")
     parser.add_argument("--trials", type=int, default=None, help="optuna.n_trials (default: the spec's 50)")
     parser.add_argument("--outer", type=int, default=None, help="split.outer.k (default: the spec's 5)")
     parser.add_argument("--inner", type=int, default=None, help="split.inner.k (default: the spec's 5)")

@@ -238,7 +238,7 @@ def test_each_training_row_is_used_once_per_epoch(sonar, monkeypatch) -> None:
     trainer = BatchTrainer(*_tensors(X, y), jobs, 2, "accuracy")
     gathered: list[torch.Tensor] = []
     reals: list[torch.Tensor] = []
-    gather, batch_loss = train_module._gather_rows, trainer._batch_loss
+    gather, batch_loss = train_module.gather_rows, trainer._batch_loss
 
     def record_gather(inputs, rows):
         gathered.append(rows.clone())
@@ -248,7 +248,7 @@ def test_each_training_row_is_used_once_per_epoch(sonar, monkeypatch) -> None:
         reals.append(real.clone())
         return batch_loss(x, target, real)
 
-    monkeypatch.setattr(train_module, "_gather_rows", record_gather)
+    monkeypatch.setattr(train_module, "gather_rows", record_gather)
     monkeypatch.setattr(trainer, "_batch_loss", record_loss)
     orders = []
     for _ in range(3):

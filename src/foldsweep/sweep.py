@@ -2,13 +2,13 @@
 
 One Optuna study per outer fold (`<sweep>/outer-<i>`, searching on that fold's outer-train rows only)
 and one `<sweep>/final` study on all development rows. Each round asks a few trials from every study
-that still needs some and trains all their inner folds as one batch; when every study is done, each
-outer study's best is refit on its outer-train rows and scored once on its outer-test rows.
+that still needs some and trains all their inner folds as one batch. What uses the searches' results
+(the warm start of `final`, the refit and outer-test score per outer fold, the nested estimate) is
+`outer`, which builds on this module; the work loop reaches it only through its `maintain` callback.
 """
 
 from __future__ import annotations
 
-import math
 import signal
 import threading
 import time
@@ -27,8 +27,7 @@ from optuna.trial import TrialState
 from foldsweep import space
 from foldsweep.data import Dataset
 from foldsweep.errors import SweepFailed
-from foldsweep.metrics import score
-from foldsweep.objective import Pruning, TrialOutcome, job_seed, outcome, trial_jobs
+from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
 from foldsweep.storage import LOST, Heartbeat, holder
@@ -98,7 +97,7 @@ class Sweep:
         return max(0, self.n_trials - reserved - counts["finished"] - running)
 
     def done(self) -> bool:
-        return all(_study_done(ref, self.n_trials) for ref in self.studies)
+        return all(study_done(ref, self.n_trials) for ref in self.studies)
 
 
 def open_studies(spec: SweepSpec, plan: FoldPlan, storage: optuna.storages.BaseStorage,
@@ -362,98 +361,23 @@ def _run_name(ref: StudyRef, trial: optuna.trial.Trial) -> str:
     return f"{ref.key}/trial-{trial.number}"
 
 
-# -- warm start, refits, summary --------------------------------------------------------------------------
-def warm_start_final(sweep: Sweep) -> None:
-    """Enqueue the outer bests into `final` once every outer study is done (never into a sibling)."""
-    final = sweep.study("final")
-    if not sweep.spec.optuna.warm_start_final or final.study.user_attrs.get("warm_started"):
-        return
-    outer = [ref for ref in sweep.studies if ref.key != "final"]
-    if not all(_study_done(ref, sweep.n_trials) for ref in outer):
-        return
-    final.study.set_user_attr("warm_started", True)
-    seen: list[dict[str, Any]] = []
-    for ref in outer:
-        best = _best_trial(ref)
-        if best is not None and best.params not in seen and len(seen) < min(len(outer), sweep.n_trials - 1):
-            seen.append(best.params)
-            final.study.enqueue_trial(best.params, user_attrs={"warm_start_from": ref.key})
-
-
-def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
-    """Each outer best, trained on its whole outer-train for its inner best epoch count, scored once."""
-    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if "refit" not in ref.study.user_attrs]
-    jobs = []
-    for i, ref in pending:
-        best = _best_trial(ref)
-        if best is None:
-            raise SweepFailed(f"study {ref.key} has no finished trial; see `foldsweep status {sweep.spec.name}`")
-        config = sweep.spec.with_params(best.params)
-        fold = sweep.plan.outer[i]
-        jobs.append(FitJob(fold.train, fold.valid, config.model, config.train,
-                           job_seed(sweep.spec.optuna.seed, ref.key, "refit"),
-                           fixed_epochs=int(best.user_attrs.get("mean_best_epoch", config.train.epochs))))
-    if jobs:
-        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric)
-        for (_, ref), job, result in zip(pending, jobs, results):
-            best = _best_trial(ref)
-            assert best is not None and best.value is not None
-            test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
-            refit = {"outer_test_score": test_score, "best_inner_value": best.value, "best_trial": best.number,
-                     "params": best.params, "epochs": job.fixed_epochs,
-                     "optimism": _optimism(best.value, test_score, sweep.data.maximize)}
-            ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
-            metrics = {"outer_test_score": test_score, "best_inner_value": best.value,
-                       "optimism": refit["optimism"], "refit_epochs": float(job.fixed_epochs)}
-            sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), metrics,
-                                     tags={"best_trial": str(best.number)})
-    return [ref.study.user_attrs["refit"] for ref in sweep.studies[:-1]]
-
-
-def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
-    scores = np.array([r["outer_test_score"] for r in refits])
-    final = _best_trial(sweep.study("final"))
-    if final is None:
-        raise SweepFailed("study final has no finished trial; the sweep has no configuration to export")
-    mean = float(scores.mean())
-    std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    half = _t_quantile(len(scores) - 1) * std / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
-    return {
-        "sweep": sweep.spec.name, "metric": sweep.data.metric,
-        "direction": "maximize" if sweep.data.maximize else "minimize",
-        "nested": {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "outer": scores.tolist()},
-        "final": {"best_params": final.params, "best_value": final.value, "best_trial": final.number,
-                  "best_epoch": final.user_attrs.get("mean_best_epoch")},
-        "optimism": float(np.mean([r["optimism"] for r in refits])),
-        "outer_refits": refits,
-        "epochs_trained": _epochs_trained(sweep, refits),
-    }
-
-
-def _epochs_trained(sweep: Sweep, refits: list[dict[str, Any]]) -> int:
-    """Fold-model epochs the sweep trained: every trial's folds (pruned and failed ones too) and the refits."""
-    trials = sum(int(t.user_attrs.get("epochs_trained", 0)) for ref in sweep.studies
-                 for t in ref.study.get_trials(deepcopy=False))
-    return trials + sum(int(r["epochs"]) for r in refits)
-
-
 def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str, Any]]:
     rows = []
     for ref in sweep_studies:
         counts = ref.counts()
-        best = _best_trial(ref)
+        best = best_trial(ref)
         rows.append({"study": ref.key, **counts, "n_trials": n_trials,
                      "best": best.value if best is not None else None,
                      "refit": ref.study.user_attrs.get("refit")})
     return rows
 
 
-def _best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
     complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     return ref.study.best_trial if complete else None
 
 
-def _study_done(ref: StudyRef, n_trials: int) -> bool:
+def study_done(ref: StudyRef, n_trials: int) -> bool:
     counts = ref.counts()
     return counts["in_flight"] == 0 and (counts["finished"] >= n_trials or counts["failed"] >= n_trials)
 
@@ -491,11 +415,6 @@ def _models_per_batch(sweep: Sweep) -> int:
     return 1024 if sweep.device.type == "cuda" else 256
 
 
-def _optimism(inner: float, outer: float, maximize: bool) -> float:
-    """How much better the search's own score looked than the untouched outer-test score."""
-    return inner - outer if maximize else outer - inner
-
-
 def generalization_gap(fits: list[FitResult]) -> float:
     """Validation minus training loss at each fold's best epoch, mean over folds: how much it overfits."""
     return float(np.mean([r.val_loss[r.best_epoch - 1] - r.train_loss[r.best_epoch - 1] for r in fits]))
@@ -512,9 +431,3 @@ def _fold_mean_curve(curves: list[np.ndarray]) -> np.ndarray:
     totals = np.where(seen, padded, 0.0).sum(axis=0)
     counts = seen.sum(axis=0)
     return np.divide(totals, counts, out=np.full(length, np.nan), where=counts > 0)  # all-NaN epochs stay NaN
-
-
-def _t_quantile(dof: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))

@@ -3,8 +3,8 @@
 For the small MLPs this tool targets, a fold fit costs launches and Python, not arithmetic, so M fits
 run as one: batched matmuls over a leading model dimension, per-model hyperparameters as (M,) tensors,
 data resident on the device, no host sync inside an epoch. Models are independent: each has its own
-rows, preprocessing fitted on its own training rows, its own optimiser state, early stopping, and a
-step mask that freezes it when it stops. This module knows nothing of Optuna or MLflow.
+rows, preprocessing fitted on its own training rows (`preprocess`), its own optimiser state, early
+stopping, and a step mask that freezes it when it stops. This module knows nothing of Optuna or MLflow.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from foldsweep.metrics import device_metric
 from foldsweep.model import MLP, StackedMLP, build_mlp, n_parameters
+from foldsweep.preprocess import fit_preprocessing, fit_targets, gather_rows, pad_rows
 from foldsweep.spec import ModelSpec, TrainSpec
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
@@ -147,11 +148,12 @@ class BatchTrainer:
         self.finished: dict[int, FitResult] = {}
         self.gen = torch.Generator(device=self.device).manual_seed(_mix_seeds(j.seed for j in jobs))
         self.np_rng = np.random.default_rng(_mix_seeds(j.seed for j in jobs))
-        self.train_idx, self.train_mask, self.n_train = _pad_rows([j.train_rows for j in jobs], self.device)
-        self.valid_idx, self.valid_mask, _ = _pad_rows([j.valid_rows for j in jobs], self.device)
-        self.inputs, self.preprocess = _fit_preprocessing(X, y, self.train_idx, self.train_mask, jobs)
-        self.targets, self.y_shift, self.y_scale = _fit_targets(y, self.train_idx, self.train_mask, self.regression)
-        self.x_valid = _gather_rows(self.inputs, self.valid_idx)
+        self.train_idx, self.train_mask, self.n_train = pad_rows([j.train_rows for j in jobs], self.device)
+        self.valid_idx, self.valid_mask, _ = pad_rows([j.valid_rows for j in jobs], self.device)
+        self.inputs, self.preprocess = fit_preprocessing(X, y, self.train_idx, self.train_mask, first,
+                                                       [j.seed for j in jobs])
+        self.targets, self.y_shift, self.y_scale = fit_targets(y, self.train_idx, self.train_mask, self.regression)
+        self.x_valid = gather_rows(self.inputs, self.valid_idx)
         self.y_valid = self.targets.gather(1, self.valid_idx)
         n_in = self.inputs.shape[-1]
         self.templates = [build_mlp(n_in, max(n_classes, 1), j.model, j.seed) for j in jobs]
@@ -235,7 +237,7 @@ class BatchTrainer:
         losses, takes = [], []
         for start, real, has_rows in self.batches:
             rows = rows_all[:, start : start + self.cfg.batch_size]  # (M, B)
-            data_loss = self._batch_loss(_gather_rows(self.inputs, rows), self.targets.gather(1, rows), real)
+            data_loss = self._batch_loss(gather_rows(self.inputs, rows), self.targets.gather(1, rows), real)
             take = running & has_rows
             # every model's gradient, used only by those in `take` (see _step); a model whose loss is not
             # finite is flagged as diverged at the end of the epoch, its results from its best epoch before
@@ -452,82 +454,3 @@ def _mix_seeds(seeds: object) -> int:
 
 def _per_model(values: Tensor, like: Tensor) -> Tensor:
     return values.view(-1, *([1] * (like.dim() - 1)))
-
-
-def _pad_rows(rows: list[np.ndarray], device: torch.device) -> tuple[Tensor, Tensor, Tensor]:
-    """(M, N) row indices padded with each model's own first row, so padding never reaches other rows."""
-    width = max(len(r) for r in rows)
-    idx = np.stack([np.concatenate([r, np.full(width - len(r), r[0])]) for r in rows])
-    mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-    n = torch.tensor([len(r) for r in rows], dtype=torch.float32, device=device)
-    return torch.as_tensor(idx, device=device), torch.as_tensor(mask, device=device), n
-
-
-def _gather_rows(inputs: Tensor, rows: Tensor) -> Tensor:
-    """inputs (M, N, F), rows (M, B) -> (M, B, F).
-
-    As whole rows of the (M * N, F) view: on a CPU, 5x faster than `gather` with an expanded index.
-    """
-    M, N, F = inputs.shape
-    offset = torch.arange(0, M * N, N, device=rows.device).unsqueeze(1)
-    return inputs.reshape(M * N, F).index_select(0, (rows + offset).flatten()).view(M, rows.shape[1], F)
-
-
-def _fit_preprocessing(X: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tensor,
-                       jobs: list[FitJob]) -> tuple[Tensor, dict[str, list[list[float]]]]:
-    """Impute, scale and select features with statistics of each model's training rows only."""
-    M = len(jobs)
-    x_train = X[train_idx]  # (M, N, F)
-    present = (~torch.isnan(x_train)) & train_mask.unsqueeze(-1)
-    count = present.sum(1).clamp(min=1)
-    fill = torch.where(present, x_train, 0.0).sum(1) / count  # (M, F) mean of the observed values
-    inputs = torch.where(torch.isnan(X).unsqueeze(0), fill.unsqueeze(1), X.unsqueeze(0).expand(M, -1, -1))
-    kind = jobs[0].train.preprocess
-    train_vals = torch.where(present, x_train, fill.unsqueeze(1))
-    if kind == "standard":
-        shift = fill
-        centred = (train_vals - shift.unsqueeze(1)) * train_mask.unsqueeze(-1)
-        var = (centred**2).sum(1) / train_mask.sum(1, keepdim=True)
-        scale = var.sqrt()
-    elif kind == "minmax":
-        big = torch.finfo(X.dtype).max
-        shift = torch.where(train_mask.unsqueeze(-1), train_vals, big).amin(1)
-        scale = torch.where(train_mask.unsqueeze(-1), train_vals, -big).amax(1) - shift
-    else:
-        shift, scale = torch.zeros_like(fill), torch.ones_like(fill)
-    scale = torch.where(scale > 0, scale, 1.0)
-    inputs = (inputs - shift.unsqueeze(1)) / scale.unsqueeze(1)
-    stats = {"fill": fill.tolist(), "shift": shift.tolist(), "scale": scale.tolist()}
-    k = jobs[0].train.select_k
-    if k is not None and k < X.shape[1]:
-        features = _select_features(inputs, y, train_idx, train_mask, jobs, k)
-        inputs = inputs.gather(2, features.unsqueeze(1).expand(-1, inputs.shape[1], -1))
-        stats["features"] = features.tolist()
-    return inputs, stats
-
-
-def _select_features(inputs: Tensor, y: Tensor, train_idx: Tensor, train_mask: Tensor, jobs: list[FitJob],
-                     k: int) -> Tensor:
-    """Top-k features by mutual information with the target, scored on each model's training rows only."""
-    from sklearn.feature_selection import mutual_info_classif, mutual_info_regression
-
-    score = mutual_info_regression if y.is_floating_point() else mutual_info_classif
-    chosen = []
-    for m, job in enumerate(jobs):
-        rows = train_idx[m][train_mask[m]]
-        mi = score(inputs[m, rows].cpu().numpy(), y[rows].cpu().numpy(), random_state=job.seed % 2**32)
-        chosen.append(np.sort(np.argsort(-mi, kind="stable")[:k]))
-    return torch.as_tensor(np.stack(chosen), device=inputs.device)
-
-
-def _fit_targets(y: Tensor, train_idx: Tensor, train_mask: Tensor, regression: bool) -> tuple[Tensor, Tensor, Tensor]:
-    """Regression targets standardised per model (train rows only); class codes pass through."""
-    M = train_idx.shape[0]
-    if not regression:
-        return y.unsqueeze(0).expand(M, -1), torch.zeros(M, 1, device=y.device), torch.ones(M, 1, device=y.device)
-    y_train = y[train_idx]
-    mask = train_mask.float()
-    n = mask.sum(1, keepdim=True)
-    shift = (y_train * mask).sum(1, keepdim=True) / n
-    scale = torch.sqrt((((y_train - shift) * mask) ** 2).sum(1, keepdim=True) / n).clamp(min=1e-8)
-    return (y.unsqueeze(0) - shift) / scale, shift, scale

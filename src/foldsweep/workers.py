@@ -25,21 +25,12 @@ from optuna.trial import TrialState
 from foldsweep import __version__
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.errors import DeviceError, FoldsweepError
+from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
 from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact
-from foldsweep.sweep import (
-    Progress,
-    StudyRef,
-    Sweep,
-    open_studies,
-    refit_outer,
-    study_status,
-    summarize,
-    warm_start_final,
-    work,
-)
+from foldsweep.sweep import Progress, StudyRef, Sweep, open_studies, study_status, work
 from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
