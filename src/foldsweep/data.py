@@ -59,6 +59,9 @@ class Dataset:
 
 def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
     """Load the spec's data set; relative paths are resolved against `base_dir` (the spec's folder)."""
+    if spec.frame is not None:
+        raise DataError(f"data.frame `{spec.frame}` is an in-memory table, not a file: pass it again from Python, "
+                        "e.g. foldsweep.open(NAME, data=frame)")
     if spec.dataset is not None:
         frame, target = _bundled(spec.dataset)
         name: str = spec.dataset
@@ -67,6 +70,25 @@ def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
         frame, target = _read_table(path), spec.target or ""
         name = path.stem
     return _to_dataset(frame, target, spec, name)
+
+
+def dataset_from_frame(frame: pd.DataFrame, spec: DataSpec, *, name: str) -> Dataset:
+    """An in-memory table as a Dataset: the rows, row hashes and fingerprint are those of the same table
+    read from a CSV/Parquet file, so the seal and the test look treat both alike.
+
+    Args:
+        frame: (n rows, features + the `spec.target` column, and `group`/`time` columns if set); not modified.
+        spec: the data block; its `target`, `task`, `metric`, `missing`, `categorical`, `group`, `time` apply.
+        name: what the data set is called in messages and records.
+    """
+    if frame.empty:
+        raise DataError(f"table `{name}` has no rows")
+    if frame.columns.duplicated().any():
+        dupes = sorted({str(c) for c in frame.columns[frame.columns.duplicated()]})
+        raise DataError(f"table `{name}` has duplicate column names: {', '.join(dupes)}")
+    frame = frame.copy()
+    frame.columns = [str(c) for c in frame.columns]  # as a file's header reads back
+    return _to_dataset(frame, spec.target or "", spec, name)
 
 
 def _resolve(path: str, base_dir: Path | None) -> Path:

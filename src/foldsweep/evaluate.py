@@ -196,17 +196,22 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     return plan.dev, f"re-sealed with split.seed={config.split.seed}", notes
 
 
-def fit_config(config_path: Path, out: Path) -> dict[str, Any]:
-    """`foldsweep fit`: train the exported config on all development rows and save the model folder."""
-    config = load_spec(config_path)
+def fit_config(config_path: Path | SweepSpec, out: Path, *, data: Dataset | None = None) -> dict[str, Any]:
+    """`foldsweep fit`: train the exported config on all development rows and save the model folder.
+
+    `config_path` is an exported config's file or the loaded config; `data` is the table when the
+    config's data is in memory (`data.frame`), else it is loaded from the config.
+    """
+    config = config_path if isinstance(config_path, SweepSpec) else load_spec(config_path)
+    source_name = "config" if isinstance(config_path, SweepSpec) else str(config_path)
     if config.search:
-        raise SpecError(f"{config_path}: `search` is not empty; `foldsweep fit` trains one configuration: "
+        raise SpecError(f"{source_name}: `search` is not empty; `foldsweep fit` trains one configuration: "
                         "export one with `foldsweep export SWEEP -o best.yaml`")
     if (out / "model.pt").exists():
         raise FoldsweepError(f"`{out}` already holds a model; pick another -o folder or remove it")
     provenance = config.provenance or {}
     record = matching_record(provenance)
-    data = load_dataset(config.data)
+    data = data if data is not None else load_dataset(config.data)
     dev, source, notes = development_rows(config, data, record)
     epochs = int(provenance.get("refit_epochs", config.train.epochs))
     final, result = train_final(config, data, dev, epochs)
@@ -274,28 +279,36 @@ def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:
     if not data_path.is_file():
         raise DataError(f"data file `{data_path}` not found")
     X = final.prep.encode(_read_table(data_path), str(data_path))
-    pred = final.predict(X)
-    if final.prep.classes is not None:
-        labels = np.asarray(final.prep.classes, dtype=object)[pred.argmax(1)]
-        table = pd.DataFrame({"prediction": labels} | {f"prob_{c}": pred[:, i] for i, c in
-                                                      enumerate(final.prep.classes)})
-    else:
-        table = pd.DataFrame({"prediction": pred})
+    table = prediction_table(final, X)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return {"rows": len(table), "output": str(out), "imputed": int((~np.isfinite(X)).sum())}
 
 
+def prediction_table(final: FinalModel, X: np.ndarray) -> pd.DataFrame:
+    """One row out per encoded row in (`Preprocessing.encode`): `prediction` (the label or value), and
+    `prob_<class>` per class."""
+    pred = final.predict(X)
+    if final.prep.classes is None:
+        return pd.DataFrame({"prediction": pred})
+    labels = np.asarray(final.prep.classes, dtype=object)[pred.argmax(1)]
+    return pd.DataFrame({"prediction": labels} | {f"prob_{c}": pred[:, i] for i, c in enumerate(final.prep.classes)})
+
+
 # -- the sealed test look ----------------------------------------------------------------------------------
-def look(name: str, again: bool = False, model_dir: Path | None = None) -> dict[str, Any]:
-    """Score the sealed test rows once; the ledger has the look before anything prints it."""
+def look(name: str, again: bool = False, model_dir: Path | None = None, *, data: Dataset | None = None
+         ) -> dict[str, Any]:
+    """Score the sealed test rows once; the ledger has the look before anything prints it.
+
+    `data` is the table when the sweep's data is in memory (`data.frame`); it must be the sealed one.
+    """
     from foldsweep.export import export_best
     from foldsweep.report import refresh_report
 
     record = SweepRecord.open(name)
     if "summary" not in record.meta:
         raise FoldsweepError(f"sweep `{name}` has not finished; finish it with `foldsweep run` before the test look")
-    data = load_dataset(record.spec.data)
+    data = data if data is not None else load_dataset(record.spec.data)
     record.verify_data(data)
     record.check_can_look(again)
     plan = record.plan

@@ -39,6 +39,7 @@ class _Frozen(BaseModel):
 class DataSpec(_Frozen):
     dataset: Dataset | None = None
     path: str | None = None
+    frame: str | None = None  # a label for an in-memory table handed to `foldsweep.run(spec, data=...)`
     target: str | None = None
     task: Task = "auto"
     metric: Metric = "auto"
@@ -49,10 +50,12 @@ class DataSpec(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("give exactly one of `dataset` (a bundled set) or `path` (a CSV/Parquet file)")
-        if self.path is not None and self.target is None:
-            raise ValueError("`target` is required with `path`: name the label column")
+        if sum(source is not None for source in (self.dataset, self.path, self.frame)) != 1:
+            raise ValueError("give exactly one of `dataset` (a bundled set) or `path` (a CSV/Parquet file) "
+                             "(or `frame`: an in-memory table passed to foldsweep.run)")
+        if self.target is None and (self.path is not None or self.frame is not None):
+            raise ValueError(f"`target` is required with `{'path' if self.path is not None else 'frame'}`: "
+                             "name the label column")
         if self.task == "classification" and self.metric in REGRESSION_METRICS:
             raise ValueError(f"metric `{self.metric}` is for regression; use one of {CLASSIFICATION_METRICS}")
         if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from foldsweep import __version__
 from foldsweep.data import Dataset, load_dataset
-from foldsweep.errors import DeviceError, FoldsweepError
+from foldsweep.errors import DataError, DeviceError, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
@@ -63,14 +63,20 @@ def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
 
 
 def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = False, storage: str | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints."""
+              progress: Progress | None = None, data: Dataset | None = None) -> dict[str, Any]:
+    """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints.
+
+    `data` is the loaded table when it is in memory (`data.frame`); else the spec's data is loaded here.
+    """
     started = time.time()
     if fresh:
         spec = spec.model_copy(update={"name": fresh_name(spec.name)})
-    data = load_dataset(spec.data, base_dir)
+    data = data if data is not None else load_dataset(spec.data, base_dir)
     devices = resolve_devices(spec)
     slots = worker_slots(spec, devices)
+    if spec.data.frame is not None and len(slots) > 1:
+        raise DataError(f"data.frame `{spec.data.frame}` is in this process's memory: the {len(slots)} workers "
+                        "cannot read it; set resources.workers: 1, or write the table to a file (data.path)")
     url = storage or spec.storage or default_storage(spec.name)
     optuna_storage = preflight(url, len(slots))
     record, plan, resumed = create_or_resume(spec, data, url)
