@@ -6,6 +6,7 @@ path (``search.lr.low``), the rule and the value that broke it.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -241,13 +242,22 @@ class SweepSpec(_Frozen):
 def load_spec(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
     """Read a sweep file, apply `key.path=value` overrides, validate once."""
     path = Path(path)
-    raw = _read_yaml(path)
+    return build_spec(_read_yaml(path), overrides, source=str(path), folder=path.parent)
+
+
+def build_spec(raw: Any, overrides: tuple[str, ...] | list[str] = (), *, source: str = "<spec>",
+               folder: Path | None = None) -> SweepSpec:
+    """A spec from plain values (a parsed file, or a dict written in Python), with `key.path=value` overrides.
+
+    `raw` is not modified; a relative `data.path` is anchored to the working folder, else to `folder`.
+    """
     if overrides and not isinstance(raw, dict):
-        return parse_spec(raw, source=str(path))  # refuses it: --set needs a mapping to write into
+        return parse_spec(raw, source=source)  # refuses it: --set needs a mapping to write into
+    raw = copy.deepcopy(raw)
     for override in overrides:
         _apply_override(raw, override)
-    spec = parse_spec(raw, source=str(path))
-    return _anchor_data_path(spec, path.parent)
+    spec = parse_spec(raw, source=source)
+    return _anchor_data_path(spec, folder or Path.cwd())
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:

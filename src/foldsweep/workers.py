@@ -108,7 +108,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
     try:
         _set_threads(sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
-        return _finish(sweep, record, tracker, ids)
+        return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
         helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
@@ -275,15 +275,24 @@ def _chores(sweep: Sweep, progress: Progress | None, helpers: Helpers) -> Any:
     return maintain
 
 
-def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str]) -> dict[str, Any]:
+def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
+            progress: Progress | None) -> dict[str, Any]:
+    """Refit the outer bests, summarise, write the report; each phase is announced to `progress`."""
+    def phase(name: str, total: int = 1) -> None:
+        if progress is not None:
+            progress("phase", {"phase": name, "total": total})
+
+    phase("refits", len(sweep.studies) - 1)
     refits = refit_outer(sweep)
     summary = summarize(sweep, refits)
     record.update(summary=summary)
     from foldsweep.report import log_sweep_artifacts
 
+    phase("report")
     log_sweep_artifacts(sweep, record, tracker, ids, summary)
     for key in (*[ref.key for ref in sweep.studies], "sweep"):
         tracker.finish(ids[key])
+    phase("done")
     return summary
 
 
