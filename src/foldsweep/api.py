@@ -69,6 +69,8 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
     from foldsweep.console import Display
     from foldsweep.workers import run_sweep
 
+    if data is not None and isinstance(spec, dict) and "data" not in spec:  # the rows come from Python alone
+        spec = spec | {"data": {"frame": FRAME_LABEL, "target": target or ARRAY_TARGET}}
     sweep_spec = _spec(spec, overrides)
     dataset = None
     if data is not None:
