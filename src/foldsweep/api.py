@@ -18,7 +18,8 @@ KeyboardInterrupt in a kernel) leaves a resumable sweep: `run` the same spec and
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeAlias
 
@@ -78,7 +79,7 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
     elif target is not None:
         sweep_spec = _with_data(sweep_spec, {"target": target})
     try:
-        with Display(quiet=not progress) as display:
+        with _optuna_quiet(), Display(quiet=not progress) as display:
             summary = run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event, data=dataset)
     except KeyboardInterrupt as stop:
         if hasattr(stop, "add_note"):  # Python 3.11+: shown under the traceback in a notebook
@@ -136,6 +137,21 @@ def status(name: str | None = None) -> list[dict[str, Any]]:
 
 
 # -- helpers -----------------------------------------------------------------------------------------------------
+@contextmanager
+def _optuna_quiet() -> Iterator[None]:
+    """Optuna's INFO lines ("A new study created ...") would interleave with the display; the caller's own
+    setting comes back afterwards (the CLI sets WARNING, or DEBUG with --debug, once for the process)."""
+    import optuna
+
+    before = optuna.logging.get_verbosity()
+    if before == optuna.logging.INFO:  # Optuna's default; DEBUG (foldsweep --debug) is left as asked
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
 def _spec(spec: SpecLike, overrides: Sequence[str]) -> SweepSpec:
     """Any accepted form of a spec, overrides applied and validated once."""
     if isinstance(spec, SweepSpec):
