@@ -31,7 +31,8 @@ def drive(display: Display, workers: list[str]) -> None:
                                                             "trials": ["outer-0#1"]}]})
         display.event("trial", {"study": "outer-0", "number": 1, "state": "complete", "value": 0.8, "worker": "w"})
         display.event("phase", {"phase": "refits", "total": 1})
-        display.event("phase", {"phase": "report", "total": 1})
+        display.event("phase", {"phase": "report", "total": 1,
+                                 "rows": [ROWS[0] | {"refit": {"outer_test_score": 0.6543}}, ROWS[1]]})
         display.event("phase", {"phase": "done", "total": 1})
 
 
@@ -55,6 +56,7 @@ def test_live_display_shows_a_bar_per_phase_and_workers_only_when_several() -> N
     for bar in ("trials  ", "refits  ", "report  "):
         assert any(bar in line and "━" in line for line in text.splitlines()), bar
     assert "4/4" in text  # the trials bar is complete once the refits start
+    assert "0.6543" in text  # the outer-test column fills once the refits are done
     assert "worker-1" not in text  # one worker: no workers table
     several = terminal()
     drive(Display(quiet=False, console=several), ["cpu", "cpu"])

@@ -311,6 +311,7 @@ class Display:
         """After the trials: `refits` (outer-fold bests on their outer-train rows), `report`, `done`."""
         for task in self.bars.tasks:
             self.bars.update(task.id, completed=task.total)
+        self.rows = info.get("rows", self.rows)
         phase = info["phase"]
         if phase == "done":
             return

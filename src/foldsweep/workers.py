@@ -279,8 +279,8 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
             progress: Progress | None) -> dict[str, Any]:
     """Refit the outer bests, summarise, write the report; each phase is announced to `progress`."""
     def phase(name: str, total: int = 1) -> None:
-        if progress is not None:
-            progress("phase", {"phase": name, "total": total})
+        if progress is not None:  # with the studies' rows: after the refits they hold the outer-test scores
+            progress("phase", {"phase": name, "total": total, "rows": study_status(sweep.studies, sweep.n_trials)})
 
     phase("refits", len(sweep.studies) - 1)
     refits = refit_outer(sweep)
