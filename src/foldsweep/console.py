@@ -168,7 +168,7 @@ def status_view(entry: dict[str, Any]) -> Group:
 def trials_table(rows: list[dict[str, Any]], title: str) -> Table:
     """`foldsweep trials`: one row per trial, searched values to 4 significant digits."""
     knobs = [k for k in (rows[0] if rows else {}) if k.startswith("params_")]
-    columns = ["study", "number", "state", "value", "epochs", "duration_s", *[k[7:] for k in knobs]]
+    columns = ["study", "number", "state", "value", "best epoch", "duration_s", *[k[7:] for k in knobs]]
     body = [[str(r["study"]), str(r["number"]), str(r["state"]), _score(r["value"]),
              value(r["mean_best_epoch"]), value(r["duration_s"]), *[value(r[k]) for k in knobs]] for r in rows]
     return _table(title, columns, body)
