@@ -31,6 +31,8 @@ __all__ = ["Display", "Shown", "fit_lines", "look_lines", "out", "print_report",
 
 PIPED_WIDTH = 1000  # lines are never cut when nobody reads them in a terminal; tables keep their natural width
 HTML_WIDTH = 120
+HTML_FRAGMENT = ("<pre style=\"white-space:pre;overflow-x:auto;line-height:normal;"
+                 "font-family:Menlo,'DejaVu Sans Mono',consolas,'Courier New',monospace\">{code}</pre>")
 
 
 def _console() -> Console:
@@ -214,7 +216,7 @@ class Shown:
         console = Console(record=True, file=io.StringIO(), width=HTML_WIDTH, color_system="truecolor",
                           force_jupyter=False, force_terminal=html)
         console.print(self.view)
-        return console.export_html(inline_styles=True) if html else console.export_text()
+        return console.export_html(inline_styles=True, code_format=HTML_FRAGMENT) if html else console.export_text()
 
     def __str__(self) -> str:
         return self._render(html=False)
