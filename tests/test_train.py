@@ -23,7 +23,6 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-import foldsweep.train as train_module
 from foldsweep.data import load_dataset
 from foldsweep.metrics import device_metric
 from foldsweep.model import build_mlp
@@ -238,23 +237,24 @@ def test_each_training_row_is_used_once_per_epoch(sonar, monkeypatch) -> None:
     trainer = BatchTrainer(*_tensors(X, y), jobs, 2, "accuracy")
     gathered: list[torch.Tensor] = []
     reals: list[torch.Tensor] = []
-    gather, batch_loss = train_module.gather_rows, trainer._batch_loss
+    gather, batch_loss = trainer.transform.apply, trainer._batch_loss
 
     def record_gather(inputs, rows):
         gathered.append(rows.clone())
         return gather(inputs, rows)
 
-    def record_loss(x, target, real):
+    def record_loss(x, target, real, step):
         reals.append(real.clone())
-        return batch_loss(x, target, real)
+        return batch_loss(x, target, real, step)
 
-    monkeypatch.setattr(train_module, "gather_rows", record_gather)
+    monkeypatch.setattr(trainer.transform, "apply", record_gather)
     monkeypatch.setattr(trainer, "_batch_loss", record_loss)
     orders = []
     for _ in range(3):
         gathered.clear()
         reals.clear()
         trainer.run_epochs(1)
+        gathered[:] = gathered[: len(reals)]  # the rest gathered validation chunks
         assert len(gathered) == len(reals) == math.ceil(max(sizes) / 10)
         for m, job in enumerate(jobs):
             used = torch.cat([rows[m][real[m] > 0] for rows, real in zip(gathered, reals, strict=True)]).numpy()
@@ -323,7 +323,7 @@ def test_plateau_cuts_the_learning_rate_per_model(sonar) -> None:
             FitJob(*folds[1], ModelSpec(width=8), spec.model_copy(update={"lr": 1e-4}), seed=1)]
     trainer = BatchTrainer(*_tensors(X, y), jobs, 2, "accuracy")
     trainer.run_epochs(40)
-    val = trainer.history[1].numpy()
+    val = trainer.history[:, :, 1].numpy()
     for m in range(2):  # replay the rule: cut by gamma after patience // 2 epochs without a new best
         factor, best, bad = 1.0, math.inf, 0
         for loss in val[m]:
@@ -391,7 +391,9 @@ def test_preprocessing_statistics_come_from_training_rows_only(sonar) -> None:
         np.testing.assert_allclose(result.preprocess["shift"], scaler.mean_, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(result.preprocess["scale"], scaler.scale_, rtol=1e-4, atol=1e-6)
         # every row, validation rows with NaN included, is transformed with the training rows' fill
-        np.testing.assert_allclose(trainer.inputs[m].numpy(), pipe.transform(X), atol=1e-4)
+        every_row = torch.arange(len(X)).expand(len(jobs), -1)
+        np.testing.assert_allclose(trainer.transform.apply(trainer.X, every_row)[m].numpy(), pipe.transform(X),
+                                   atol=1e-4)
     assert np.isnan(X[folds[0][1], 7]).any()
 
 
@@ -403,7 +405,7 @@ def test_minmax_statistics_come_from_training_rows_only(sonar) -> None:
     pre = trainer.results()[0].preprocess
     np.testing.assert_allclose(pre["shift"], X[train].min(0), rtol=1e-6)
     np.testing.assert_allclose(pre["scale"], X[train].max(0) - X[train].min(0), rtol=1e-5)
-    inputs = trainer.inputs[0].numpy()
+    inputs = trainer.transform.apply(trainer.X, torch.arange(len(X)).unsqueeze(0))[0].numpy()
     assert inputs[train].min() == pytest.approx(0.0) and inputs[train].max() == pytest.approx(1.0)
 
 
@@ -449,13 +451,13 @@ def test_export_equals_the_stacked_model_after_training(sonar) -> None:
     trainer = BatchTrainer(*_tensors(X, y), jobs, 2, "accuracy")
     trainer.run_epochs(5)
     assert not torch.allclose(trainer.net.running_var, torch.ones_like(trainer.net.running_var))
+    x_valid = trainer.transform.apply(trainer.X, torch.as_tensor(np.stack([j.valid_rows[:20] for j in jobs])))
     with torch.no_grad():
-        stacked = trainer.net.forward(trainer.x_valid, None, None, None)
+        stacked = trainer.net.forward(x_valid, None)
     for i, job in enumerate(jobs):
         plain = trainer.net.export(i, build_mlp(60, 2, job.model, seed=1234))
-        n = len(job.valid_rows)
         with torch.no_grad():
-            torch.testing.assert_close(plain(trainer.x_valid[i, :n]), stacked[i, :n], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(plain(x_valid[i]), stacked[i], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "roc_auc", "log_loss", "f1_macro", "rmse", "mae", "r2"])
