@@ -243,9 +243,9 @@ def test_each_training_row_is_used_once_per_epoch(sonar, monkeypatch) -> None:
         gathered.append(rows.clone())
         return gather(inputs, rows)
 
-    def record_loss(x, target, real, step):
+    def record_loss(x, target, real, bases):
         reals.append(real.clone())
-        return batch_loss(x, target, real, step)
+        return batch_loss(x, target, real, bases)
 
     monkeypatch.setattr(trainer.transform, "apply", record_gather)
     monkeypatch.setattr(trainer, "_batch_loss", record_loss)

@@ -8,6 +8,7 @@ batch; it is initialised by stacking `MLP` instances, so both start from identic
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -20,6 +21,16 @@ from foldsweep.spec import ModelSpec
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
+
+
+@dataclass(frozen=True)
+class Dropout:
+    """One training step's dropout: `rows` (M, depth, B) hashes of (model key, step, layer, row) from
+    `rng`, `threshold` (M, 1, 1) int64 (rate * 2^32) and `scale` (M, 1, 1) = 1 / (1 - rate)."""
+
+    rows: Tensor
+    threshold: Tensor
+    scale: Tensor
 
 
 class MLP(nn.Module):
@@ -115,6 +126,7 @@ class StackedMLP:
         self._link()
         self.running_mean = torch.zeros(shape, device=device, dtype=dtype)
         self.running_var = torch.ones(shape, device=device, dtype=dtype)
+        self._unit_hashes: Tensor | None = None
 
     def _link(self) -> None:
         """(Re)create the trained tensors as leaf views of `flat`."""
@@ -146,11 +158,11 @@ class StackedMLP:
             self.bn_scale, self.bn_shift = self.bn_scale[keep], self.bn_shift[keep]
         self._link()
 
-    def forward(self, x: Tensor, row_mask: Tensor | None, dropout: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(self, x: Tensor, row_mask: Tensor | None, dropout: Dropout | None = None) -> Tensor:
         """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only).
 
-        `dropout` = (rate (M, 1, 1), stream base (M,) of this step): each model's keep mask is a hash of
-        its own key, layer, row and unit (`rng`), so it is the same whoever the model shares a batch with.
+        `dropout`: each model's keep mask is a hash of its own key, step, layer, row and unit (`rng`), the
+        same whoever shares its batch.
         """
         h = x
         for layer in range(self.depth):
@@ -158,11 +170,16 @@ class StackedMLP:
             if self.batch_norm:
                 h = self._batch_norm(h, layer, row_mask)
             h = ACTIVATIONS[self.activation](h) * self.unit_mask
-            if dropout is not None:  # the scaled keep mask is built in place, outside autograd
-                drop, base = dropout
-                draws = rng.uniform(rng.mix((base + layer) & rng.MASK32), h.shape[1], h.shape[2], h.dtype)
-                h = h * draws.gt_(drop).div_(1 - drop)
+            if dropout is not None:  # the scaled keep mask is made outside autograd
+                units = self._units(h.shape[2], h.device)
+                h = h * rng.keep_mask(dropout.rows[:, layer], units, dropout.threshold, dropout.scale)
         return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
+
+    def _units(self, units: int, device: torch.device) -> Tensor:
+        """Unit position hashes for dropout masks, made once per width."""
+        if self._unit_hashes is None or self._unit_hashes.shape[0] != units:
+            self._unit_hashes = rng.column_hashes(units, device)
+        return self._unit_hashes
 
     def _batch_norm(self, h: Tensor, layer: int, row_mask: Tensor | None) -> Tensor:
         if row_mask is None:  # evaluation: running statistics

@@ -46,6 +46,39 @@ def stream(key: Tensor, kind: int, *counters: Tensor | int) -> Tensor:
     return h
 
 
+def steps(base: Tensor, n: int) -> Tensor:
+    """(M, n) bases, one per step (or step and layer) of an epoch, from one (M,) base: one kernel each."""
+    return mix((base.unsqueeze(1) + torch.arange(n, device=base.device) * _GOLDEN) & MASK32)
+
+
+def row_hashes(n: int, device: torch.device) -> Tensor:
+    """(n,) hashes of row positions, computed once and combined with a base per step."""
+    return mix(torch.arange(n, device=device) * _ROW & MASK32)
+
+
+def column_hashes(n: int, device: torch.device) -> Tensor:
+    """(n,) hashes of column positions (units, features)."""
+    return mix(torch.arange(n, device=device) * _COL & MASK32)
+
+
+def keep_mask(per_row: Tensor, columns: Tensor, threshold: Tensor, scale: Tensor) -> Tensor:
+    """Scaled dropout masks (M, B, W): `scale` (= 1 / (1 - rate)) with probability 1 - rate, else 0.
+
+    `per_row` (M, B): fully mixed hashes of (model, step, layer, row), from `mix(base ^ row_hashes)`;
+    `columns` (W,) from `column_hashes`; `threshold` (M, 1, 1) int64 = rate * 2^32. The (M, B, W) stage,
+    the costly one, is one multiply-xorshift round of (row hash ^ column hash) compared as an integer:
+    6 elementwise kernels for the whole mask.
+    """
+    h = ((per_row.unsqueeze(-1) ^ columns) * 0x9E3779B1) & MASK32
+    h = h ^ (h >> 16)
+    return torch.where(h >= threshold, scale, 0.0)
+
+
+def dropout_threshold(rate: Tensor) -> Tensor:
+    """The int64 threshold `keep_mask` compares with: a hash below rate * 2^32 drops the unit."""
+    return (rate.double() * 2.0**32).to(torch.int64)
+
+
 def bits(base: Tensor, rows: int, cols: int | None = None) -> Tensor:
     """32-bit hashes: (M, rows) from (model, row), or (M, rows, cols) from (model, row, column)."""
     index = torch.arange(rows, device=base.device)

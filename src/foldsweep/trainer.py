@@ -27,7 +27,7 @@ from foldsweep import rng
 from foldsweep.jobs import FitJob, FitResult
 from foldsweep.memory import valid_chunk
 from foldsweep.metrics import device_metric
-from foldsweep.model import StackedMLP, build_mlp
+from foldsweep.model import Dropout, StackedMLP, build_mlp
 from foldsweep.preprocess import fit_targets, fit_transform, share_rows
 from foldsweep.spec import TrainSpec
 
@@ -154,10 +154,13 @@ class BatchTrainer:
         order = self.order()[:, : self.train_width]
         lr = self.lr * self.plateau * self.schedule.index_select(0, self.epoch_t.view(1))
         losses, takes = [], []
+        streams = self._streams()
+        self._drop_constants = rng.dropout_threshold(self.drop), 1 / (1 - self.drop)
         self._next_progress = time.monotonic() + PROGRESS_EVERY_S
         for step, (start, real, has_rows) in enumerate(self.batches):
             rows = self.train_rows.model_rows(order[:, start : start + self.cfg.batch_size])  # (M, B)
-            data_loss = self._batch_loss(self.transform.apply(self.X, rows), self._targets(rows), real, step)
+            bases = {kind: base[:, step] for kind, base in streams.items()}
+            data_loss = self._batch_loss(self.transform.apply(self.X, rows), self._targets(rows), real, bases)
             take = running & has_rows
             # every model's gradient, used only by those in `take` (see _step); a model whose loss is not
             # finite is flagged as diverged at the end of the epoch, its results from its best epoch before
@@ -181,6 +184,22 @@ class BatchTrainer:
         keys = torch.where(position < self.n_train.unsqueeze(1), keys, SORT_LAST)
         return keys.argsort(dim=1, stable=True)
 
+    def _streams(self) -> dict[int, Tensor]:
+        """This epoch's random stream bases per kind of draw: (M, steps), dropout (M, steps, depth).
+
+        A base is a hash of (model key, kind, epoch, step[, layer]), computed for every step at once so a
+        step only takes a column; the count of steps does not enter it (a model's draws are the same in a
+        batch whose largest fold makes more steps).
+        """
+        S, M = len(self.batches), self.M
+        kinds = ([rng.NOISE, rng.NOISE_ANGLE] if self.uses["noise"] else []) + (
+            [rng.MIXUP_GAMMA, rng.MIXUP_PARTNER] if self.uses["mixup"] else [])
+        out = {kind: rng.steps(rng.stream(self.keys, kind, self.epoch_t), S) for kind in kinds}
+        if self.uses["dropout"]:
+            depth = self.net.depth
+            out[rng.DROPOUT] = rng.steps(rng.stream(self.keys, rng.DROPOUT, self.epoch_t), S * depth).view(M, S, depth)
+        return out
+
     def _plan_batches(self) -> None:
         """Per step of an epoch: where it starts, each model's real rows (M, B) and who has any (M,).
 
@@ -199,6 +218,7 @@ class BatchTrainer:
             self.batches.append((start, real, real.sum(1) > 0))
         self.batch_rows = torch.stack([real.sum(1) for _, real, _ in self.batches])  # (steps, M)
         self.rows_used = self.batch_rows.sum(0).clamp(min=1)  # (M,) rows one epoch trains on
+        self._row_hashes = rng.row_hashes(self.cfg.batch_size, self.device)
         self.valid_chunk = valid_chunk(self.net.unit_mask.shape[-1], self.M)
 
     def _targets(self, rows: Tensor) -> Tensor:
@@ -206,21 +226,25 @@ class BatchTrainer:
             return self.y[rows]
         return (self.y[rows].to(self.dtype) - self.y_shift) / self.y_scale
 
-    def _batch_loss(self, x: Tensor, target: Tensor, real: Tensor, step: int) -> Tensor:
-        """Mean loss over each model's real rows, shape (M,); noise and mixup on training batches only."""
+    def _batch_loss(self, x: Tensor, target: Tensor, real: Tensor, bases: dict[int, Tensor]) -> Tensor:
+        """Mean loss over each model's real rows, shape (M,); noise and mixup on training batches only.
+
+        `bases`: this step's stream base (M,) per kind of draw (dropout: (M, depth)), from `_streams`.
+        """
         M, B, n_in = x.shape
         if self.uses["noise"]:
-            draws = rng.normal(rng.stream(self.keys, rng.NOISE, self.epoch_t, step),
-                               rng.stream(self.keys, rng.NOISE_ANGLE, self.epoch_t, step), B, n_in, x.dtype)
-            x = x + self.noise * draws
+            x = x + self.noise * rng.normal(bases[rng.NOISE], bases[rng.NOISE_ANGLE], B, n_in, x.dtype)
         lam = partner = None
         if self.uses["mixup"]:  # lambda ~ Beta(a, a) per model and step; 1 (no mixing) for a model without mixup
-            draw = rng.beta(rng.stream(self.keys, rng.MIXUP_GAMMA, self.epoch_t, step), self.mixup.clamp(min=1e-3))
+            draw = rng.beta(bases[rng.MIXUP_GAMMA], self.mixup.clamp(min=1e-3))
             lam = torch.where(self.mixup > 0, draw, 1.0).view(M, 1)
-            keys = rng.bits(rng.stream(self.keys, rng.MIXUP_PARTNER, self.epoch_t, step), B)
+            keys = rng.bits(bases[rng.MIXUP_PARTNER], B)
             partner = torch.where(real > 0, keys, SORT_LAST).argsort(dim=1, stable=True)  # real rows pair up
             x = lam.unsqueeze(-1) * x + (1 - lam.unsqueeze(-1)) * x.gather(1, partner.unsqueeze(-1).expand_as(x))
-        dropout = (self.drop, rng.stream(self.keys, rng.DROPOUT, self.epoch_t, step)) if self.uses["dropout"] else None
+        dropout = None
+        if self.uses["dropout"]:  # (M, depth, B): one mixing pass for every layer's rows
+            rows = rng.mix(bases[rng.DROPOUT].unsqueeze(-1) ^ self._row_hashes[:B])
+            dropout = Dropout(rows, *self._drop_constants)
         out = self.net.forward(x, real.unsqueeze(-1), dropout)
         rows = self._row_loss(out, target)
         if lam is not None and partner is not None:
