@@ -13,9 +13,10 @@ from torch.overrides import TorchFunctionMode
 
 from foldsweep import memory, rng
 from foldsweep.data import load_dataset
+from foldsweep.errors import SpecError
 from foldsweep.memory import MemoryBudgetError, Shape
 from foldsweep.model import build_mlp, n_parameters
-from foldsweep.spec import DataSpec, ModelSpec, TrainSpec
+from foldsweep.spec import DataSpec, ModelSpec, TrainSpec, parse_spec
 from foldsweep.train import BatchTrainer, FitJob, fit_many
 
 
@@ -239,14 +240,17 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
 
 @pytest.mark.parametrize(("text", "expected"), [("4GB", 4 * 2**30), ("512MB", 512 * 2**20), ("1.5gb", int(1.5 * 2**30)),
                                                 ("1000", 1000)])
-def test_parse_bytes(text: str, expected: int) -> None:
-    assert memory.parse_bytes(text) == expected
+def test_resources_memory_reads_sizes(text: str, expected: int) -> None:
+    spec = parse_spec({"name": "t", "data": {"dataset": "sonar"}, "resources": {"memory": text}})
+    assert spec.resources.memory == expected
 
 
 @pytest.mark.parametrize("text", ["lots", "-1GB", "0MB", "4 PB"])
-def test_parse_bytes_refuses_what_is_not_a_size(text: str) -> None:
-    with pytest.raises(ValueError, match="is not a memory size"):
-        memory.parse_bytes(text)
+def test_resources_memory_refuses_what_is_not_a_size(text: str) -> None:
+    with pytest.raises(SpecError) as err:
+        parse_spec({"name": "t", "data": {"dataset": "sonar"}, "resources": {"memory": text}}, source="s.yaml")
+    assert str(err.value) == (f"s.yaml: `resources.memory` is not a memory size: write e.g. 512MB, 4GB or 1.5GB, "
+                              f"got {text!r}")
 
 
 # -- progress ------------------------------------------------------------------------------------------------------

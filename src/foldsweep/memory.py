@@ -11,7 +11,6 @@ share it; free memory on a GPU), capped by `resources.memory`.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import psutil
@@ -22,7 +21,6 @@ from foldsweep.errors import FoldsweepError
 CPU_SAFE_FRACTION = 0.5  # of the RAM free when a batch starts: other workers and the MLflow writer share it
 GPU_SAFE_FRACTION = 0.8  # of the GPU's free memory: the caching allocator fragments
 VALID_CHUNK_BYTES = 64 * 2**20  # the activations of one validation chunk, all models together
-UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
 
 
 class MemoryBudgetError(FoldsweepError):
@@ -44,14 +42,6 @@ class Shape:
     epochs: int
     itemsize: int
     keep_models: bool
-
-
-def parse_bytes(text: str) -> int:
-    """'4GB', '512MB', '1.5 GB' or a plain number of bytes -> bytes; ValueError names what is allowed."""
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(KB|MB|GB|TB|B)?\s*", text.upper())
-    if match is None or float(match.group(1)) <= 0:
-        raise ValueError(f"`{text}` is not a memory size; write e.g. 512MB, 4GB or 1.5GB")
-    return int(float(match.group(1)) * UNITS[match.group(2) or ""])
 
 
 def bytes_per_model(s: Shape) -> int:
