@@ -51,7 +51,7 @@ class BatchTrainer:
     def __init__(self, X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str, *,
                  keep_models: bool = False, on_progress: ProgressHook | None = None) -> None:
         self.jobs, self.metric, self.n_classes = jobs, metric, n_classes
-        self.X, self.y, self.device = X, y, X.device
+        self.X, self.y, self.device = X.contiguous(), y, X.device  # (contiguous: batches gather from its flat view)
         self.dtype = X.dtype if X.is_floating_point() else torch.get_default_dtype()
         self.regression = n_classes == 0
         self.cfg = first = jobs[0].train
