@@ -72,13 +72,18 @@ def available(device: torch.device, cap: int | None) -> int:
 
 
 def models_per_batch(shape: Shape, budget: int, cap_given: bool) -> int:
-    """How many models of `shape` fit in `budget` bytes; refuses (before training) if not even one does."""
+    """How many models of `shape` fit in `budget` bytes; refuses (before training) if not even one does.
+
+    The message says "out of memory", the words `sweep` reads as a configuration that does not fit (the
+    trial fails as infeasible and the sampler is steered away), like an allocator's own refusal.
+    """
     need = bytes_per_model(shape)
     fit = budget // need
     if fit < 1:
         where = "`resources.memory`" if cap_given else "the free memory"
         raise MemoryBudgetError(
-            f"one model needs ~{_mb(need)} (width {shape.width}, batch_size {shape.batch_size}, "
+            f"out of memory before training: one model needs ~{_mb(need)} (width {shape.width}, "
+            f"batch_size {shape.batch_size}, "
             f"{shape.n_valid} validation rows) but {where} allows {_mb(budget)}; raise `resources.memory`, "
             "or lower `batch_size` / `width`")
     return int(fit)
