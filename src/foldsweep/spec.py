@@ -33,6 +33,17 @@ CLASSIFICATION_METRICS = ("accuracy", "roc_auc", "log_loss", "f1_macro")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 
 
+MEMORY_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_bytes(value: object) -> int:
+    """'4GB', '512MB', '1.5 GB' or a plain number of bytes -> bytes; ValueError says what is allowed."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(KB|MB|GB|TB|B)?\s*", str(value).upper())
+    if isinstance(value, bool) or match is None or float(match.group(1)) <= 0:
+        raise ValueError("is not a memory size: write e.g. 512MB, 4GB or 1.5GB")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or ""])
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -171,6 +182,12 @@ class ResourcesSpec(_Frozen):
     workers: int | None = Field(None, ge=1)
     workers_per_device: int = Field(1, ge=1)
     models_per_batch: int | None = Field(None, ge=1)
+    memory: int | None = None  # bytes one training batch may use at most; "4GB", "512MB" accepted
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        return value if value is None else parse_bytes(value)
 
     @field_validator("devices")
     @classmethod
