@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from foldsweep import __version__
-from foldsweep.data import Dataset, _read_table, load_dataset
+from foldsweep.data import Dataset, load_dataset, read_table
 from foldsweep.errors import DataError, FoldsweepError, SealError, SpecError, SweepFailed
 from foldsweep.metrics import score
 from foldsweep.model import MLP
@@ -185,7 +185,7 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     plan = make_plan(data, config.split)
     notes = list(plan.notes)
     if record is not None:
-        resealed = [data.row_hashes[i] for i in plan.test]
+        resealed = data.row_hex(plan.test)
         if resealed != record.meta["test_hashes"]:
             raise SealError(f"data differs from what sweep `{record.name}` sealed, and sealing it again gives other "
                             "test rows: the final model could train on sealed test rows; use the sweep's data")
@@ -273,7 +273,7 @@ def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:
     final = load_model(folder)
     if not data_path.is_file():
         raise DataError(f"data file `{data_path}` not found")
-    X = final.prep.encode(_read_table(data_path), str(data_path))
+    X = final.prep.encode(read_table(data_path), str(data_path))
     pred = final.predict(X)
     if final.prep.classes is not None:
         labels = np.asarray(final.prep.classes, dtype=object)[pred.argmax(1)]
@@ -365,7 +365,7 @@ def _input_columns(config: SweepSpec, data: Dataset) -> list[str]:
     """With one-hot encoding the file's own column names (before encoding); else the features themselves."""
     if config.data.categorical != "onehot" or config.data.path is None:
         return list(data.feature_names)
-    header = [str(c) for c in _read_table(Path(config.data.path)).columns]
+    header = [str(c) for c in read_table(Path(config.data.path)).columns]
     return [c for c in header if c not in (config.data.target, config.data.group, config.data.time)]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from foldsweep.data import Dataset
@@ -87,9 +88,10 @@ class SweepRecord:
             raise SealError(f"data of `{self.name}` changed: {len(data.row_hashes)} rows now, "
                             f"{meta['n_rows']} when the sweep was sealed")
         test = meta["test_rows"]
-        changed = sum(data.row_hashes[i] != h for i, h in zip(test, meta["test_hashes"]))
+        changed = int(np.count_nonzero(np.asarray(data.row_hex(test)) != np.asarray(meta["test_hashes"])))
+        what = "rows were edited or reordered" if changed else "columns were renamed, reordered or re-encoded"
         raise SealError(f"data of `{self.name}` changed since the sweep was sealed ({changed} sealed test rows "
-                        "differ, or rows were edited or reordered); the fingerprint no longer matches")
+                        f"differ, or {what}); the fingerprint no longer matches")
 
 
 def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[SweepRecord, FoldPlan, bool]:
@@ -115,7 +117,7 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
         "name": spec.name, "created": time.time(), "spec_hash": spec.spec_hash(), "fingerprint": data.fingerprint,
         "plan_hash": hashlib.sha256(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()[:16],
         "n_rows": len(data.row_hashes), "storage": storage, "test_rows": plan.test.tolist(),
-        "test_hashes": [data.row_hashes[i] for i in plan.test],
+        "test_hashes": data.row_hex(plan.test),
     }
     _write_json(folder / "record.json", meta)
     return SweepRecord(spec.name, folder), plan, False
