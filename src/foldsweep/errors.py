@@ -31,5 +31,9 @@ class SealError(FoldsweepError):
     """The sealed test set was asked for in a way the ledger does not allow."""
 
 
+class ModelFolderError(FoldsweepError):
+    """A model folder is incomplete, was changed after `foldsweep fit` wrote it, or does not parse."""
+
+
 class SweepFailed(FoldsweepError):
     """Every trial of a study failed: the sweep cannot produce an estimate."""

@@ -28,17 +28,18 @@ import yaml
 
 from foldsweep import __version__
 from foldsweep.data import Dataset, load_dataset, read_table
-from foldsweep.errors import DataError, FoldsweepError, SealError, SpecError, SweepFailed
+from foldsweep.errors import DataError, FoldsweepError, ModelFolderError, SealError, SpecError, SweepFailed
 from foldsweep.metrics import score
 from foldsweep.model import MLP
 from foldsweep.objective import job_seed
 from foldsweep.record import SweepRecord
-from foldsweep.spec import SweepSpec, load_spec, parse_spec
+from foldsweep.spec import SweepSpec, load_spec, parse_spec, read_yaml
 from foldsweep.splits import make_plan
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
 MODEL_FILES = ("model.pt", "config.yaml", "preprocess.json", "provenance.json")
+HASHED_FILES = MODEL_FILES[:3]  # everything that decides a prediction; provenance.json holds their hashes
 FROM_RECORD = "the sweep's plan"
 
 
@@ -242,30 +243,69 @@ def _save_and_track(final: FinalModel, record: SweepRecord | None, out: Path) ->
 
 # -- the model folder --------------------------------------------------------------------------------------
 def save_model(final: FinalModel, folder: Path) -> None:
-    """The four files; provenance.json carries the weights' hash, which `load_model` checks."""
+    """The four files; provenance.json carries the sha256 of the other three, which `load_model` checks.
+
+    Every file that decides a prediction is hashed: the weights, the config (activation, width, ...) and
+    the preprocessing (scaling, imputation, classes).
+    """
+    contents = {"model.pt": final.weights(),
+                "config.yaml": yaml.safe_dump(final.config.model_dump(mode="json"), sort_keys=False).encode(),
+                "preprocess.json": json.dumps(final.prep.to_json(), indent=1).encode()}
     final.provenance["model_hash"] = final.model_hash
+    final.provenance["file_hashes"] = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.pt").write_bytes(final.weights())
-    (folder / "config.yaml").write_text(yaml.safe_dump(final.config.model_dump(mode="json"), sort_keys=False))
-    (folder / "preprocess.json").write_text(json.dumps(final.prep.to_json(), indent=1))
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
     (folder / "provenance.json").write_text(json.dumps(final.provenance, indent=1, default=str))
 
 
 def load_model(folder: Path) -> FinalModel:
-    """Weights through `torch.load(weights_only=True)`: a model folder can never run code when loaded."""
+    """Weights through `torch.load(weights_only=True)`: a model folder can never run code when loaded.
+
+    Every file is checked against the hashes in provenance.json before it is parsed, and whatever is
+    wrong with a folder becomes one ModelFolderError naming the file.
+    """
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
     if missing:
-        raise FoldsweepError(f"`{folder}` is not a model folder from `foldsweep fit` (missing {_names(missing)})")
-    provenance = json.loads((folder / "provenance.json").read_text())
-    weights = (folder / "model.pt").read_bytes()
-    if hashlib.sha256(weights).hexdigest() != provenance.get("model_hash"):
-        raise FoldsweepError(f"`{folder}/model.pt` does not match the hash in its provenance.json; "
-                             "the folder was changed after `foldsweep fit` wrote it")
-    config = parse_spec(yaml.safe_load((folder / "config.yaml").read_text()), source=str(folder / "config.yaml"))
-    prep = Preprocessing.from_json(json.loads((folder / "preprocess.json").read_text()))
+        raise ModelFolderError(f"`{folder}` is not a model folder from `foldsweep fit` (missing {_names(missing)})")
+    provenance = _json_file(folder / "provenance.json")
+    files = {name: (folder / name).read_bytes() for name in HASHED_FILES}
+    _check_hashes(folder, provenance, files)
+    config = parse_spec(read_yaml(folder / "config.yaml", what="model config"), source=str(folder / "config.yaml"))
+    try:
+        prep = Preprocessing.from_json(json.loads(files["preprocess.json"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelFolderError(f"`{folder}/preprocess.json` is not foldsweep's preprocessing: {err!r}") from None
     net = MLP(prep.n_inputs, max(len(prep.classes or []), 1), config.model)
-    net.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True, map_location="cpu"))
+    try:
+        state = torch.load(io.BytesIO(files["model.pt"]), weights_only=True, map_location="cpu")
+        net.load_state_dict(state)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelFolderError(f"`{folder}/model.pt` is not a state dict of the network in config.yaml "
+                               f"(torch, weights only: {problem[:200]})") from None
     return FinalModel(net.eval(), prep, config, provenance)
+
+
+def _check_hashes(folder: Path, provenance: dict[str, Any], files: dict[str, bytes]) -> None:
+    recorded = provenance.get("file_hashes")
+    if not isinstance(recorded, dict):
+        raise ModelFolderError(f"`{folder}/provenance.json` records no file hashes, so the folder cannot be "
+                               "checked; fit the model again with this version of foldsweep")
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != recorded.get(name):
+            raise ModelFolderError(f"`{folder}/{name}` does not match the hash in its provenance.json; "
+                                   "the folder was changed after `foldsweep fit` wrote it")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ModelFolderError(f"`{path}` is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"`{path}` is not a JSON object")
+    return value
 
 
 def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:

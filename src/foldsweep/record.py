@@ -19,7 +19,7 @@ import yaml
 
 from foldsweep.data import Dataset
 from foldsweep.errors import FoldsweepError, SealError, SplitError
-from foldsweep.spec import SweepSpec, parse_spec
+from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
 ROOT_ENV = "FOLDSWEEP_HOME"
@@ -56,7 +56,7 @@ class SweepRecord:
     @property
     def spec(self) -> SweepSpec:
         path = self.folder / "spec.yaml"
-        return parse_spec(yaml.safe_load(path.read_text()), source=str(path))
+        return parse_spec(read_yaml(path, what="sweep record"), source=str(path))
 
     @property
     def plan(self) -> FoldPlan:
