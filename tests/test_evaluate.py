@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +35,7 @@ from foldsweep.evaluate import (
     save_model,
     train_final,
 )
-from foldsweep.record import create_or_resume
+from foldsweep.record import SweepRecord, create_or_resume
 from foldsweep.spec import parse_spec
 from foldsweep.splits import make_plan
 
@@ -258,3 +262,48 @@ def test_a_python_tag_in_a_model_config_is_one_line_and_never_runs(saved: Path, 
                                         r".*a model config holds plain values only$"):
         load_model(saved)
     assert not (workdir / "owned-by-config").exists()
+
+
+def _look_in_child(home: str, barrier, results) -> None:
+    """One of two processes racing through the ledger's real check-and-append."""
+    os.environ["FOLDSWEEP_HOME"] = home
+    record = SweepRecord.open("tiny")
+    barrier.wait()
+    try:
+        with record.looking(False) as number:
+            time.sleep(0.5)  # the refit and the scoring happen here: a wide window for the other process
+            record.append_look({"look_number": number, "pid": os.getpid()})
+        results.put("looked")
+    except SealError:
+        results.put("refused")
+
+
+def test_two_looks_at_once_record_exactly_one(workdir: Path) -> None:
+    """Without a lock both processes passed the one-look check and both looked."""
+    config = _config()
+    create_or_resume(config, load_dataset(config.data), "unused")
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    children = [context.Process(target=_look_in_child, args=(str(workdir / "mlruns"), barrier, results))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+    assert sorted(results.get(timeout=5) for _ in children) == ["looked", "refused"]
+    ledger = SweepRecord.open("tiny").ledger
+    assert [entry["look_number"] for entry in ledger] == [1]
+
+
+@pytest.mark.slow
+def test_two_foldsweep_test_processes_at_once_look_once(workdir: Path, write_spec) -> None:
+    """The same race through the CLI: a finished sweep, then two `foldsweep test` started together."""
+    spec = write_spec(tracking={"enabled": False})
+    assert subprocess.run([sys.executable, "-m", "foldsweep", "run", str(spec)], capture_output=True,
+                          timeout=300).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "foldsweep", "test", "tiny", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(code for code, _ in outcomes) == [0, 2], outcomes
+    assert any("was already looked at 1 time(s)" in err for code, err in outcomes if code == 2)
+    assert len(SweepRecord.open("tiny").ledger) == 1

@@ -337,21 +337,21 @@ def look(name: str, again: bool = False, model_dir: Path | None = None) -> dict[
         raise FoldsweepError(f"sweep `{name}` has not finished; finish it with `foldsweep run` before the test look")
     data = load_dataset(record.spec.data)
     record.verify_data(data)
-    record.check_can_look(again)
+    record.check_can_look(again)  # fail fast; checked again under the ledger's lock below
     plan = record.plan
-    if model_dir is not None:
-        final = load_model(model_dir)
-        _check_model_is_of(final, record, plan.dev)
-        source = str(model_dir)
-    else:
-        config = parse_spec(export_best(name), source=f"export of {name}")
-        final, _ = train_final(config, data, plan.dev, int((config.provenance or {})["refit_epochs"]))
-        source = "refit of the final config on all development rows"
-    test_score = score(data.metric, data.y[plan.test], final.predict(data.X[plan.test]))
-    number = len(record.ledger) + 1
-    entry = {"time": _now(), "score": test_score, "metric": data.metric, "model_hash": final.model_hash,
-             "again": again, "look_number": number, "test_rows": len(plan.test), "model": source}
-    record.append_look(entry)
+    with record.looking(again) as number:
+        if model_dir is not None:
+            final = load_model(model_dir)
+            _check_model_is_of(final, record, plan.dev)
+            source = str(model_dir)
+        else:
+            config = parse_spec(export_best(name), source=f"export of {name}")
+            final, _ = train_final(config, data, plan.dev, int((config.provenance or {})["refit_epochs"]))
+            source = "refit of the final config on all development rows"
+        test_score = score(data.metric, data.y[plan.test], final.predict(data.X[plan.test]))
+        entry = {"time": _now(), "score": test_score, "metric": data.metric, "model_hash": final.model_hash,
+                 "again": again, "look_number": number, "test_rows": len(plan.test), "model": source}
+        record.append_look(entry)
     report = refresh_report(record)
     run_id = record.meta.get("mlflow_runs", {}).get("sweep", "")
     if run_id:

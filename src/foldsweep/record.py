@@ -10,12 +10,15 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
+from filelock import FileLock
 
 from foldsweep.data import Dataset
 from foldsweep.errors import FoldsweepError, SealError, SplitError
@@ -67,6 +70,17 @@ class SweepRecord:
     def ledger(self) -> list[dict[str, Any]]:
         path = self.folder / "ledger.json"
         return json.loads(path.read_text()) if path.is_file() else []
+
+    @contextmanager
+    def looking(self, again: bool) -> Iterator[int]:
+        """Hold the ledger's lock from the one-look check to the append; yields the number this look gets.
+
+        Without it two `foldsweep test` started together both passed the check and both looked. The lock
+        is a kernel flock (filelock), so a process that dies holding it releases it.
+        """
+        with FileLock(self.folder / "ledger.lock"):
+            self.check_can_look(again)
+            yield len(self.ledger) + 1
 
     def check_can_look(self, again: bool) -> None:
         looks = len(self.ledger)
