@@ -107,13 +107,14 @@ def csv_value_mutations(draw: st.DrawFn) -> bytes:
         row = draw(st.integers(min_value=0, max_value=len(frame) - 1))
         column = draw(st.sampled_from(list(frame.columns)))
         value = draw(odd_values)
+        cell = "" if value is None else value if isinstance(value, (int, float, str)) else str(value)
         target = draw(st.sampled_from(["cell", "header", "column"]))
         if target == "cell":
-            frame.loc[row, column] = value
+            frame.at[row, column] = cell
         elif target == "header":
             frame = frame.rename(columns={column: str(value)})
         else:
-            frame[column] = [value] * len(frame)
+            frame[column] = pd.Series([cell] * len(frame), index=frame.index, dtype=object)
     return frame.to_csv(index=False).encode("utf-8", errors="replace")
 
 
