@@ -10,7 +10,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from foldsweep.data import MAX_COLUMNS, Dataset, dataset_from_frame, hash_rows, load_dataset
+from foldsweep.data import (
+    MAX_COLUMNS,
+    Dataset,
+    dataset_from_frame,
+    hash_rows,
+    load_dataset,
+    read_header,
+    read_table,
+)
 from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.spec import DataSpec
 
@@ -407,3 +415,14 @@ def test_a_text_value_far_down_a_numeric_column_names_the_column(tmp_path: Path)
 def test_labels_are_encoded_by_hashing_in_the_text_order_of_the_classes(tmp_path: Path) -> None:
     data = load_csv(tmp_path, "a,y\n1,10\n2,2\n3,1\n4,2\n", task="classification")
     assert data.classes == ["1", "10", "2"] and data.y.tolist() == [1, 2, 0, 2]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_the_header_is_read_without_the_rows(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame({"b": [1.0, 2.0], "a": ["x", "y"], "y": [0, 1]})
+    path = tmp_path / f"t{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    assert read_header(path) == ["b", "a", "y"] == list(read_table(path).columns)
+    (tmp_path / "bad.parquet").write_text("b,a\n")
+    with pytest.raises(DataError, match=r"bad.parquet` cannot be read: .*magic bytes"):
+        read_header(tmp_path / "bad.parquet")

@@ -187,6 +187,18 @@ def read_table(path: Path, *, exact: set[str] | frozenset[str] = frozenset()) ->
     return table.to_pandas(split_blocks=True, self_destruct=True)
 
 
+def read_header(path: Path) -> list[str]:
+    """A file's column names without reading its rows (the schema, or the CSV's first block)."""
+    try:
+        if path.suffix.lower() in PARQUET_SUFFIXES:
+            return list(pq.read_schema(path).names)
+        _check_header_width(path)
+        with pacsv.open_csv(path) as reader:
+            return list(reader.schema.names)
+    except (pa.ArrowException, UnicodeError, OSError) as err:
+        raise DataError(f"data file `{path}` cannot be read: {_arrow_message(err)}") from None
+
+
 def _read_parquet(path: Path) -> pa.Table:
     width = len(pq.read_schema(path).names)
     if width > MAX_COLUMNS:

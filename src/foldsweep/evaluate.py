@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from foldsweep import __version__
-from foldsweep.data import Dataset, load_dataset, read_table
+from foldsweep.data import Dataset, load_dataset, read_header, read_table
 from foldsweep.errors import DataError, FoldsweepError, ModelFolderError, SealError, SpecError, SweepFailed
 from foldsweep.metrics import score
 from foldsweep.model import MLP
@@ -405,7 +405,7 @@ def _input_columns(config: SweepSpec, data: Dataset) -> list[str]:
     """With one-hot encoding the file's own column names (before encoding); else the features themselves."""
     if config.data.categorical != "onehot" or config.data.path is None:
         return list(data.feature_names)
-    header = [str(c) for c in read_table(Path(config.data.path)).columns]
+    header = read_header(Path(config.data.path))
     return [c for c in header if c not in (config.data.target, config.data.group, config.data.time)]
 
 
