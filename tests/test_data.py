@@ -423,6 +423,6 @@ def test_the_header_is_read_without_the_rows(tmp_path: Path, suffix: str) -> Non
     path = tmp_path / f"t{suffix}"
     frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
     assert read_header(path) == ["b", "a", "y"] == list(read_table(path).columns)
-    (tmp_path / "bad.parquet").write_text("b,a\n")
+    (tmp_path / "bad.parquet").write_text("b,a,y\n1,x,0\n")
     with pytest.raises(DataError, match=r"bad.parquet` cannot be read: .*magic bytes"):
         read_header(tmp_path / "bad.parquet")
