@@ -8,6 +8,7 @@ tries a fixed, derandomised sample (~20 s); `-m slow` tries many more.
 
 from __future__ import annotations
 
+import copy
 import time
 from pathlib import Path
 from typing import Any
@@ -36,8 +37,9 @@ def clean_table() -> pd.DataFrame:
 
 
 def clean_spec() -> dict[str, Any]:
-    spec = tiny_spec(train={"epochs": 2, "batch_size": 4}, split={"test_size": 0.25, "outer": {"k": 2},
-                                                                   "inner": {"k": 2}})
+    """A deep copy: the mutations below write into nested blocks, which tiny_spec shares with TINY."""
+    spec = copy.deepcopy(tiny_spec(train={"epochs": 2, "batch_size": 4}, split={"test_size": 0.25, "outer": {"k": 2},
+                                                                   "inner": {"k": 2}}))
     spec["data"] = {"path": "data.csv", "target": "y", "group": "site"}
     spec["search"] = {"lr": spec["search"]["lr"], "batch_size": {"type": "categorical", "choices": [4, 8]}}
     return spec
