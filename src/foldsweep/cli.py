@@ -19,7 +19,7 @@ from typing import Any
 import click
 
 from foldsweep import __version__
-from foldsweep.errors import FoldsweepError
+from foldsweep.errors import FoldsweepError, explain
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -32,10 +32,13 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         interrupted = False
         try:
             return fn(*args, **kwargs)
-        except FoldsweepError as error:
+        except Exception as error:  # a FoldsweepError, or a machine / store failure `explain` knows
+            known = explain(error)
+            if known is None:
+                raise
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {known}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             interrupted = True

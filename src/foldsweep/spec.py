@@ -166,7 +166,7 @@ SEARCHABLE = tuple(ModelSpec.model_fields) + tuple(TrainSpec.model_fields)
 
 
 class OptunaSpec(_Frozen):
-    n_trials: int = Field(20, ge=1)
+    n_trials: int = Field(20, ge=1, le=1_000_000)  # 1e9 is a typo: its journal alone would fill the disk
     sampler: Sampler = "tpe"
     pruner: Pruner = "none"
     seed: int = 0
@@ -259,7 +259,7 @@ class SweepSpec(_Frozen):
 def load_spec(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
     """Read a sweep file, apply `key.path=value` overrides, validate once."""
     path = Path(path)
-    return build_spec(_read_yaml(path), overrides, source=str(path), folder=path.parent)
+    return build_spec(read_yaml(path), overrides, source=str(path), folder=path.parent)
 
 
 def build_spec(raw: Any, overrides: tuple[str, ...] | list[str] = (), *, source: str = "<spec>",
@@ -297,11 +297,56 @@ def _anchor_data_path(spec: SweepSpec, folder: Path) -> SweepSpec:
     return spec.model_copy(update={"data": data})
 
 
+MAX_YAML_BYTES = 1 << 20  # a sweep file, an exported config or a model's config.yaml is a few KiB
+MAX_YAML_NODES = 100_000  # values after every alias is expanded: what pydantic and json will walk
+MAX_YAML_DEPTH = 64
+
+
+class YamlLimitError(yaml.error.MarkedYAMLError):
+    """A document past foldsweep's limits: an alias bomb, absurd nesting, or a recursive alias."""
+
+
 class _Loader(yaml.SafeLoader):
-    """The safe loader (no tags that build Python objects), reading `1e-3` as the number YAML 1.2 says it is.
+    """The safe loader (no tags that build Python objects), with limits, reading `1e-3` as a number.
 
     PyYAML follows YAML 1.1, where a float needs a dot: `choices: [1e-3, 1e-2]` would be two strings.
+    An alias is one node in PyYAML's graph but a whole subtree to everything that walks the loaded value
+    (pydantic, the spec hash), so a few hundred bytes of nested aliases expand to billions of values.
+    Each composed node's expanded size is worked out from its children as it is built (linear in the
+    document), and the document is refused once it passes MAX_YAML_NODES or MAX_YAML_DEPTH.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded: dict[int, int] = {}
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlLimitError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if alias and id(node) not in self._expanded:
+            raise YamlLimitError(None, None, "an alias refers to the collection that holds it (recursive)", mark)
+        if not alias:
+            self._expanded[id(node)] = 1 + sum(self._expanded[id(child)] for child in _children(node))
+        if self._expanded[id(node)] > MAX_YAML_NODES:
+            raise YamlLimitError(None, None, f"expands to more than {MAX_YAML_NODES:,} values once its aliases "
+                                 "are followed (an alias bomb?)", mark)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
@@ -312,18 +357,36 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: still no Python objects
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, *, what: str = "spec file") -> Any:
+    """Every YAML file foldsweep reads (sweep files, exported configs, a sweep's record, a model's config.yaml).
+
+    Bounded in bytes, nodes after alias expansion and depth; anything wrong becomes one SpecError naming
+    the file, never a traceback.
+    """
     if not path.is_file():
-        raise SpecError(f"spec file `{path}` not found")
+        raise SpecError(f"{what} `{path}` not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise SpecError(f"{path}: {size:,} bytes; a {what} may be at most {MAX_YAML_BYTES:,} bytes")
     try:
-        return _yaml(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}); a {what} is YAML text") from None
+    try:
+        return _yaml(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built, never run
-            raise SpecError(f"{path}:{where}: refused: {problem}; a sweep file holds plain values only") from None
-        raise SpecError(f"{path}:{where}: YAML syntax error: {problem}") from None
+        raise SpecError(f"{path}:{_yaml_problem(err, what)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError, what: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built, never run
+        return f"{where} refused: {problem}; a {what} holds plain values only"
+    if isinstance(err, YamlLimitError):
+        return f"{where} refused: {problem}"
+    return f"{where} YAML syntax error: {problem}"
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -333,8 +396,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         value = _yaml(text)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"--set `{override}`: the value is not valid YAML: {problem}") from None
+        raise SpecError(f"--set `{override}`: the value is not valid YAML:{_yaml_problem(err, 'value')}") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

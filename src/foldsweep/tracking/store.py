@@ -7,11 +7,14 @@ paths, WAL mode and lock retries are decided once here.
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
+
+from foldsweep.errors import StoreError
 
 T = TypeVar("T")
 
@@ -30,8 +33,14 @@ def _artifact_root(location: str) -> str:
 
 
 def _ensure_sqlite_folder(uri: str) -> None:
+    """Create the database's folder, and refuse at once where SQLite could not write: MLflow would retry
+    opening it for minutes (145 s measured on a read-only mlruns/) before giving up."""
     if uri.startswith("sqlite:///"):
-        Path(uri[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(uri[len("sqlite:///"):]).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise StoreError(f"the MLflow database cannot be opened: its folder `{folder}` is not writable "
+                             "(set tracking.uri, or run where mlruns/ is writable)")
 
 
 def _write_ahead_log(uri: str) -> None:
