@@ -41,7 +41,7 @@ from foldsweep.train import FitJob, FitResult, fit_many
 
 OUTER_TRAIN, FOLDS, WIDTH, BATCH = 133, 5, 64, 16  # one sonar inner fold: 106 training rows, 27 validation
 REPORT_EVERY = 5  # the sweep's default: a host sync (pruning report) every 5 epochs
-SAME_TOLERANCE = 1e-4  # captured vs eager: max |difference| of validation-loss curves (float32 reorderings)
+SAME_TOLERANCE = 1e-3  # captured vs eager: max |difference| of validation-loss curves over all epochs
 
 
 def fit_options(mode: str) -> dict[str, Any]:
@@ -105,30 +105,41 @@ def engine_fit(X: torch.Tensor, y: torch.Tensor, jobs: list[FitJob], mode: str) 
 
 
 def micro(args: argparse.Namespace) -> dict[str, Any]:
+    """Every size in each mode; the JSON is rewritten after each measurement, so a step stopped at its time
+    limit still leaves the sizes it finished, and a mode that fails at one size is recorded and skipped."""
     device = torch.device(args.device)
     X, y = (t.to(device) for t in sonar_rows())
     modes = ["eager", "captured"] if device.type == "cuda" else ["eager"]
-    rows, skipped, curves = [], [], {}
+    out: dict[str, Any] = {"device": str(device), "epochs": args.epochs, "report_every": REPORT_EVERY,
+                           "tolerance": SAME_TOLERANCE, "rows": [], "skipped": [], "same": []}
+    if device.type != "cuda":
+        out["skipped"].append("captured: CUDA graphs need a CUDA device (this run is on the CPU)")
+    curves: dict[tuple[int, str], np.ndarray] = {}
     for size in args.sizes:
         for mode in modes:
             try:
-                engine_fit(X, y, fold_jobs(size, REPORT_EVERY * 2, seed=1), mode)  # warm-up, not timed
-            except LookupError as why:
-                skipped.append(f"{mode}: {why}")
-                continue
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats(device)
-            results, seconds = timed(device, partial(engine_fit, X, y, fold_jobs(size, args.epochs), mode))
-            epochs = sum(r.epochs_run for r in results)
-            curves[(size, mode)] = np.stack([r.val_loss for r in results])
-            rows.append({"models": size, "mode": mode, "seconds": seconds, "fold_epochs": epochs,
-                         "fold_epochs_per_s": epochs / seconds, "fits_per_s": size / seconds,
-                         "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None})
-            print(f"{size:>6} models {mode:>8}: {epochs / seconds:12.0f} fold-epochs/s ({seconds:.2f} s)", flush=True)
-    if device.type != "cuda":
-        skipped.append("captured: CUDA graphs need a CUDA device (this run is on the CPU)")
-    return {"device": str(device), "epochs": args.epochs, "report_every": REPORT_EVERY, "tolerance": SAME_TOLERANCE,
-            "rows": rows, "skipped": skipped, "same": _compare(curves, args.sizes)}
+                row, curves[(size, mode)] = _measure(X, y, size, args.epochs, mode)
+                out["rows"].append(row)
+            except Exception as why:  # recorded, and the other sizes and modes still run
+                out["skipped"].append(f"{mode} at {size} models: {type(why).__name__}: {str(why)[:300]}")
+            out["same"] = _compare(curves, args.sizes)
+            args.out.write_text(json.dumps(out, indent=1))
+    return out
+
+
+def _measure(X: torch.Tensor, y: torch.Tensor, size: int, epochs: int, mode: str) -> tuple[dict[str, Any], np.ndarray]:
+    """One timed `fit_many` of `size` models after an untimed warm-up of the same shape; its row and curves."""
+    device = X.device
+    engine_fit(X, y, fold_jobs(size, REPORT_EVERY * 2, seed=1), mode)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    results, seconds = timed(device, partial(engine_fit, X, y, fold_jobs(size, epochs), mode))
+    fold_epochs = sum(r.epochs_run for r in results)
+    print(f"{size:>6} models {mode:>8}: {fold_epochs / seconds:12.0f} fold-epochs/s ({seconds:.2f} s)", flush=True)
+    return ({"models": size, "mode": mode, "seconds": seconds, "fold_epochs": fold_epochs,
+             "fold_epochs_per_s": fold_epochs / seconds, "fits_per_s": size / seconds,
+             "peak_mb": torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None},
+            np.stack([r.val_loss for r in results]))
 
 
 def _compare(curves: dict[tuple[int, str], np.ndarray], sizes: list[int]) -> list[dict[str, Any]]:
@@ -223,7 +234,7 @@ def main() -> None:
     p.add_argument("--fits", type=int, default=3)
     args = parser.parse_args()
     run = {"env": env, "micro": micro, "baseline": baseline}[args.command]
-    args.out.write_text(json.dumps(run(args), indent=1))
+    args.out.write_text(json.dumps(run(args), indent=1))  # micro has written it as it went; this is the same
 
 
 if __name__ == "__main__":
