@@ -40,6 +40,7 @@ from foldsweep.spec import DataSpec, ModelSpec, TrainSpec
 from foldsweep.train import FitJob, FitResult, fit_many
 
 OUTER_TRAIN, FOLDS, WIDTH, BATCH = 133, 5, 64, 16  # one sonar inner fold: 106 training rows, 27 validation
+CARRIED_AS = {"mlflow": "mlflow-skinny"}  # what gpu_wheels.sh carries in its place (same code, no UI/server)
 REPORT_EVERY = 5  # the sweep's default: a host sync (pruning report) every 5 epochs
 SAME_TOLERANCE = 1e-3  # captured vs eager: max |difference| of validation-loss curves over all epochs
 
@@ -201,20 +202,45 @@ def baseline(args: argparse.Namespace) -> dict[str, Any]:
 
 # -- env ---------------------------------------------------------------------------------------------------
 def env(args: argparse.Namespace) -> dict[str, Any]:
+    """What ran: interpreter, torch and its CUDA, the device, and foldsweep's requirements as found there."""
     info: dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
                             "cuda_build": torch.version.cuda, "cuda_available": torch.cuda.is_available()}
     if torch.cuda.is_available():
         props = torch.cuda.get_device_properties(0)
         info |= {"gpu": props.name, "gpu_memory_gb": round(props.total_memory / 1e9, 1),
                  "multiprocessors": props.multi_processor_count}
-    for name in ("numpy", "sklearn", "optuna", "mlflow", "sqlalchemy", "pydantic", "pynvml"):
+    for name in ("optuna", "mlflow"):
         try:
-            module = __import__(name)
-            info[name] = getattr(module, "__version__", "present")
+            info[name] = __import__(name).__version__
         except ImportError as why:
             info[name] = f"missing: {why}"
+    info["requirements"] = requirements_found()
     print(json.dumps(info, indent=1))
     return info
+
+
+def requirements_found() -> dict[str, str]:
+    """Each of pyproject.toml's dependencies: the installed version, marked where it misses the range.
+
+    foldsweep runs from `src/` there, not pip-installed, so nothing else checks its requirements against
+    the image's packages; a mismatch here explains an import or behaviour failure in a later step.
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
+    import tomllib
+    from packaging.requirements import Requirement
+
+    pyproject = Path(__file__).resolve().parent.parent / "pyproject.toml"
+    found = {}
+    for line in tomllib.loads(pyproject.read_text())["project"]["dependencies"]:
+        req = Requirement(line)
+        try:
+            have = version(CARRIED_AS.get(req.name, req.name))
+            ok = req.specifier.contains(have, prereleases=True)
+            found[req.name] = have if ok else f"{have} (wants {req.specifier})"
+        except PackageNotFoundError:
+            found[req.name] = "MISSING"
+    return found
 
 
 def main() -> None:

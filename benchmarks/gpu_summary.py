@@ -126,6 +126,12 @@ def _mlflow_row(system: dict[str, Any] | None) -> str:
     return f"| GPU in MLflow's system metrics (sweep run) | {text or ('none' if system else 'no MLflow store')} | |"
 
 
+def _unmet(env: dict[str, Any]) -> list[str]:
+    """foldsweep's requirements that the machine misses (it runs from src/, so pip never checked them)."""
+    unmet = [f"{name} {have}" for name, have in env.get("requirements", {}).items() if " " in have or have == "MISSING"]
+    return [f"Requirements not met there: {', '.join(unmet)}.", ""] if unmet else []
+
+
 def _micro_table(micro: dict[str, Any] | None) -> list[str]:
     if not micro:
         return ["", "Microbenchmark: no result (see its step)."]
@@ -161,6 +167,7 @@ def summary(folder: Path, dry_run: bool) -> list[str]:
                   "about the targets, which are for one GPU; verdicts on them read NOT RUN.", ""]
     lines += [f"Device: {env.get('gpu', 'no GPU')}; torch {env.get('torch')} (CUDA build {env.get('cuda_build')}); "
               f"Python {env.get('python')}; optuna {env.get('optuna')}; mlflow {env.get('mlflow')}.", "",
+              *_unmet(env),
               "| target | measured | verdict |", "|---|---|---|",
               _speed_row(micro, bases, dry_run), _sonar_row(details, by_name.get("sonar"), dry_run),
               _same_row(micro, tests),
