@@ -178,7 +178,8 @@ def summary(folder: Path, dry_run: bool) -> list[str]:
               "| step | rc | s | note |", "|---|---|---|---|"]
     lines += ["| " + " | ".join((s + ["", "", "", ""])[:4]) + " |" for s in steps]
     if tests:
-        lines += ["", "Engine tests selected:", ""] + [f"- {c}" for c in tests["cases"]]
+        lines += ["", "Engine tests selected:", ""] + ([f"- {c}" for c in tests["cases"]]
+                                                       or ["- none matched the selection (GPU_CHECK_TESTS)"])
     return lines
 
 
