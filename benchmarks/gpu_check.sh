@@ -10,12 +10,13 @@
 #   install   the carried wheels into a private site folder (pip --no-index; nothing is fetched)
 #   env       nvidia-smi, Python, torch and CUDA versions, and whether optuna and mlflow import
 #   tests     the engine's CUDA equivalence tests (GPU_CHECK_TESTS: pytest arguments) -> junit.xml
-#   micro     fold-fit epochs/s of fit_many at 5, 125, 625 and 3,125 sonar-sized models, eager and captured
 #   baseline  the plain one-model DataLoader loop on the GPU and on one CPU core
+#   micro     fold-fit epochs/s of fit_many at 5, 125, 625 and 3,125 sonar-sized models, eager and captured
 #   sonar     `foldsweep run sweeps/sonar.yaml` end to end, GPU utilisation sampled every 200 ms
 #   summary   summary.md (benchmarks/gpu_summary.py: standard library only, so it reports any failure)
-# Each step has its own time limit, clipped to what is left of GPU_CHECK_BUDGET_S (default 420 s); a step
-# that fails or runs out of time is recorded and the next one runs.
+# Each step has its own time limit, clipped to what is left of GPU_CHECK_BUDGET_S (default 420 s, three
+# times that and each limit in the dry run); a step that fails or runs out of time is recorded and the
+# next one runs.
 set -uo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 cd "$ROOT" || exit 1
@@ -24,30 +25,32 @@ DRY=0
 DIR=${OUT:-$ROOT/gpu_check_out}
 D=$DIR/details
 WORK=$(mktemp -d /tmp/gpu-check.XXXXXX)
-BUDGET_S=${GPU_CHECK_BUDGET_S:-420}
-DEADLINE=$(($(date +%s) + BUDGET_S))
 # the engine's CUDA equivalence tests, by marker (`@pytest.mark.cuda`); any pytest arguments work here
 read -r -a TESTS <<<"${GPU_CHECK_TESTS:-tests -m cuda}"
 if ((DRY)); then
   PY=${PYTHON:-$ROOT/.venv/bin/python}
   export OMP_NUM_THREADS=1  # a shared CPU machine
   SIZES=5,25 EPOCHS=10 FITS=1 DEV=cpu
+  SCALE=3  # step limits x3: on 2 shared cores the imports alone take half a minute
   SONAR_SET=(--set optuna.n_trials=3 --set optuna.trials_per_batch=3 --set train.epochs=10 --set split.outer.k=2
              --set split.inner.k=2 --set resources.devices=cpu --set resources.workers=1)
 else
   PY=${PYTHON:-python3}
   SIZES=5,125,625,3125 EPOCHS=100 FITS=3 DEV=cuda
+  SCALE=1
   SONAR_SET=()
 fi
+BUDGET_S=${GPU_CHECK_BUDGET_S:-$((420 * SCALE))}
+DEADLINE=$(($(date +%s) + BUDGET_S))
 rm -rf "$DIR/details" "$DIR/summary.md" "$DIR/details.tar.gz"
 mkdir -p "$D"
 exec > >(tee "$DIR/check.log") 2>&1
 : >"$D/steps.tsv"
 
-# step NAME LIMIT_S NOTE CMD...: run CMD (stdout -> NAME.out, stderr -> NAME.err) within LIMIT_S, clipped to
-# the budget left; record rc, seconds and NOTE in steps.tsv; return CMD's rc.
+# step NAME LIMIT_S NOTE CMD...: run CMD (stdout -> NAME.out, stderr -> NAME.err) within LIMIT_S x SCALE,
+# clipped to the budget left; record rc, seconds and NOTE in steps.tsv; return CMD's rc.
 step() {
-  local name=$1 limit=$2 note=$3
+  local name=$1 limit=$(($2 * SCALE)) note=$3
   shift 3
   local left=$((DEADLINE - $(date +%s)))
   ((limit > left)) && limit=$left
@@ -102,10 +105,8 @@ else
 fi
 cat "$D/tracking.txt"
 
-step tests 120 "pytest ${TESTS[*]}" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
+step tests 90 "pytest ${TESTS[*]}" "$PY" -m pytest -q -p no:cacheprovider --continue-on-collection-errors \
   --junitxml "$D/junit.xml" "${TESTS[@]}"
-step micro 150 "sizes $SIZES, $EPOCHS epochs" "$PY" "$ROOT/benchmarks/gpu_check.py" micro "$D/micro.json" \
-  --sizes "$SIZES" --epochs "$EPOCHS" --device "$DEV"
 if ((DRY)); then
   skip baseline_gpu "the dry run has no GPU"
 else
@@ -114,6 +115,10 @@ else
 fi
 step baseline_cpu 60 "one torch thread" "$PY" "$ROOT/benchmarks/gpu_check.py" baseline "$D/baseline_cpu.json" \
   --device cpu --epochs "$EPOCHS" --fits "$FITS"
+# micro keeps what it measured if stopped at its limit (it writes after every size), so it goes before sonar
+# with a limit that leaves sonar its time in the budget
+step micro 120 "sizes $SIZES, $EPOCHS epochs" "$PY" "$ROOT/benchmarks/gpu_check.py" micro "$D/micro.json" \
+  --sizes "$SIZES" --epochs "$EPOCHS" --device "$DEV"
 
 # sonar: in a fresh working folder (its own mlruns/), nvidia-smi sampling in the background meanwhile
 mkdir -p "$WORK/sonar"
@@ -123,7 +128,7 @@ if command -v nvidia-smi >/dev/null && ((!DRY)); then
   nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader -lms 200 >"$D/gpu_util.csv" &
   SAMPLER=$!
 fi
-step sonar 180 "$(cat "$D/tracking.txt")" "$PY" -m foldsweep run "$ROOT/sweeps/sonar.yaml" --json \
+step sonar 150 "$(cat "$D/tracking.txt")" "$PY" -m foldsweep run "$ROOT/sweeps/sonar.yaml" --json \
   "${SONAR_SET[@]}" "${TRACKING[@]}"
 [[ -n "$SAMPLER" ]] && kill "$SAMPLER"
 [[ -z "$SAMPLER" ]] && echo "no GPU utilisation samples: $( ((DRY)) && echo "dry run" || echo "no nvidia-smi")"
