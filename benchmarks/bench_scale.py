@@ -262,9 +262,10 @@ def report(sweeps: list[dict[str, Any]], engines: list[dict[str, Any]], sizes: l
     for n in sizes:
         by = {p["models"]: p for p in sweeps if p["rows"] == n}
         eng = next((e for e in engines if e["rows"] == n), {})
+        cost = per_model(sweeps, n)
         cells = [f"{n:,}", f"{train_rows(n):,}", _cell(by.get(48), "wall_s", "{:.1f}"),
                  _cell(by.get(48), "fold_epochs_per_s", "{:,.1f}"), _peak(by.get(48)), _peak(by.get(240)),
-                 f"{per_model(sweeps, n) / 1e6:.1f}" if per_model(sweeps, n) is not None else "-",
+                 f"{cost / 1e6:.1f}" if cost is not None else "-",
                  _cell(eng, "engine_fold_epochs_per_s", "{:,.1f}"), _cell(eng, "plain_fold_epochs_per_s", "{:,.1f}"),
                  f"{eng['engine_fold_epochs_per_s'] / eng['plain_fold_epochs_per_s']:.2f}x"
                  if "engine_fold_epochs_per_s" in eng else "-"]
