@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from foldsweep.data import Dataset, hash_rows, load_dataset
 from foldsweep.errors import FoldsweepError, SplitError
 from foldsweep.spec import DataSpec, FoldSpec, SplitSpec
-from foldsweep.splits import Fold, FoldPlan, make_plan, seal_test_set
+from foldsweep.splits import Fold, FoldPlan, make_plan, seal_test_set, sealed_rows_seen, seen_note
 
 
 def dataset(y: np.ndarray, seed: int = 0, task: str = "classification", groups: np.ndarray | None = None,
@@ -85,7 +85,8 @@ def test_plan_invariants(counts: list[int], regression: bool, k_outer: int, k_in
         data = dataset(rng.normal(size=len(y)).astype(np.float32), task="regression", X=X)
     else:
         data = dataset(y, X=X)
-    spec = split({"k": k_outer, "repeats": repeats}, {"k": k_inner}, test_size=test_size, seed=seed)
+    spec = split({"k": k_outer, "repeats": repeats}, {"k": k_inner}, test_size=test_size, seed=seed,
+                 duplicates="warn")
     plan = make_plan(data, spec)
     rows = np.arange(len(y))
 
@@ -178,6 +179,24 @@ def test_groups_never_on_both_sides(tmp_path: Path, kind: str) -> None:
     assert_groups_apart(data, plan)
 
 
+@pytest.mark.parametrize("where", ["outer", "inner"])
+@pytest.mark.parametrize("kind", ["kfold", "stratified"])
+def test_a_kind_that_ignores_the_groups_is_refused(tmp_path: Path, kind: str, where: str) -> None:
+    data = grouped(tmp_path)
+    folds = {"outer": {"kind": "group", "k": 3}, "inner": {"kind": "group", "k": 3}} | {where: {"kind": kind, "k": 3}}
+    with pytest.raises(SplitError, match=rf"^`split.{where}.kind` {kind} ignores `data.group`: a group would sit on "
+                                         r"both sides of a fold; use group, stratified_group or auto$"):
+        make_plan(data, split(folds["outer"], folds["inner"]))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_seal_keeps_groups_whole_whatever_the_fold_kinds(tmp_path: Path, seed: int) -> None:
+    data = grouped(tmp_path)
+    assert data.groups is not None
+    dev, test = seal_test_set(data, split({"kind": "kfold", "k": 3}, {"kind": "kfold", "k": 3}, seed=seed))
+    assert set(data.groups[test]).isdisjoint(data.groups[dev])
+
+
 def test_group_k_larger_than_groups(tmp_path: Path) -> None:
     data = grouped(tmp_path, n_groups=6)
     with pytest.raises(SplitError, match=r"`split.outer.k`=5 is larger than the \d groups it must split; lower k"):
@@ -215,6 +234,31 @@ def test_time_series_looks_only_forward(tmp_path: Path, kind: str) -> None:
         assert set(np.concatenate([f.train for f in inner] + [f.valid for f in inner])) <= set(outer.train)
     valid = np.concatenate([f.valid for f in plan.outer])
     assert len(valid) == len(set(valid.tolist()))  # each dev row validated at most once
+
+
+@pytest.mark.parametrize("kind", ["kfold", "group"])
+def test_the_seal_holds_the_latest_rows_whatever_the_fold_kinds(tmp_path: Path, kind: str) -> None:
+    data = timed(tmp_path)
+    assert data.times is not None
+    dev, test = seal_test_set(data, split({"kind": kind, "k": 3}, {"kind": "time_series", "k": 3}))
+    assert data.times[dev].max() < data.times[test].min()
+
+
+@pytest.mark.parametrize("kind", ["kfold", "group", "stratified_group"])
+def test_a_kind_that_ignores_time_is_refused(tmp_path: Path, kind: str) -> None:
+    data = timed(tmp_path)
+    with pytest.raises(SplitError, match=rf"^`split.inner.kind` {kind} ignores `data.time`: later rows would train "
+                                         r"models scored on earlier ones; use time_series or auto$"):
+        make_plan(data, split({"kind": "time_series", "k": 3}, {"kind": kind, "k": 3}))
+
+
+def test_group_and_time_together_are_refused(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    path = write_csv(tmp_path, {"day": np.arange(40), "site": np.repeat(np.arange(8), 5),
+                                "f1": rng.normal(size=40).round(4), "y": rng.normal(size=40).round(4)})
+    data = load_dataset(DataSpec(path=str(path), target="y", group="site", time="day"))
+    with pytest.raises(SplitError, match=r"^`data.group` and `data.time` are both set"):
+        make_plan(data, split())
 
 
 def test_time_series_needs_a_time_column() -> None:
@@ -294,7 +338,8 @@ def test_duplicates_warn() -> None:
     plan = make_plan(data, SplitSpec(duplicates="warn"))
     assert np.array_equal(plan.test, test) and np.isin(copies, plan.dev).all()
     assert plan.notes == ["3 development rows duplicate a sealed test row and 0 development rows duplicate "
-                          "another development row (split.duplicates): kept (warn)"]
+                          "another development row (split.duplicates): kept (warn); the test look scores rows the "
+                          "model trained on"]
 
 
 def test_duplicates_drop() -> None:
@@ -305,6 +350,25 @@ def test_duplicates_drop() -> None:
     assert "3 development rows duplicate a sealed test row" in plan.notes[0] and "dropped" in plan.notes[0]
     for fold in all_folds(plan):
         assert not np.isin(copies, fold.train).any() and not np.isin(copies, fold.valid).any()
+
+
+def test_duplicates_are_dropped_by_default() -> None:
+    """A user who reads no warning must not get a test look inflated by rows the model trained on."""
+    data, test, copies = planted()
+    plan = make_plan(data, SplitSpec())
+    assert not np.isin(copies, plan.dev).any() and "dropped" in plan.notes[0]
+    assert sealed_rows_seen(data, plan.dev, plan.test)["test_rows_in_dev"] == 0
+
+
+def test_sealed_rows_seen_counts_test_rows_the_model_trained_on() -> None:
+    data, test, _ = planted()
+    plan = make_plan(data, SplitSpec(duplicates="warn"))
+    seen = sealed_rows_seen(data, plan.dev, plan.test)
+    assert seen == {"test_rows_in_dev": 3, "test_rows": len(test), "share": 3 / len(test)}
+    assert seen_note(seen) == (f"3 of {len(test)} sealed test rows are exact copies of development rows the model "
+                               f"trained on: the test look is optimistic, by up to {3 / len(test):.1%} of its rows "
+                               "(split.duplicates: drop removes them)")
+    assert seen_note(sealed_rows_seen(data, make_plan(data, SplitSpec(duplicates="drop")).dev, test)) == ""
 
 
 def test_duplicates_error() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 
 from rich.console import Console, Group, RenderableType
 from rich.live import Live
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -71,7 +72,8 @@ def _config_table(params: dict[str, Any], title: str = "final config") -> Table:
 # -- results -------------------------------------------------------------------------------------------------
 def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
     """The keys `foldsweep run --json` prints (the contract scripts rely on)."""
-    keys = ("sweep", "metric", "nested", "final", "optimism", "mlflow", "storage", "fold_fits", "wall_s")
+    keys = ("sweep", "metric", "nested", "final", "optimism", "refit_fallbacks", "sealed_test", "mlflow", "storage",
+            "fold_fits", "wall_s")
     return {k: summary[k] for k in keys if k in summary} | {"workers": summary.get("workers"),
                                                             "resumed": summary.get("resumed")}
 
@@ -104,10 +106,13 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 def report_view(rep: dict[str, Any]) -> Group:
     """`foldsweep report`: nested estimate, outer folds, stability, diagnostics, final config, test looks."""
+    from foldsweep.report import optimism_wording  # the report's imports are heavy; only `report` pays them
+
     metric = rep["metric"]
     parts: list[RenderableType] = [Text.from_markup(_headline(rep)), Text(
-        f"optimism: best inner-CV value minus outer-test score ({rep['direction']} {metric}; > 0: the search "
-        "flattered itself)")]
+        f"optimism: {optimism_wording(rep['direction'])} ({rep['direction']} {metric})")]
+    parts += [Text.from_markup(f"[yellow]{escape(note)}[/yellow]") for note in
+              [*rep.get("refit_fallbacks", []), rep.get("sealed_test", {}).get("note")] if note]
     if rep.get("data"):
         parts.append(Text(f"data: {rep['data']}"))
     parts.append(_table("outer folds", ["fold", "best inner value", "outer-test", "optimism", "refit epochs"],
@@ -183,6 +188,8 @@ def look_lines(entry: dict[str, Any]) -> Group:
         f"[bold]{entry['sweep']}[/bold] sealed test set, look {entry['look_number']}: {entry['metric']} "
         f"{entry['score']:.4f} on {entry['test_rows']} rows (nested estimate {n['mean']:.4f}, 95% CI "
         f"{n['ci95'][0]:.4f}..{n['ci95'][1]:.4f})")]
+    if entry.get("note"):
+        parts.append(Text.from_markup(f"[yellow]{escape(entry['note'])}[/yellow]"))
     if entry["look_number"] > 1:
         parts.append(Text.from_markup(f"[yellow]this is look {entry['look_number']}[/yellow]: the ledger counts "
                                       "every look, and each one after the first is biased by those before"))

@@ -34,7 +34,7 @@ from foldsweep.model import MLP
 from foldsweep.objective import job_seed
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec, load_spec, parse_spec, read_yaml
-from foldsweep.splits import make_plan
+from foldsweep.splits import make_plan, sealed_rows_seen, seen_note
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
@@ -364,6 +364,9 @@ def look(name: str, again: bool = False, model_dir: Path | None = None, *, data:
         test_score = score(data.metric, data.y[plan.test], final.predict(data.X[plan.test]))
         entry = {"time": _now(), "score": test_score, "metric": data.metric, "model_hash": final.model_hash,
                  "again": again, "look_number": number, "test_rows": len(plan.test), "model": source}
+        seen = sealed_rows_seen(data, plan.dev, plan.test)  # test rows the model trained on lift this score
+        entry |= {"test_rows_in_dev": seen["test_rows_in_dev"], "optimistic_by_up_to": seen["share"],
+                  "note": seen_note(seen)}
         record.append_look(entry)
     report = refresh_report(record)
     run_id = record.meta.get("mlflow_runs", {}).get("sweep", "")

@@ -12,12 +12,17 @@ import math
 from typing import Any
 
 import numpy as np
+import optuna
+from optuna.trial import TrialState
 
 from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
-from foldsweep.sweep import Sweep, best_trial, study_done
-from foldsweep.train import FitJob, fit_many
+from foldsweep.splits import sealed_rows_seen, seen_note
+from foldsweep.sweep import StudyRef, Sweep, best_trial, study_done
+from foldsweep.train import FitJob, FitResult, fit_many
+
+INTERVAL = "Nadeau-Bengio corrected resampled t, 95%"
 
 
 def warm_start_final(sweep: Sweep) -> None:
@@ -37,57 +42,130 @@ def warm_start_final(sweep: Sweep) -> None:
             final.study.enqueue_trial(best.params, user_attrs={"warm_start_from": ref.key})
 
 
+def refit_epochs(trial: optuna.trial.FrozenTrial, budget: int) -> int:
+    """How long a refit on more rows trains: the one rule for the outer refits, `fit` and `test`.
+
+    The search stopped each inner fold at its best validation-loss epoch; a refit has no validation
+    rows, so it trains for the mean of those epochs (`budget`, the configured epochs, when unknown).
+    """
+    return int(trial.user_attrs.get("mean_best_epoch", budget))
+
+
 def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
-    """Each outer best, trained on its whole outer-train for its inner best epoch count, scored once."""
+    """Each outer best, trained on its whole outer-train for `refit_epochs`, scored once on outer-test.
+
+    A refit that diverges (NaN/inf loss) would score its NaN predictions as if they were a model's, so
+    it is never scored: the study's next-best finished trial is refit instead, and the fallback is
+    recorded on the refit (report, summary, MLflow). A study whose every finished trial diverges stops
+    the sweep.
+    """
     pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if "refit" not in ref.study.user_attrs]
-    jobs = []
-    for i, ref in pending:
-        best = best_trial(ref)
-        if best is None:
-            raise SweepFailed(f"study {ref.key} has no finished trial; see `foldsweep status {sweep.spec.name}`")
-        config = sweep.spec.with_params(best.params)
-        fold = sweep.plan.outer[i]
-        jobs.append(FitJob(fold.train, fold.valid, config.model, config.train,
-                           job_seed(sweep.spec.optuna.seed, ref.key, "refit"),
-                           fixed_epochs=int(best.user_attrs.get("mean_best_epoch", config.train.epochs))))
-    if jobs:
+    ranked = {i: _ranked(sweep, ref) for i, ref in pending}
+    diverged: dict[int, list[dict[str, int]]] = {i: [] for i, _ in pending}
+    while pending:
+        jobs = [refit_job(sweep, i, ref, ranked[i][0]) for i, ref in pending]
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric)
-        for (_, ref), job, result in zip(pending, jobs, results):
-            best = best_trial(ref)
-            assert best is not None and best.value is not None
-            test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
-            optimism = _optimism(best.value, test_score, sweep.data.maximize)
-            epochs = job.fixed_epochs or 0  # always set on a refit job
-            refit = {"outer_test_score": test_score, "best_inner_value": best.value, "best_trial": best.number,
-                     "params": best.params, "epochs": epochs, "optimism": optimism}
-            ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
-            metrics = {"outer_test_score": test_score, "best_inner_value": best.value, "optimism": optimism,
-                       "refit_epochs": float(epochs)}
-            sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), metrics,
-                                     tags={"best_trial": str(best.number)})
+        retry = []
+        for (i, ref), job, result in zip(pending, jobs, results):
+            trial = ranked[i].pop(0)
+            if result.diverged_at:
+                diverged[i].append({"trial": trial.number, "epoch": int(result.diverged_at)})
+                if not ranked[i]:
+                    raise SweepFailed(f"every finished trial of study {ref.key} diverged when refit on its "
+                                      "outer-train rows (loss NaN/inf); lower the learning-rate range")
+                retry.append((i, ref))
+                continue
+            _record_refit(sweep, ref, trial, job, result, diverged[i])
+        pending = retry
     return [ref.study.user_attrs["refit"] for ref in sweep.studies[:-1]]
 
 
+def refit_job(sweep: Sweep, i: int, ref: StudyRef, trial: optuna.trial.FrozenTrial) -> FitJob:
+    """Outer fold i's training rows (every one, nothing else), a fixed epoch count, scored on its test rows."""
+    config = sweep.spec.with_params(trial.params)
+    fold = sweep.plan.outer[i]
+    seed = job_seed(sweep.spec.optuna.seed, ref.key, "refit")
+    return FitJob(fold.train, fold.valid, config.model, config.train, seed,
+                  fixed_epochs=refit_epochs(trial, config.train.epochs))
+
+
+def _ranked(sweep: Sweep, ref: StudyRef) -> list[optuna.trial.FrozenTrial]:
+    """Finished trials best first (ties by trial number, as Optuna's best_trial): a diverged refit's fallbacks."""
+    complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if not complete:
+        raise SweepFailed(f"study {ref.key} has no finished trial; see `foldsweep status {sweep.spec.name}`")
+    sign = -1.0 if sweep.data.maximize else 1.0
+    return sorted(complete, key=lambda t: (sign * float(t.value if t.value is not None else math.nan), t.number))
+
+
+def _record_refit(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial, job: FitJob, result: FitResult,
+                  diverged: list[dict[str, int]]) -> None:
+    assert trial.value is not None
+    test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
+    optimism = _optimism(trial.value, test_score, sweep.data.maximize)
+    epochs = job.fixed_epochs or 0  # always set on a refit job
+    refit = {"outer_test_score": test_score, "best_inner_value": trial.value, "best_trial": trial.number,
+             "params": trial.params, "epochs": epochs, "optimism": optimism, "diverged": diverged}
+    ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
+    metrics = {"outer_test_score": test_score, "best_inner_value": trial.value, "optimism": optimism,
+               "refit_epochs": float(epochs), "refit_fallbacks": float(len(diverged))}
+    tags = {"best_trial": str(trial.number)}
+    if diverged:
+        tags["refit_fallback"] = fallback_note(ref.key, refit)
+    sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), metrics, tags=tags)
+
+
+def fallback_note(key: str, refit: dict[str, Any]) -> str:
+    """What a diverged refit led to, in one line (report, MLflow tag)."""
+    gone = ", ".join(f"trial {d['trial']} (NaN/inf at epoch {d['epoch']})" for d in refit.get("diverged", []))
+    return f"{key}: refit of {gone} diverged; its next-best trial {refit['best_trial']} was refit and scored instead"
+
+
 def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
-    """The nested estimate: the outer-test scores' mean with a t interval (there are only a few outer
-    folds), the mean optimism, and `final`'s best as the configuration to export."""
+    """The nested estimate: the outer-test scores' mean with an interval that allows for their correlation,
+    the mean optimism, and `final`'s best as the configuration to export."""
     scores = np.array([r["outer_test_score"] for r in refits])
     final = best_trial(sweep.study("final"))
     if final is None:
         raise SweepFailed("study final has no finished trial; the sweep has no configuration to export")
     mean = float(scores.mean())
     std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    half = _t_quantile(len(scores) - 1) * std / math.sqrt(len(scores)) if len(scores) > 1 else 0.0
+    low, high = nested_interval(scores, holdout_ratio(sweep))
+    seen = sealed_rows_seen(sweep.data, sweep.plan.dev, sweep.plan.test)
     return {
         "sweep": sweep.spec.name, "metric": sweep.data.metric,
         "direction": "maximize" if sweep.data.maximize else "minimize",
-        "nested": {"mean": mean, "std": std, "ci95": [mean - half, mean + half], "outer": scores.tolist()},
+        "nested": {"mean": mean, "std": std, "ci95": [low, high], "interval": INTERVAL, "outer": scores.tolist()},
         "final": {"best_params": final.params, "best_value": final.value, "best_trial": final.number,
-                  "best_epoch": final.user_attrs.get("mean_best_epoch")},
+                  "best_epoch": refit_epochs(final, sweep.spec.with_params(final.params).train.epochs)},
         "optimism": float(np.mean([r["optimism"] for r in refits])),
         "outer_refits": refits,
+        "refit_fallbacks": [fallback_note(f"outer-{i}", r) for i, r in enumerate(refits) if r.get("diverged")],
+        "sealed_test": seen | {"note": seen_note(seen)},
         "epochs_trained": _epochs_trained(sweep, refits),
     }
+
+
+def nested_interval(scores: np.ndarray, test_train: float) -> tuple[float, float]:
+    """95% interval for the procedure's score: the Nadeau-Bengio corrected resampled t.
+
+    Outer folds train on overlapping rows (and repeats reuse the same rows), so their scores are
+    positively correlated and the plain `t * sd / sqrt(n)` is too narrow, the more so the more repeats.
+    The correction replaces `1/n` by `1/n + n_test/n_train` (Nadeau & Bengio 2003, Machine Learning 52);
+    it does not shrink below `sqrt(n_test/n_train) * sd` however many repeats are added.
+    """
+    n = len(scores)
+    mean = float(np.mean(scores))
+    if n < 2:
+        return mean, mean
+    half = _t_quantile(n - 1) * math.sqrt((1.0 / n + test_train) * float(np.var(scores, ddof=1)))
+    return mean - half, mean + half
+
+
+def holdout_ratio(sweep: Sweep) -> float:
+    """Mean outer-test rows over mean outer-train rows: the correlation term of the interval."""
+    folds = sweep.plan.outer
+    return float(np.mean([len(f.valid) for f in folds]) / np.mean([len(f.train) for f in folds]))
 
 
 def _epochs_trained(sweep: Sweep, refits: list[dict[str, Any]]) -> int:
@@ -98,7 +176,7 @@ def _epochs_trained(sweep: Sweep, refits: list[dict[str, Any]]) -> int:
 
 
 def _optimism(inner: float, outer: float, maximize: bool) -> float:
-    """How much better the search's own score looked than the untouched outer-test score."""
+    """How much better the search's own score looked than the untouched outer-test score (positive = flattered)."""
     return inner - outer if maximize else outer - inner
 
 

@@ -29,7 +29,10 @@ if TYPE_CHECKING:
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     nested = summary["nested"]
     metrics = {"nested_mean": nested["mean"], "nested_std": nested["std"], "nested_ci95_low": nested["ci95"][0],
-               "nested_ci95_high": nested["ci95"][1], "optimism": summary["optimism"]}
+               "nested_ci95_high": nested["ci95"][1], "optimism": summary["optimism"],
+               "refit_fallbacks": float(len(summary.get("refit_fallbacks", [])))}
+    if "sealed_test" in summary:
+        metrics["sealed_test_rows_in_dev"] = float(summary["sealed_test"]["test_rows_in_dev"])
     if summary["final"]["best_value"] is not None:
         metrics["final_best_inner_value"] = summary["final"]["best_value"]
     metrics |= {f"outer_{i}_test_score": s for i, s in enumerate(nested["outer"])}
@@ -43,11 +46,12 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
         f"# Sweep `{summary['sweep']}`: nested cross-validation report",
         "",
         f"**Nested estimate ({metric}, {summary['direction']})**: {nested['mean']:.4f} ± {nested['std']:.4f} "
-        f"(95% CI {nested['ci95'][0]:.4f} to {nested['ci95'][1]:.4f}) over {len(nested['outer'])} outer folds.",
+        f"(95% CI {nested['ci95'][0]:.4f} to {nested['ci95'][1]:.4f}, {nested.get('interval', 'plain t')}) "
+        f"over {len(nested['outer'])} outer folds.",
         "",
-        f"**Optimism** (best inner-CV value minus outer-test score, positive = the search flattered itself): "
-        f"{summary['optimism']:+.4f}",
+        f"**Optimism** ({optimism_wording(summary['direction'])}): {summary['optimism']:+.4f}",
         "",
+        *[f"**Refit fallback**: {note}\n" for note in summary.get("refit_fallbacks", [])],
         "| outer fold | best inner value | outer-test score | optimism | refit epochs |",
         "|---|---|---|---|---|",
     ]
@@ -65,6 +69,9 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
     lines += [f"- inner-CV value: {best:.4f}" if best is not None else "- inner-CV value: none",
               f"- refit epochs: {summary['final'].get('best_epoch')}"]
     lines += ["", "## Sealed test set", ""]
+    seen_in_dev = summary.get("sealed_test", {}).get("note")
+    if seen_in_dev:
+        lines.append(f"- **{seen_in_dev}**")
     if looks:
         lines += [f"- look {i + 1} at {look['time']}: {metric} = {look['score']:.4f} (model "
                   f"{str(look.get('model_hash', ''))[:12]}{', --again' if look.get('again') else ''})"
@@ -74,6 +81,13 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
     else:
         lines.append("- sealed, never looked at (`foldsweep test SWEEP` makes the one deliberate look)")
     return "\n".join(lines) + "\n"
+
+
+def optimism_wording(direction: str) -> str:
+    """What optimism subtracts from what: the sign convention is "positive = flattered" for either direction."""
+    if direction == "minimize":
+        return "outer-test score minus best inner-CV value, positive = the search flattered itself"
+    return "best inner-CV value minus outer-test score, positive = the search flattered itself"
 
 
 def stability(summary: dict[str, Any]) -> dict[str, dict[str, Any]]:

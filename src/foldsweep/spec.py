@@ -85,7 +85,7 @@ class FoldSpec(_Frozen):
 class SplitSpec(_Frozen):
     test_size: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
-    duplicates: Literal["warn", "drop", "error"] = "warn"
+    duplicates: Literal["warn", "drop", "error"] = "drop"
     outer: FoldSpec = FoldSpec()
     inner: FoldSpec = FoldSpec()
 

@@ -55,6 +55,7 @@ class FoldPlan:
 
 def make_plan(data: Dataset, split: SplitSpec) -> FoldPlan:
     """Seal first, then guard against duplicates, then fold what is left."""
+    check_fold_kinds(data, split)
     dev, test = seal_test_set(data, split)
     dev, notes = _guard_duplicates(data, dev, test, split.duplicates)
     outer = plan_folds(data, dev, split.outer, split.seed, "split.outer")
@@ -65,16 +66,19 @@ def make_plan(data: Dataset, split: SplitSpec) -> FoldPlan:
 
 
 def seal_test_set(data: Dataset, split: SplitSpec) -> tuple[np.ndarray, np.ndarray]:
-    """Hold out the test rows: the latest rows for time series, whole groups for grouped data."""
+    """Hold out the test rows: the latest rows when `data.time` is set, whole groups when `data.group` is.
+
+    The data's own columns decide, never the fold kinds: a sealed group or a future row on the
+    development side would let the one test look score rows the model had, in effect, seen.
+    """
     rows = np.arange(len(data.y))
-    kind = _kind(split.outer, data)
-    if kind == "time_series":
-        order = rows[np.argsort(data.times, kind="stable")] if data.times is not None else rows
+    if data.times is not None:
+        order = rows[np.argsort(data.times, kind="stable")]
         n_test = max(1, int(round(split.test_size * len(rows))))
         return np.sort(order[:-n_test]), np.sort(order[-n_test:])
-    if kind in ("group", "stratified_group"):
+    if data.groups is not None:
         splitter = ms.GroupShuffleSplit(n_splits=1, test_size=split.test_size, random_state=split.seed)
-        dev, test = next(splitter.split(rows, groups=_groups(data)))
+        dev, test = next(splitter.split(rows, groups=data.groups))
         return np.sort(rows[dev]), np.sort(rows[test])
     stratify = data.y if data.task == "classification" else None
     try:
@@ -83,6 +87,20 @@ def seal_test_set(data: Dataset, split: SplitSpec) -> tuple[np.ndarray, np.ndarr
     except ValueError as err:
         raise SplitError(f"split.test_size={split.test_size} cannot be sealed: {err}") from None
     return np.sort(dev), np.sort(test)
+
+
+def check_fold_kinds(data: Dataset, split: SplitSpec) -> None:
+    """Refuse a fold kind that ignores the group or time column the data names: it would leak across folds."""
+    if data.groups is not None and data.times is not None:
+        raise SplitError("`data.group` and `data.time` are both set; a split follows one of them (groups would "
+                         "straddle time splits, later rows would train group folds): keep one")
+    for key, fold in (("split.outer", split.outer), ("split.inner", split.inner)):
+        if data.groups is not None and fold.kind in ("kfold", "stratified", "time_series"):
+            raise SplitError(f"`{key}.kind` {fold.kind} ignores `data.group`: a group would sit on both sides of a "
+                             "fold; use group, stratified_group or auto")
+        if data.times is not None and fold.kind in ("kfold", "stratified", "group", "stratified_group"):
+            raise SplitError(f"`{key}.kind` {fold.kind} ignores `data.time`: later rows would train models scored "
+                             "on earlier ones; use time_series or auto")
 
 
 def plan_folds(data: Dataset, rows: np.ndarray, fold: FoldSpec, seed: int, key: str) -> list[Fold]:
@@ -170,7 +188,28 @@ def _guard_duplicates(data: Dataset, dev: np.ndarray, test: np.ndarray, policy: 
         raise SplitError(message + "; set split.duplicates: drop to remove them")
     if policy == "drop":
         return dev[~(crossing | repeated)], [message + ": dropped"]
-    return dev, [message + ": kept (warn)"]
+    return dev, [message + ": kept (warn); the test look scores rows the model trained on"]
+
+
+def sealed_rows_seen(data: Dataset, dev: np.ndarray, test: np.ndarray) -> dict[str, Any]:
+    """Sealed test rows with an exact twin among the development rows, and what that does to the look.
+
+    A model scores its training rows better than new ones, so each such row can lift the test look by
+    up to one row's share: the look is optimistic by at most `share`. Zero under `duplicates: drop`.
+    """
+    dev_hashes = set(np.asarray(data.row_hashes)[dev])
+    seen = sum(h in dev_hashes for h in np.asarray(data.row_hashes)[test])
+    share = seen / len(test) if len(test) else 0.0
+    return {"test_rows_in_dev": int(seen), "test_rows": int(len(test)), "share": share}
+
+
+def seen_note(seen: dict[str, Any]) -> str:
+    """One line for `test`, `report` and the summary; empty when no test row was trained on."""
+    if not seen["test_rows_in_dev"]:
+        return ""
+    return (f"{seen['test_rows_in_dev']} of {seen['test_rows']} sealed test rows are exact copies of development rows "
+            f"the model trained on: the test look is optimistic, by up to {seen['share']:.1%} of its rows "
+            "(split.duplicates: drop removes them)")
 
 
 def check_batch_size(spec: SweepSpec, plan: FoldPlan) -> None:
