@@ -27,9 +27,9 @@ BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},  #
         "optuna": {"n_trials": 8, "trials_per_batch": 1, "n_startup_trials": 2, "report_every": 5}}
 
 
-def test_cpu_workers_default_to_the_cores_and_named_cuda_devices_must_exist(write_spec) -> None:
+def test_cpu_workers_default_to_one_and_named_cuda_devices_must_exist(write_spec) -> None:
     spec = load_spec(write_spec(resources={"devices": "cpu", "workers": None}))
-    assert worker_slots(spec, resolve_devices(spec)) == ["cpu"] * (os.cpu_count() or 1)
+    assert worker_slots(spec, resolve_devices(spec)) == ["cpu"]  # reproducible, and no slower on 2 cores
     missing = load_spec(write_spec(resources={"devices": ["cuda:7"]}))
     with pytest.raises(DeviceError, match=r"resources.devices: `cuda:7` does not exist"):
         resolve_devices(missing)

@@ -18,6 +18,7 @@ import yaml
 
 from foldsweep import __version__
 from foldsweep.errors import FoldsweepError
+from foldsweep.outer import refit_epochs
 from foldsweep.workers import open_existing
 
 
@@ -37,7 +38,7 @@ def export_best(name: str) -> dict[str, Any]:
     doc["provenance"] = {
         "sweep": name, "study": final.study.study_name, "trial": best.number, "best_params": best.params,
         "inner_cv_value": best.value, "metric_direction": final.study.direction.name.lower(),
-        "refit_epochs": int(best.user_attrs.get("mean_best_epoch", config.train.epochs)),
+        "refit_epochs": refit_epochs(best, config.train.epochs, record.plan.final_inner, len(record.plan.dev)),
         "spec_hash": meta["spec_hash"], "data_fingerprint": meta["fingerprint"],
         "nested": summary.get("nested"), "optimism": summary.get("optimism"),
         "test_looks": len(record.ledger), "mlflow_run_id": meta.get("mlflow_runs", {}).get("sweep"),

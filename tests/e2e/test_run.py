@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
+import numpy as np
+import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
+from scipy import stats
 
 from foldsweep.cli import cli
 from foldsweep.spec import load_spec
@@ -16,7 +20,7 @@ def _run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec) -> None:
+def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec, workdir) -> None:
     spec = write_spec()
     code, stdout, _ = _run("run", str(spec), "--json")
     assert code == 0
@@ -25,8 +29,14 @@ def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec
                             "wall_s"}
     assert summary["metric"] == "accuracy"
     assert len(summary["nested"]["outer"]) == 2
-    low, high = summary["nested"]["ci95"]
-    assert low <= summary["nested"]["mean"] <= high
+    nested, plan = summary["nested"], json.loads((workdir / "mlruns/sweeps/tiny/plan.json").read_text())
+    outer = np.array(nested["outer"])
+    ratio = np.mean([len(f["valid"]) for f in plan["outer"]]) / np.mean([len(f["train"]) for f in plan["outer"]])
+    half = stats.t.ppf(0.975, len(outer) - 1) * np.sqrt((1 / len(outer) + ratio) * outer.var(ddof=1))
+    assert nested["mean"] == pytest.approx(outer.mean())
+    assert nested["ci95"] == pytest.approx([outer.mean() - half, outer.mean() + half])
+    assert nested["interval"] == "Nadeau-Bengio corrected resampled t, 95%"
+    assert summary["sealed_test"]["test_rows_in_dev"] == 0 and summary["refit_fallbacks"] == []
     assert set(summary["final"]["best_params"]) == {"lr", "weight_decay", "l1", "dropout", "batch_size", "width"}
 
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
@@ -65,3 +75,22 @@ def test_rerun_resumes_without_training_again_and_export_round_trips(write_spec,
     assert exported.train.lr == best["lr"] and exported.model.width == best["width"]
     assert exported.model.dropout == best["dropout"] and exported.train.batch_size == best["batch_size"]
     assert exported.train.l1 == best["l1"] and exported.train.weight_decay == best["weight_decay"]
+
+
+QUICKSTART = Path(__file__).resolve().parents[2] / "sweeps" / "quickstart.yaml"
+
+
+@pytest.mark.slow
+def test_the_quickstart_prints_the_same_estimate_on_every_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """By default (no `resources.workers`), two runs in fresh folders give the same nested estimate."""
+    monkeypatch.delenv("FOLDSWEEP_HOME", raising=False)
+    summaries = []
+    for name in ("first", "second"):
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        code, stdout, stderr = _run("run", str(QUICKSTART), "--json")
+        assert code == 0, stderr
+        summaries.append(json.loads(stdout.strip().splitlines()[-1]))
+    first, second = summaries
+    assert first["workers"] == second["workers"] == 1
+    assert first["nested"] == second["nested"] and first["final"] == second["final"]
