@@ -23,6 +23,7 @@ from foldsweep.outer import (
     refit_outer,
     summarize,
     warm_start_final,
+    within_range,
 )
 from foldsweep.report import summary_markdown
 from foldsweep.spec import parse_spec
@@ -72,6 +73,12 @@ def test_interval_is_the_corrected_resampled_t(ratio: float) -> None:
     plain = stats.t.interval(0.95, n - 1, loc=scores.mean(), scale=stats.sem(scores))
     # 10 correlated scores are not 10 new ones: wider than the plain t by sqrt(1 + n * n_test/n_train)
     assert (expected[1] - expected[0]) / (plain[1] - plain[0]) == pytest.approx(math.sqrt(1 + n * ratio))
+
+
+def test_interval_is_cut_to_what_the_metric_can_take() -> None:
+    assert within_range("accuracy", 0.62, 1.03) == (0.62, 1.0)
+    assert within_range("rmse", -0.2, 0.9) == (0.0, 0.9)
+    assert within_range("r2", 0.5, 1.2) == (0.5, 1.0)
 
 
 def test_interval_of_one_score_is_that_score() -> None:
@@ -145,7 +152,8 @@ def test_summary_uses_the_corrected_interval_over_the_outer_scores(sweep: Sweep)
     ratio = holdout_ratio(sweep)
     assert ratio == pytest.approx(np.mean([len(f.valid) for f in sweep.plan.outer])
                                   / np.mean([len(f.train) for f in sweep.plan.outer]))
-    assert summary["nested"]["ci95"] == list(nested_interval(scores, ratio))
+    low, high = nested_interval(scores, ratio)
+    assert summary["nested"]["ci95"] == [max(low, 0.0), min(high, 1.0)]  # accuracy: never past 0..1
     for r in refits:
         assert r["optimism"] == pytest.approx(r["best_inner_value"] - r["outer_test_score"])
     assert summary["optimism"] == pytest.approx(np.mean([r["optimism"] for r in refits]))

@@ -23,6 +23,8 @@ from foldsweep.sweep import StudyRef, Sweep, best_trial, study_done
 from foldsweep.train import FitJob, FitResult, fit_many
 
 INTERVAL = "Nadeau-Bengio corrected resampled t, 95%"
+METRIC_RANGE = {"accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0), "f1_macro": (0.0, 1.0), "log_loss": (0.0, math.inf),
+                "rmse": (0.0, math.inf), "mae": (0.0, math.inf), "r2": (-math.inf, 1.0)}
 
 
 def warm_start_final(sweep: Sweep) -> None:
@@ -137,7 +139,7 @@ def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
         raise SweepFailed("study final has no finished trial; the sweep has no configuration to export")
     mean = float(scores.mean())
     std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    low, high = nested_interval(scores, holdout_ratio(sweep))
+    low, high = within_range(sweep.data.metric, *nested_interval(scores, holdout_ratio(sweep)))
     seen = sealed_rows_seen(sweep.data, sweep.plan.dev, sweep.plan.test)
     return {
         "sweep": sweep.spec.name, "metric": sweep.data.metric,
@@ -168,6 +170,13 @@ def nested_interval(scores: np.ndarray, test_train: float) -> tuple[float, float
         return mean, mean
     half = _t_quantile(n - 1) * math.sqrt((1.0 / n + test_train) * float(np.var(scores, ddof=1)))
     return mean - half, mean + half
+
+
+def within_range(metric: str, low: float, high: float) -> tuple[float, float]:
+    """The interval cut to the values the metric can take (accuracy 0..1, rmse >= 0, r2 <= 1): with few outer
+    folds t(0.975, 2) = 4.3 reaches past them, and a bound no score can reach says nothing."""
+    floor, ceiling = METRIC_RANGE.get(metric, (-math.inf, math.inf))
+    return max(low, floor), min(high, ceiling)
 
 
 def holdout_ratio(sweep: Sweep) -> float:

@@ -34,7 +34,7 @@ def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec
     ratio = np.mean([len(f["valid"]) for f in plan["outer"]]) / np.mean([len(f["train"]) for f in plan["outer"]])
     half = stats.t.ppf(0.975, len(outer) - 1) * np.sqrt((1 / len(outer) + ratio) * outer.var(ddof=1))
     assert nested["mean"] == pytest.approx(outer.mean())
-    assert nested["ci95"] == pytest.approx([outer.mean() - half, outer.mean() + half])
+    assert nested["ci95"] == pytest.approx([max(0.0, outer.mean() - half), min(1.0, outer.mean() + half)])
     assert nested["interval"] == "Nadeau-Bengio corrected resampled t, 95%"
     assert summary["sealed_test"]["test_rows_in_dev"] == 0 and summary["refit_fallbacks"] == []
     assert set(summary["final"]["best_params"]) == {"lr", "weight_decay", "l1", "dropout", "batch_size", "width"}
