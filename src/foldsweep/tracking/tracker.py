@@ -17,7 +17,7 @@ import numpy as np
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
-from foldsweep.tracking.store import _absolute_sqlite, _artifact_root, _ensure_sqlite_folder, _retry, _write_ahead_log
+from foldsweep.tracking.store import _absolute_sqlite, _retry, _write_ahead_log, create_store, open_experiment
 from foldsweep.tracking.writer import PARENT, _TrialWriter, _write_rows
 
 if TYPE_CHECKING:
@@ -89,18 +89,10 @@ class MlflowTracker(NullTracker):
         self._writer: _TrialWriter | None = None  # started with the first trial
         self._sweep_run = ""
         self.tracking_uri = _absolute_sqlite(spec.uri)
-        _ensure_sqlite_folder(self.tracking_uri)
+        create_store(self.tracking_uri)  # under a lock: two sweeps starting at once must not both migrate it
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        name = spec.experiment or sweep_name
-        experiment = _retry(lambda: self.client.get_experiment_by_name(name))  # creates the store's tables
         _write_ahead_log(self.tracking_uri)
-        if experiment is None:
-            artifacts = _artifact_root(spec.artifact_location)
-            self.experiment_id = _retry(lambda: self.client.create_experiment(
-                name, artifact_location=f"{artifacts}/{name}",
-                tags={"mlflow.experimentKind": "custom_model_development"}))
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = open_experiment(self.client, spec.experiment or sweep_name, spec.artifact_location)
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
         """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
