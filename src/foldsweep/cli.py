@@ -14,9 +14,11 @@ from typing import Any
 
 import click
 
-from foldsweep import __version__, console
+from foldsweep import __version__, console, profile
 from foldsweep.console import out
 from foldsweep.errors import FoldsweepError
+
+LIGHT = {"validate"}  # commands that never import optuna (tests/test_startup.py pins it)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -73,10 +75,12 @@ def cli(debug: bool) -> None:
     """Honest hyperparameter sweeps: nested k-fold CV, a sealed test set, Optuna, MLflow."""
     import logging
 
-    import optuna
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if debug else logging.WARNING)
+    if click.get_current_context().invoked_subcommand in LIGHT:
+        return
+    import optuna  # its level is set after it is imported: its first logger resets it
 
     optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _load(spec: str, overrides: tuple[str, ...]) -> Any:
@@ -97,19 +101,32 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON 
 @json_opt
 @click.option("--fresh", is_flag=True, help="Start over under a new name (NAME-2, ...); nothing is deleted.")
 @click.option("--storage", default=None, help="Optuna storage URL (overrides the spec's `storage`).")
+@click.option("--profile", "profiled", is_flag=True, help="Print on stderr where the time went, by phase.")
 @_guard
-def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None) -> None:
+def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None,
+        profiled: bool) -> None:
     """Run (or resume) the nested sweep SPEC."""
-    from foldsweep.workers import run_sweep
-
-    sweep_spec = _load(spec, overrides)
-    display = console.Display(quiet=as_json)
-    with display:
-        summary = run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event)
+    if profiled:
+        profile.enable()
+    try:
+        summary = _run(spec, overrides, as_json, fresh, storage)
+    finally:
+        if profiled:
+            click.echo(profile.render(profile.snapshot()), err=True)
     if as_json:
         click.echo(json.dumps(console.public_summary(summary), default=str))
     else:
         console.print_summary(summary)
+
+
+def _run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None) -> dict[str, Any]:
+    with profile.phase(profile.STARTUP):  # the heavy imports (torch, optuna) happen here
+        from foldsweep.workers import run_sweep
+
+        sweep_spec = _load(spec, overrides)
+    display = console.Display(quiet=as_json)
+    with display:
+        return run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event)
 
 
 @cli.command()
@@ -142,8 +159,8 @@ def worker(spec: str, overrides: tuple[str, ...], storage: str, device: str | No
 def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check SPEC and its data (and the fold plan) without training anything."""
     from foldsweep.data import load_dataset
+    from foldsweep.devices import resolve_devices
     from foldsweep.splits import check_batch_size, make_plan
-    from foldsweep.workers import resolve_devices
 
     sweep_spec = _load(spec, overrides)
     data = load_dataset(sweep_spec.data)
@@ -173,8 +190,7 @@ def status(sweep: str | None, as_json: bool) -> None:
     """Per study: finished / n_trials, running, failed, best value (all sweeps without SWEEP)."""
     from foldsweep.record import home
     from foldsweep.storage import backend, redact
-    from foldsweep.sweep import study_status
-    from foldsweep.workers import holders, open_existing
+    from foldsweep.studies import holders, open_existing, study_status
 
     names = [sweep] if sweep else sorted(p.name for p in (home() / "sweeps").glob("*") if (p / "record.json").exists())
     report = []

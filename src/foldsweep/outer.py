@@ -16,7 +16,8 @@ import numpy as np
 from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
-from foldsweep.sweep import Sweep, best_trial, study_done
+from foldsweep.studies import best_trial, study_done
+from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, fit_many
 
 

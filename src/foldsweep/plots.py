@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import matplotlib
 
@@ -21,7 +21,8 @@ from matplotlib.lines import Line2D  # noqa: E402
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
 from optuna.trial import FrozenTrial, TrialState  # noqa: E402
 
-from foldsweep.sweep import Sweep  # noqa: E402
+if TYPE_CHECKING:
+    from foldsweep.sweep import Sweep
 
 Curve = tuple[np.ndarray, np.ndarray]  # (epochs, values)
 
