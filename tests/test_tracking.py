@@ -16,6 +16,7 @@ import pytest
 from conftest import tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from sweep_procs import finish, start
 
 from foldsweep.spec import TrackingSpec, parse_spec
 from foldsweep.storage import preflight
@@ -199,3 +200,15 @@ def _tables(path: Path) -> dict[str, list[str]]:
     with contextlib.closing(sqlite3.connect(path)) as db:
         rows = db.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'index')").fetchall()
     return {name: sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()) for name, sql in rows}
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_sweep_started_at_once_in_a_fresh_folder_both_finish(write_spec, workdir: Path) -> None:
+    """Issue 12 item 5 as the user met it: the second `foldsweep run` died with `duplicate column name: step`."""
+    spec = write_spec(optuna={"n_trials": 2, "trials_per_batch": 1})
+    runs = [start("run", str(spec), "--json", cwd=workdir) for _ in range(2)]
+    results = [finish(run, timeout=600) for run in runs]
+    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert all("Traceback" not in err for _, _, err in results)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["tiny"]
