@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -38,13 +39,22 @@ QUICKSTART = ROOT / "sweeps" / "quickstart.yaml"
 HERE = str(ROOT / "src")
 
 
+CPU: list[float] = []  # CPU seconds of the last command and every process it waited for (the MLflow writer)
+
+
 def timed(args: list[str], folder: Path, src: str = HERE) -> tuple[float, str, str]:
-    """Wall seconds, stdout and stderr of one foldsweep command (the code in `src`) as its own process."""
+    """Wall seconds, stdout and stderr of one foldsweep command (the code in `src`) as its own process.
+
+    Its CPU seconds go to `CPU`: on a shared machine they move far less with the load than wall time does.
+    """
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": src}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "foldsweep", *args], cwd=folder, env=env, capture_output=True,
                           text=True)
     wall = time.perf_counter() - started
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    CPU[:] = [after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime]
     if done.returncode != 0:
         raise SystemExit(f"foldsweep {' '.join(args)} failed:\n{done.stderr[-3000:]}")
     return wall, done.stdout, done.stderr
@@ -129,15 +139,17 @@ class Found:
     """One code tree's measurements, a list entry per repeat."""
 
     validate: list[float] = field(default_factory=list)
+    validate_cpu: list[float] = field(default_factory=list)
     quick: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"on": [], "off": []})
     budget: list[float] = field(default_factory=list)
 
 
 def measure(found: Found, spec: Path, src: str) -> None:
     found.validate.append(timed(["validate", str(QUICKSTART)], ROOT, src)[0])
+    found.validate_cpu.append(CPU[0])
     for mode in ("off", "on"):
         wall, times, _ = run_sweep_process(QUICKSTART, [f"tracking.enabled={mode == 'on'}".lower()], src)
-        found.quick[mode].append(times | {"process wall": wall})
+        found.quick[mode].append(times | {"process wall": wall, "process cpu": CPU[0]})
     wall, _, summary = run_sweep_process(spec, [], src)
     found.budget.append(float(summary["fold_fits"]) / wall)  # type: ignore[arg-type]
 
@@ -153,9 +165,13 @@ def report(found: Found, plain: list[float]) -> None:
     budget = statistics.median(found.budget)
     print("| measure | median | target |")
     print("|---|---|---|")
-    print(f"| `foldsweep validate sweeps/quickstart.yaml` | {statistics.median(found.validate):.2f} s | <= 1.5 s |")
+    cpu_on, cpu_off = median("on", "process cpu"), median("off", "process cpu")
+    print(f"| `foldsweep validate sweeps/quickstart.yaml` | {statistics.median(found.validate):.2f} s "
+          f"({statistics.median(found.validate_cpu):.2f} CPU s) | <= 1.5 s |")
     print(f"| quickstart, tracking off / on (process wall) | {off:.2f} s / {on:.2f} s | |")
     print(f"| full tracking's share of the wall time | {(on - off) / on * 100:.1f}% | <= 10% |")
+    print(f"| quickstart, tracking off / on (CPU s, all processes) | {cpu_off:.2f} / {cpu_on:.2f} "
+          f"(tracking {(cpu_on - cpu_off) / cpu_on * 100:.1f}%) | |")
     if "wall" in quick["on"][0]:
         print(f"| `run` to the first training step (tracking on) | {median('on', 'to first training step'):.2f} s "
               "| <= 2 s |")
@@ -165,7 +181,7 @@ def report(found: Found, plain: list[float]) -> None:
           "| >= 4x |")
     if "wall" in quick["on"][0]:
         print("quickstart phases, tracking on (median s): " + ", ".join(
-            f"{name} {median('on', name):.2f}" for name in quick["on"][0] if name != "process wall"))
+            f"{name} {median('on', name):.2f}" for name in quick["on"][0] if not name.startswith("process")))
 
 
 if __name__ == "__main__":
