@@ -60,10 +60,6 @@ def enable() -> None:
     _clock.seconds[STARTUP] = now - _clock.origin
 
 
-def enabled() -> bool:
-    return _clock.enabled
-
-
 @contextmanager
 def phase(name: str) -> Iterator[None]:
     """Book the block's wall time to `name`, minus what nested phases inside it book to themselves."""
