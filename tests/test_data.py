@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import struct
+import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from foldsweep.data import Dataset, hash_rows, load_dataset
+from foldsweep.data import (
+    MAX_COLUMNS,
+    Dataset,
+    dataset_from_frame,
+    hash_rows,
+    load_dataset,
+    read_header,
+    read_table,
+)
 from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.spec import DataSpec
 
@@ -275,3 +285,144 @@ def test_hash_rows_treats_nan_alike() -> None:
     X = np.array([[1.0, np.nan], [1.0, np.nan], [1.0, 0.0]], dtype=np.float32)
     hashes = hash_rows(X, np.array([0, 0, 0]))
     assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_row_hashes_are_pinned_across_runs_and_machines() -> None:
+    """The record stores these hashes: a change of the function would make every sealed sweep refuse its data."""
+    X = np.array([[1.0, 2.0, 3.0], [0.0, np.nan, -1.5]], dtype=np.float32)
+    y = np.array([0, 1])
+    data = Dataset(name="t", X=X, y=y, feature_names=["a", "b", "c"], task="classification", metric="accuracy",
+                   classes=["p", "q"], row_hashes=hash_rows(X, y), target="y")
+    assert data.row_hex([0, 1]) == ["e9e06743c4518ffd", "9778b471e8a0a9b8"]
+    assert data.row_hex([0, 1]) == [f"{_reference_hash(row, label):016x}" for row, label in zip(X, y)]
+    assert data.fingerprint == "d6dbf23eb38e46d5"
+
+
+def _mix(z: int) -> int:
+    mask = (1 << 64) - 1
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & mask
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EB & mask
+    return z ^ (z >> 31)
+
+
+def _reference_hash(row: np.ndarray, label: float) -> int:
+    """hash_rows as its docstring defines it, one row in plain Python: the definition, checked."""
+    golden = 0x9E3779B97F4A7C15
+    values = [0.0 if v == 0 else v for v in row.tolist()] + [0.0] * (len(row) % 2)
+    raw = b"".join(struct.pack("<I", 0x7FC00000) if v != v else struct.pack("<f", v) for v in values)
+    words = [int.from_bytes(raw[i:i + 8], "little") for i in range(0, len(raw), 8)]
+    total = sum(_mix(w ^ _mix((j + 1) * golden % (1 << 64))) for j, w in enumerate(words)) % (1 << 64)
+    label_word = int.from_bytes(struct.pack("<d", float(label) + 0.0), "little")
+    return _mix(total ^ _mix(label_word ^ golden))
+
+
+def test_hash_rows_treats_negative_zero_and_every_nan_alike() -> None:
+    quiet, other_nan = np.float32(np.nan), np.array([0x7FC00001], dtype=np.uint32).view(np.float32)[0]
+    X = np.array([[0.0, quiet], [-0.0, other_nan], [0.0, 1.0]], dtype=np.float32)
+    hashes = hash_rows(X, np.zeros(3))
+    assert hashes[0] == hashes[1] != hashes[2]
+
+
+def test_hash_rows_sees_which_column_holds_which_value() -> None:
+    X = np.array([[1.0, 2.0, 3.0], [2.0, 1.0, 3.0], [1.0, 3.0, 2.0]], dtype=np.float32)
+    assert len(set(hash_rows(X, np.zeros(3)).tolist())) == 3
+
+
+def test_swapped_column_names_change_the_fingerprint(tmp_path: Path) -> None:
+    """`predict` matches columns by name: the same values under swapped names are another table."""
+    base = load_csv(tmp_path, ROWS)
+    swapped = load_csv(tmp_path, "b,a,y\n1,2,x\n3,4,z\n5,6,x\n7,8,z\n")
+    assert swapped.row_hashes.tolist() == base.row_hashes.tolist()  # the values are unchanged ...
+    assert swapped.fingerprint != base.fingerprint  # ... the table is not
+    renamed = load_csv(tmp_path, "a,c,y\n1,2,x\n3,4,z\n5,6,x\n7,8,z\n")
+    assert renamed.fingerprint != base.fingerprint
+
+
+def test_a_frame_and_its_files_give_one_fingerprint(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    frame = pd.DataFrame({"a": rng.normal(size=50), "b": rng.integers(0, 9, size=50), "y": rng.choice(["u", "v"], 50)})
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet")
+    before = frame.copy()
+    in_memory = dataset_from_frame(frame, DataSpec(path="unused.csv", target="y"), name="t")
+    pd.testing.assert_frame_equal(frame, before)  # the caller's frame is left alone
+    for name in ("t.csv", "t.parquet"):
+        loaded = load_dataset(DataSpec(path=str(tmp_path / name), target="y"))
+        assert loaded.fingerprint == in_memory.fingerprint, name
+        np.testing.assert_array_equal(loaded.X, in_memory.X)
+
+
+def test_a_hundred_thousand_columns_are_refused_quickly(tmp_path: Path) -> None:
+    """The old duplicate-header check was quadratic: this file hung `validate` for minutes."""
+    header = ",".join(f"c{i}" for i in range(100_000)) + ",y"
+    path = csv(tmp_path, header + "\n" + "\n".join(",".join(["1"] * 100_001) for _ in range(5)) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(DataError, match=r"`.*data\.csv` has 100,001 columns; foldsweep reads at most 10,000$"):
+        load_dataset(DataSpec(path=str(path), target="y"))
+    assert time.perf_counter() - started < 2.0
+
+
+def test_a_wide_table_within_the_limit_is_read_in_linear_time(tmp_path: Path) -> None:
+    names = [f"c{i}" for i in range(MAX_COLUMNS - 1)]
+    path = csv(tmp_path, ",".join([*names, "y"]) + "\n" + "\n".join(",".join(["1"] * (len(names)) + [lab])
+                                                                     for lab in "abab") + "\n")
+    started = time.perf_counter()
+    data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.X.shape == (4, MAX_COLUMNS - 1)
+    assert time.perf_counter() - started < 15.0  # ~3 s alone; the machine is shared
+    header = ",".join([*names[:-1], "c5", "y"])
+    duplicated = csv(tmp_path, header + "\n" + ",".join(["1"] * (MAX_COLUMNS - 1) + ["a"]) + "\n", name="dupes.csv")
+    with pytest.raises(DataError, match=r"duplicate column names: c5$"):
+        load_dataset(DataSpec(path=str(duplicated), target="y"))
+
+
+def test_one_hot_encoding_that_would_explode_is_refused(tmp_path: Path) -> None:
+    ids = "\n".join(f"{i},id{i},{'ab'[i % 2]}" for i in range(MAX_COLUMNS + 1))
+    message = refused(tmp_path, "a,row_id,y\n" + ids + "\n", categorical="onehot")
+    assert "would make 10,001 features (more than 10,000)" in message and "`row_id`" in message
+
+
+@pytest.mark.parametrize(("name", "content", "words"), [
+    ("text.parquet", b"a,b,y\n1,2,x\n", ("cannot be read as Parquet", "magic bytes")),
+    ("random.csv", bytes(np.random.default_rng(1).integers(0, 256, 4096, dtype=np.uint8)),
+     ("cannot be read as CSV",)),
+    ("latin1.csv", "a,y\n1,caf\u00e9\n2,the\n".encode("latin-1"), ("column `y`", "not UTF-8 text")),
+    ("latin1_header.csv", "a,caf\u00e9,y\n1,2,x\n".encode("latin-1"), ("cannot be read as CSV", "not UTF-8")),
+    ("ragged.csv", b"a,b,y\n1,2,x\n3,4,z,9\n", ("cannot be read as CSV", "Expected 3 columns, got 4")),
+])
+def test_unreadable_files_are_one_line(tmp_path: Path, name: str, content: bytes, words: tuple[str, ...]) -> None:
+    (tmp_path / name).write_bytes(content)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(path=str(tmp_path / name), target="y"))
+    message = str(info.value)
+    assert "\n" not in message and f"`{tmp_path / name}`" in message, message
+    for word in words:
+        assert word in message, message
+
+
+def test_etc_passwd_as_data_is_one_line() -> None:
+    with pytest.raises(DataError) as info:
+        load_dataset(DataSpec(path="/etc/passwd", target="y"))
+    assert "\n" not in str(info.value) and "/etc/passwd" in str(info.value)
+
+
+def test_a_text_value_far_down_a_numeric_column_names_the_column(tmp_path: Path) -> None:
+    """pyarrow infers types from the first block; a text value 200,000 rows down still makes the column text."""
+    rows = "\n".join(f"{i},{i % 2}" for i in range(200_000))
+    assert "feature column `a` is not numeric" in refused(tmp_path, "a,y\n" + rows + "\nseven,1\n")
+
+
+def test_labels_are_encoded_by_hashing_in_the_text_order_of_the_classes(tmp_path: Path) -> None:
+    data = load_csv(tmp_path, "a,y\n1,10\n2,2\n3,1\n4,2\n", task="classification")
+    assert data.classes == ["1", "10", "2"] and data.y.tolist() == [1, 2, 0, 2]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_the_header_is_read_without_the_rows(tmp_path: Path, suffix: str) -> None:
+    frame = pd.DataFrame({"b": [1.0, 2.0], "a": ["x", "y"], "y": [0, 1]})
+    path = tmp_path / f"t{suffix}"
+    frame.to_csv(path, index=False) if suffix == ".csv" else frame.to_parquet(path)
+    assert read_header(path) == ["b", "a", "y"] == list(read_table(path).columns)
+    (tmp_path / "bad.parquet").write_text("b,a,y\n1,x,0\n")
+    with pytest.raises(DataError, match=r"bad.parquet` cannot be read: .*magic bytes"):
+        read_header(tmp_path / "bad.parquet")

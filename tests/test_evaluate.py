@@ -7,7 +7,13 @@ batch norm and feature selection, regression in the target's units), load with
 
 from __future__ import annotations
 
+import hashlib
 import json
+import multiprocessing
+import os
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +23,7 @@ import torch
 from conftest import tiny_spec
 
 from foldsweep.data import load_dataset
-from foldsweep.errors import DataError, FoldsweepError, SealError
+from foldsweep.errors import DataError, FoldsweepError, ModelFolderError, SealError, SpecError
 from foldsweep.evaluate import (
     FROM_RECORD,
     _check_model_is_of,
@@ -29,7 +35,7 @@ from foldsweep.evaluate import (
     save_model,
     train_final,
 )
-from foldsweep.record import create_or_resume
+from foldsweep.record import SweepRecord, create_or_resume
 from foldsweep.spec import parse_spec
 from foldsweep.splits import make_plan
 
@@ -184,3 +190,120 @@ def test_model_folder_files_are_plain_json_and_yaml(tmp_path: Path) -> None:
 def _csv(frame: pd.DataFrame, path: Path) -> Path:
     frame.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def saved(tmp_path: Path) -> Path:
+    config = _config(train={"epochs": 2})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    save_model(final, tmp_path / "m")
+    return tmp_path / "m"
+
+
+def _rehash(folder: Path, name: str) -> None:
+    """What a forger would add: the edited file's new hash written into provenance.json."""
+    provenance = json.loads((folder / "provenance.json").read_text())
+    provenance["file_hashes"][name] = hashlib.sha256((folder / name).read_bytes()).hexdigest()
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+
+
+@pytest.mark.parametrize(("name", "edit"), [
+    ("config.yaml", lambda text: text.replace("activation: relu", "activation: tanh")),
+    ("preprocess.json", lambda text: json.dumps({**json.loads(text),
+                                                 "scale": [v * 2 for v in json.loads(text)["scale"]]})),
+])
+def test_every_file_that_decides_a_prediction_is_hashed(saved: Path, name: str, edit) -> None:
+    """Only model.pt was checked: a changed activation or scaling changed predictions with exit 0."""
+    before = load_model(saved).predict(np.ones((2, 60), dtype=np.float32))
+    path = saved / name
+    path.write_text(edit(path.read_text()))
+    with pytest.raises(ModelFolderError, match=rf"^`.*m/{name}` does not match the hash in its provenance.json; "
+                                               r"the folder was changed after `foldsweep fit` wrote it$"):
+        load_model(saved)
+    _rehash(saved, name)  # with the hash forged too, the edit is what it is: a different model
+    assert not np.array_equal(load_model(saved).predict(np.ones((2, 60), dtype=np.float32)), before)
+
+
+def test_a_folder_without_file_hashes_is_refused(saved: Path) -> None:
+    provenance = json.loads((saved / "provenance.json").read_text())
+    del provenance["file_hashes"]
+    (saved / "provenance.json").write_text(json.dumps(provenance))
+    with pytest.raises(ModelFolderError, match=r"records no file hashes, so the folder cannot be checked"):
+        load_model(saved)
+    (saved / "provenance.json").write_text("{not json")
+    with pytest.raises(ModelFolderError, match=r"provenance.json` is not JSON"):
+        load_model(saved)
+
+
+class _Owned:
+    def __reduce__(self):
+        return (os.system, ("touch owned-by-model",))
+
+
+def test_a_pickle_in_model_pt_is_one_line_and_never_runs(saved: Path, workdir: Path) -> None:
+    torch.save({"head.bias": _Owned()}, saved / "model.pt")
+    _rehash(saved, "model.pt")
+    with pytest.raises(ModelFolderError, match=r"model.pt` is not a state dict of the network in config.yaml "
+                                               r"\(torch, weights only: .*\)$") as info:
+        load_model(saved)
+    assert "\n" not in str(info.value) and not (workdir / "owned-by-model").exists()
+    torch.save({"head.bias": torch.zeros(7)}, saved / "model.pt")  # loads, but not into this network
+    _rehash(saved, "model.pt")
+    with pytest.raises(ModelFolderError, match=r"is not a state dict of the network"):
+        load_model(saved)
+
+
+def test_a_python_tag_in_a_model_config_is_one_line_and_never_runs(saved: Path, workdir: Path) -> None:
+    path = saved / "config.yaml"
+    path.write_text(path.read_text() + 'extra: !!python/object/apply:os.system ["touch owned-by-config"]\n')
+    _rehash(saved, "config.yaml")
+    with pytest.raises(SpecError, match=r"config.yaml: line \d+, column \d+: refused: .*python/object/apply"
+                                        r".*a model config holds plain values only$"):
+        load_model(saved)
+    assert not (workdir / "owned-by-config").exists()
+
+
+def _look_in_child(home: str, barrier, results) -> None:
+    """One of two processes racing through the ledger's real check-and-append."""
+    os.environ["FOLDSWEEP_HOME"] = home
+    record = SweepRecord.open("tiny")
+    barrier.wait()
+    try:
+        with record.looking(False) as number:
+            time.sleep(0.5)  # the refit and the scoring happen here: a wide window for the other process
+            record.append_look({"look_number": number, "pid": os.getpid()})
+        results.put("looked")
+    except SealError:
+        results.put("refused")
+
+
+def test_two_looks_at_once_record_exactly_one(workdir: Path) -> None:
+    """Without a lock both processes passed the one-look check and both looked."""
+    config = _config()
+    create_or_resume(config, load_dataset(config.data), "unused")
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(2), context.Queue()
+    children = [context.Process(target=_look_in_child, args=(str(workdir / "mlruns"), barrier, results))
+                for _ in range(2)]
+    for child in children:
+        child.start()
+    for child in children:
+        child.join(timeout=60)
+    assert sorted(results.get(timeout=5) for _ in children) == ["looked", "refused"]
+    ledger = SweepRecord.open("tiny").ledger
+    assert [entry["look_number"] for entry in ledger] == [1]
+
+
+@pytest.mark.slow
+def test_two_foldsweep_test_processes_at_once_look_once(workdir: Path, write_spec) -> None:
+    """The same race through the CLI: a finished sweep, then two `foldsweep test` started together."""
+    spec = write_spec(tracking={"enabled": False})
+    assert subprocess.run([sys.executable, "-m", "foldsweep", "run", str(spec)], capture_output=True,
+                          timeout=300).returncode == 0
+    procs = [subprocess.Popen([sys.executable, "-m", "foldsweep", "test", "tiny", "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outcomes = [(p.wait(timeout=300), p.stderr.read() if p.stderr else "") for p in procs]
+    assert sorted(code for code, _ in outcomes) == [0, 2], outcomes
+    assert any("was already looked at 1 time(s)" in err for code, err in outcomes if code == 2)
+    assert len(SweepRecord.open("tiny").ledger) == 1

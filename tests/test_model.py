@@ -47,7 +47,7 @@ def test_stacked_forward_equals_each_mlp_with_padding(activation: str) -> None:
     net = StackedMLP(models, CPU)
     assert net.unit_mask.shape == (3, 1, 13)
     x = torch.randn(3, 10, 7)
-    out = net.forward(x, None, None, None)
+    out = net.forward(x, None)
     for i, model in enumerate(models):
         torch.testing.assert_close(out[i], model.eval()(x[i]), atol=1e-6, rtol=1e-5)
     # padded units start at zero and carry nothing
@@ -59,7 +59,7 @@ def test_padded_units_get_no_gradient() -> None:
     models = _models([ModelSpec(width=3, depth=2), ModelSpec(width=6, depth=2)])
     net = StackedMLP(models, CPU)
     x = torch.randn(2, 5, 7)
-    loss = net.forward(x, torch.ones(2, 5, 1), None, None).pow(2).sum() + net.l1_norm().sum()
+    loss = net.forward(x, torch.ones(2, 5, 1)).pow(2).sum() + net.l1_norm().sum()
     grads = torch.autograd.grad(loss, net.params)
     assert torch.count_nonzero(grads[0][0, :, 3:]) == 0  # into padded units
     assert torch.count_nonzero(grads[1][0, 3:, :]) == 0  # out of padded units
@@ -85,7 +85,7 @@ def test_batch_norm_training_matches_torch_and_ignores_padded_rows() -> None:
         mask[i, :n] = 1
     x[1, 9:] = 1e3  # padded rows: must not move any statistic
     for _ in range(3):
-        out = net.forward(x, mask, None, None)
+        out = net.forward(x, mask)
     for i, (model, n) in enumerate(zip(models, n_real, strict=True)):
         model.train()
         for _ in range(3):
@@ -101,11 +101,11 @@ def test_batch_norm_statistics_skip_a_model_with_no_rows_in_the_batch() -> None:
     """Uneven folds leave the smaller model empty batches at the end of an epoch; they are no data."""
     models = _models([ModelSpec(width=5, depth=1, batch_norm=True), ModelSpec(width=5, depth=1, batch_norm=True)])
     net = StackedMLP(models, CPU)
-    net.forward(torch.randn(2, 6, 7), torch.ones(2, 6, 1), None, None)
+    net.forward(torch.randn(2, 6, 7), torch.ones(2, 6, 1))
     before_mean, before_var = net.running_mean[1].clone(), net.running_var[1].clone()
     mask = torch.ones(2, 6, 1)
     mask[1] = 0
-    net.forward(torch.randn(2, 6, 7), mask, None, None)
+    net.forward(torch.randn(2, 6, 7), mask)
     assert torch.equal(net.running_mean[1], before_mean)
     assert torch.equal(net.running_var[1], before_var)
     assert not torch.equal(net.running_mean[0], before_mean)
@@ -121,10 +121,10 @@ def test_export_gives_the_stacked_model_back(batch_norm: bool) -> None:
         for p in net.params:  # move away from the init so the copy is not trivially the template
             p.add_(0.1 * torch.randn(p.shape, generator=gen))
         for _ in range(4):  # running statistics away from (0, 1)
-            net.forward(torch.randn(3, 20, 7, generator=gen) * 2 + 1, torch.ones(3, 20, 1), None, None)
+            net.forward(torch.randn(3, 20, 7, generator=gen) * 2 + 1, torch.ones(3, 20, 1))
     x = torch.randn(3, 15, 7, generator=gen)
     with torch.no_grad():
-        out = net.forward(x, None, None, None)
+        out = net.forward(x, None)
     for i, spec in enumerate(specs):
         plain = net.export(i, build_mlp(7, 3, spec, seed=99))
         assert not plain.training

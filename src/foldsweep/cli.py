@@ -1,8 +1,13 @@
-"""The `foldsweep` command: parse options, call a stage, print. Errors become one line and exit code 2."""
+"""The `foldsweep` command: parse options, call the Python API (`foldsweep.api`), print.
+
+Errors become one line and exit code 2; Ctrl-C exits 130. Both, and the SIGINT handling, live only
+here: the API raises and leaves the process alone, so a notebook or a script decides for itself.
+"""
 
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import signal
 import sys
@@ -14,9 +19,8 @@ from typing import Any
 
 import click
 
-from foldsweep import __version__, console, profile
-from foldsweep.console import out
-from foldsweep.errors import FoldsweepError
+from foldsweep import __version__, profile
+from foldsweep.errors import FoldsweepError, explain
 
 LIGHT = {"validate"}  # commands that never import optuna (tests/test_startup.py pins it)
 
@@ -31,10 +35,13 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
         interrupted = False
         try:
             return fn(*args, **kwargs)
-        except FoldsweepError as error:
+        except Exception as error:  # a FoldsweepError, or a machine / store failure `explain` knows
+            known = explain(error)
+            if known is None:
+                raise
             if debug:
                 traceback.print_exc()
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {known}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:
             interrupted = True
@@ -89,6 +96,13 @@ def _load(spec: str, overrides: tuple[str, ...]) -> Any:
     return load_spec(spec, overrides)
 
 
+def _print(renderable: Any) -> None:
+    """Rich output on stdout (a terminal's width; piped output is never hard-wrapped)."""
+    from foldsweep.console import out
+
+    out.print(renderable)
+
+
 spec_arg = click.argument("spec", type=click.Path(dir_okay=False))
 set_opt = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                        help="Override a spec value (repeatable), validated like the file.")
@@ -106,27 +120,21 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON 
 def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None,
         profiled: bool) -> None:
     """Run (or resume) the nested sweep SPEC."""
+    from foldsweep import api, console
+
     if profiled:
         profile.enable()
     try:
-        summary = _run(spec, overrides, as_json, fresh, storage)
+        with profile.phase(profile.STARTUP):  # the heavy imports (torch, optuna) that `api.run` would make
+            importlib.import_module("foldsweep.workers")
+        result = api.run(spec, overrides=overrides, fresh=fresh, storage=storage, progress=not as_json)
     finally:
         if profiled:
             click.echo(profile.render(profile.snapshot()), err=True)
     if as_json:
-        click.echo(json.dumps(console.public_summary(summary), default=str))
+        click.echo(json.dumps(console.public_summary(result.summary), default=str))
     else:
-        console.print_summary(summary)
-
-
-def _run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None) -> dict[str, Any]:
-    with profile.phase(profile.STARTUP):  # the heavy imports (torch, optuna) happen here
-        from foldsweep.workers import run_sweep
-
-        sweep_spec = _load(spec, overrides)
-    display = console.Display(quiet=as_json)
-    with display:
-        return run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event)
+        console.print_summary(result.summary)
 
 
 @cli.command()
@@ -174,6 +182,8 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
+    from foldsweep.console import out
+
     out.print(f"[green]ok[/green] {spec}: {info['rows']} rows x {info['features']} features, {data.task}, "
               f"metric {data.metric}; {info['dev_rows']} dev / {info['test_rows']} sealed test rows; "
               f"{info['outer_folds']} outer x {info['inner_folds']} inner folds; "
@@ -188,29 +198,15 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
 @_guard
 def status(sweep: str | None, as_json: bool) -> None:
     """Per study: finished / n_trials, running, failed, best value (all sweeps without SWEEP)."""
-    from foldsweep.record import home
-    from foldsweep.storage import backend, redact
-    from foldsweep.studies import holders, open_existing, study_status
+    from foldsweep import api
+    from foldsweep.console import status_view
 
-    names = [sweep] if sweep else sorted(p.name for p in (home() / "sweeps").glob("*") if (p / "record.json").exists())
-    report = []
-    for name in names:
-        record, refs = open_existing(name)
-        url = record.meta["storage"]
-        report.append({"sweep": name, "storage": redact(url), "backend": backend(url),
-                       "studies": study_status(refs, record.spec.optuna.n_trials), "workers": holders(refs),
-                       "nested": record.meta.get("summary", {}).get("nested")})
+    report = api.status(sweep)
     if as_json:
         click.echo(json.dumps(report, default=str))
         return
     for entry in report:
-        out.print(console.status_table(entry["studies"], f"{entry['sweep']} ({entry['backend']}: {entry['storage']})"))
-        for held in entry["workers"]:
-            out.print(f"{held['worker']} on {held['host']} ({held['device']}) runs {', '.join(held['trials'])}")
-        if entry["nested"]:
-            n = entry["nested"]
-            low, high = n["ci95"]
-            out.print(f"nested estimate {n['mean']:.4f} ± {n['std']:.4f} (95% CI {low:.4f}..{high:.4f})")
+        _print(status_view(entry))
 
 
 @cli.command()
@@ -220,14 +216,13 @@ def status(sweep: str | None, as_json: bool) -> None:
 @_guard
 def export(sweep: str, output: str | None, fmt: str) -> None:
     """Write the final study's best configuration, with provenance, as a loadable spec."""
-    from foldsweep.export import export_best, render
+    from foldsweep import api
+    from foldsweep.export import render
 
-    text = render(export_best(sweep), fmt)
+    doc = api.open(sweep).export(output, fmt="json" if fmt == "json" else "yaml")
     if output is None:
-        click.echo(text, nl=False)
+        click.echo(render(doc, fmt), nl=False)
         return
-    Path(output).parent.mkdir(parents=True, exist_ok=True)
-    Path(output).write_text(text)
     click.echo(f"wrote {output}", err=True)
 
 
@@ -238,15 +233,16 @@ def export(sweep: str, output: str | None, fmt: str) -> None:
 @_guard
 def report(sweep: str, as_json: bool, markdown: str | None) -> None:
     """The nested-CV report: estimate and CI, optimism, stability, overfitting, final config, test looks."""
-    from foldsweep.report import build_report, report_markdown
+    from foldsweep import api
+    from foldsweep.report import report_markdown
 
-    rep = build_report(sweep)
+    shown = api.open(sweep).report()
     if markdown:
-        Path(markdown).write_text(report_markdown(rep))
+        Path(markdown).write_text(report_markdown(shown.data))
     if as_json:
-        click.echo(json.dumps(rep, default=str))
+        click.echo(json.dumps(shown.data, default=str))
         return
-    console.print_report(rep)
+    _print(shown)
 
 
 @cli.command()
@@ -256,19 +252,14 @@ def report(sweep: str, as_json: bool, markdown: str | None) -> None:
 @_guard
 def fit(config: str, output: str, as_json: bool) -> None:
     """Train an exported CONFIG on all development rows; save weights, preprocessing, config, provenance."""
-    from foldsweep.evaluate import fit_config
+    from foldsweep import api
+    from foldsweep.console import fit_lines
 
-    info = fit_config(Path(config), Path(output))
+    info = api.fit(Path(config), out=output).info
     if as_json:
         click.echo(json.dumps(info, default=str))
         return
-    for note in info["notes"]:
-        out.print(f"[yellow]note[/yellow]: {note}")
-    out.print(f"wrote {info['folder']}: {info['epochs']} epochs on {info['dev_rows']} development rows "
-              f"({info['dev_source']}); training-rows {info['metric']} {info['train_score']:.4f} "
-              f"(not an estimate); model {info['model_hash'][:12]}")
-    if info["mlflow"]:
-        out.print(f"MLflow model: {info['mlflow']['model_uri']} (run {info['mlflow']['run_id']})")
+    _print(fit_lines(info))
 
 
 @cli.command()
@@ -294,19 +285,31 @@ def predict(model_dir: str, data: str, output: str) -> None:
 @_guard
 def test(sweep: str, again: bool, model_dir: str | None, as_json: bool) -> None:
     """The one deliberate look: score the final config on the sealed test rows of SWEEP."""
-    from foldsweep.evaluate import look
+    from foldsweep import api
+    from foldsweep.console import look_lines
 
-    entry = look(sweep, again=again, model_dir=Path(model_dir) if model_dir else None)
+    entry = api.open(sweep).test(again=again, model=model_dir)
     if as_json:
         click.echo(json.dumps(entry, default=str))
         return
-    n = entry["nested"]
-    out.print(f"[bold]{sweep}[/bold] sealed test set, look {entry['look_number']}: {entry['metric']} "
-              f"{entry['score']:.4f} on {entry['test_rows']} rows (nested estimate {n['mean']:.4f}, 95% CI "
-              f"{n['ci95'][0]:.4f}..{n['ci95'][1]:.4f})")
-    if entry["look_number"] > 1:
-        out.print(f"[yellow]this is look {entry['look_number']}[/yellow]: the ledger counts every look, and each "
-                  "one after the first is biased by those before")
+    _print(look_lines(entry))
+
+
+@cli.command()
+@click.argument("sweep")
+@click.option("--study", default=None, help="Only this study (outer-0, ..., final).")
+@json_opt
+@_guard
+def trials(sweep: str, study: str | None, as_json: bool) -> None:
+    """Every trial of SWEEP: study, number, state, inner-CV value, epochs, duration, searched values."""
+    from foldsweep import api
+    from foldsweep.console import trials_table
+
+    rows = api.open(sweep).trial_rows(study)
+    if as_json:
+        click.echo(json.dumps(rows, default=str))
+        return
+    _print(trials_table(rows, f"{sweep}: {len(rows)} trials"))
 
 
 @cli.command()

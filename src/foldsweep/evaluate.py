@@ -27,18 +27,19 @@ import torch
 import yaml
 
 from foldsweep import __version__
-from foldsweep.data import Dataset, _read_table, load_dataset
-from foldsweep.errors import DataError, FoldsweepError, SealError, SpecError, SweepFailed
+from foldsweep.data import Dataset, load_dataset, read_header, read_table
+from foldsweep.errors import DataError, FoldsweepError, ModelFolderError, SealError, SpecError, SweepFailed
 from foldsweep.metrics import score
 from foldsweep.model import MLP
 from foldsweep.objective import job_seed
 from foldsweep.record import SweepRecord
-from foldsweep.spec import SweepSpec, load_spec, parse_spec
+from foldsweep.spec import SweepSpec, load_spec, parse_spec, read_yaml
 from foldsweep.splits import make_plan
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
 MODEL_FILES = ("model.pt", "config.yaml", "preprocess.json", "provenance.json")
+HASHED_FILES = MODEL_FILES[:3]  # everything that decides a prediction; provenance.json holds their hashes
 FROM_RECORD = "the sweep's plan"
 
 
@@ -185,7 +186,7 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     plan = make_plan(data, config.split)
     notes = list(plan.notes)
     if record is not None:
-        resealed = [data.row_hashes[i] for i in plan.test]
+        resealed = data.row_hex(plan.test)
         if resealed != record.meta["test_hashes"]:
             raise SealError(f"data differs from what sweep `{record.name}` sealed, and sealing it again gives other "
                             "test rows: the final model could train on sealed test rows; use the sweep's data")
@@ -196,17 +197,22 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     return plan.dev, f"re-sealed with split.seed={config.split.seed}", notes
 
 
-def fit_config(config_path: Path, out: Path) -> dict[str, Any]:
-    """`foldsweep fit`: train the exported config on all development rows and save the model folder."""
-    config = load_spec(config_path)
+def fit_config(config_path: Path | SweepSpec, out: Path, *, data: Dataset | None = None) -> dict[str, Any]:
+    """`foldsweep fit`: train the exported config on all development rows and save the model folder.
+
+    `config_path` is an exported config's file or the loaded config; `data` is the table when the
+    config's data is in memory (`data.frame`), else it is loaded from the config.
+    """
+    config = config_path if isinstance(config_path, SweepSpec) else load_spec(config_path)
+    source_name = "config" if isinstance(config_path, SweepSpec) else str(config_path)
     if config.search:
-        raise SpecError(f"{config_path}: `search` is not empty; `foldsweep fit` trains one configuration: "
+        raise SpecError(f"{source_name}: `search` is not empty; `foldsweep fit` trains one configuration: "
                         "export one with `foldsweep export SWEEP -o best.yaml`")
     if (out / "model.pt").exists():
         raise FoldsweepError(f"`{out}` already holds a model; pick another -o folder or remove it")
     provenance = config.provenance or {}
     record = matching_record(provenance)
-    data = load_dataset(config.data)
+    data = data if data is not None else load_dataset(config.data)
     dev, source, notes = development_rows(config, data, record)
     epochs = int(provenance.get("refit_epochs", config.train.epochs))
     final, result = train_final(config, data, dev, epochs)
@@ -242,30 +248,69 @@ def _save_and_track(final: FinalModel, record: SweepRecord | None, out: Path) ->
 
 # -- the model folder --------------------------------------------------------------------------------------
 def save_model(final: FinalModel, folder: Path) -> None:
-    """The four files; provenance.json carries the weights' hash, which `load_model` checks."""
+    """The four files; provenance.json carries the sha256 of the other three, which `load_model` checks.
+
+    Every file that decides a prediction is hashed: the weights, the config (activation, width, ...) and
+    the preprocessing (scaling, imputation, classes).
+    """
+    contents = {"model.pt": final.weights(),
+                "config.yaml": yaml.safe_dump(final.config.model_dump(mode="json"), sort_keys=False).encode(),
+                "preprocess.json": json.dumps(final.prep.to_json(), indent=1).encode()}
     final.provenance["model_hash"] = final.model_hash
+    final.provenance["file_hashes"] = {name: hashlib.sha256(data).hexdigest() for name, data in contents.items()}
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "model.pt").write_bytes(final.weights())
-    (folder / "config.yaml").write_text(yaml.safe_dump(final.config.model_dump(mode="json"), sort_keys=False))
-    (folder / "preprocess.json").write_text(json.dumps(final.prep.to_json(), indent=1))
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
     (folder / "provenance.json").write_text(json.dumps(final.provenance, indent=1, default=str))
 
 
 def load_model(folder: Path) -> FinalModel:
-    """Weights through `torch.load(weights_only=True)`: a model folder can never run code when loaded."""
+    """Weights through `torch.load(weights_only=True)`: a model folder can never run code when loaded.
+
+    Every file is checked against the hashes in provenance.json before it is parsed, and whatever is
+    wrong with a folder becomes one ModelFolderError naming the file.
+    """
     missing = [name for name in MODEL_FILES if not (folder / name).is_file()]
     if missing:
-        raise FoldsweepError(f"`{folder}` is not a model folder from `foldsweep fit` (missing {_names(missing)})")
-    provenance = json.loads((folder / "provenance.json").read_text())
-    weights = (folder / "model.pt").read_bytes()
-    if hashlib.sha256(weights).hexdigest() != provenance.get("model_hash"):
-        raise FoldsweepError(f"`{folder}/model.pt` does not match the hash in its provenance.json; "
-                             "the folder was changed after `foldsweep fit` wrote it")
-    config = parse_spec(yaml.safe_load((folder / "config.yaml").read_text()), source=str(folder / "config.yaml"))
-    prep = Preprocessing.from_json(json.loads((folder / "preprocess.json").read_text()))
+        raise ModelFolderError(f"`{folder}` is not a model folder from `foldsweep fit` (missing {_names(missing)})")
+    provenance = _json_file(folder / "provenance.json")
+    files = {name: (folder / name).read_bytes() for name in HASHED_FILES}
+    _check_hashes(folder, provenance, files)
+    config = parse_spec(read_yaml(folder / "config.yaml", what="model config"), source=str(folder / "config.yaml"))
+    try:
+        prep = Preprocessing.from_json(json.loads(files["preprocess.json"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ModelFolderError(f"`{folder}/preprocess.json` is not foldsweep's preprocessing: {err!r}") from None
     net = MLP(prep.n_inputs, max(len(prep.classes or []), 1), config.model)
-    net.load_state_dict(torch.load(io.BytesIO(weights), weights_only=True, map_location="cpu"))
+    try:
+        state = torch.load(io.BytesIO(files["model.pt"]), weights_only=True, map_location="cpu")
+        net.load_state_dict(state)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+        problem = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelFolderError(f"`{folder}/model.pt` is not a state dict of the network in config.yaml "
+                               f"(torch, weights only: {problem[:200]})") from None
     return FinalModel(net.eval(), prep, config, provenance)
+
+
+def _check_hashes(folder: Path, provenance: dict[str, Any], files: dict[str, bytes]) -> None:
+    recorded = provenance.get("file_hashes")
+    if not isinstance(recorded, dict):
+        raise ModelFolderError(f"`{folder}/provenance.json` records no file hashes, so the folder cannot be "
+                               "checked; fit the model again with this version of foldsweep")
+    for name, data in files.items():
+        if hashlib.sha256(data).hexdigest() != recorded.get(name):
+            raise ModelFolderError(f"`{folder}/{name}` does not match the hash in its provenance.json; "
+                                   "the folder was changed after `foldsweep fit` wrote it")
+
+
+def _json_file(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_bytes())
+    except ValueError as err:  # JSONDecodeError and UnicodeDecodeError both are
+        raise ModelFolderError(f"`{path}` is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ModelFolderError(f"`{path}` is not a JSON object")
+    return value
 
 
 def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:
@@ -273,45 +318,53 @@ def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:
     final = load_model(folder)
     if not data_path.is_file():
         raise DataError(f"data file `{data_path}` not found")
-    X = final.prep.encode(_read_table(data_path), str(data_path))
-    pred = final.predict(X)
-    if final.prep.classes is not None:
-        labels = np.asarray(final.prep.classes, dtype=object)[pred.argmax(1)]
-        table = pd.DataFrame({"prediction": labels} | {f"prob_{c}": pred[:, i] for i, c in
-                                                      enumerate(final.prep.classes)})
-    else:
-        table = pd.DataFrame({"prediction": pred})
+    X = final.prep.encode(read_table(data_path), str(data_path))
+    table = prediction_table(final, X)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return {"rows": len(table), "output": str(out), "imputed": int((~np.isfinite(X)).sum())}
 
 
+def prediction_table(final: FinalModel, X: np.ndarray) -> pd.DataFrame:
+    """One row out per encoded row in (`Preprocessing.encode`): `prediction` (the label or value), and
+    `prob_<class>` per class."""
+    pred = final.predict(X)
+    if final.prep.classes is None:
+        return pd.DataFrame({"prediction": pred})
+    labels = np.asarray(final.prep.classes, dtype=object)[pred.argmax(1)]
+    return pd.DataFrame({"prediction": labels} | {f"prob_{c}": pred[:, i] for i, c in enumerate(final.prep.classes)})
+
+
 # -- the sealed test look ----------------------------------------------------------------------------------
-def look(name: str, again: bool = False, model_dir: Path | None = None) -> dict[str, Any]:
-    """Score the sealed test rows once; the ledger has the look before anything prints it."""
+def look(name: str, again: bool = False, model_dir: Path | None = None, *, data: Dataset | None = None
+         ) -> dict[str, Any]:
+    """Score the sealed test rows once; the ledger has the look before anything prints it.
+
+    `data` is the table when the sweep's data is in memory (`data.frame`); it must be the sealed one.
+    """
     from foldsweep.export import export_best
     from foldsweep.report import refresh_report
 
     record = SweepRecord.open(name)
     if "summary" not in record.meta:
         raise FoldsweepError(f"sweep `{name}` has not finished; finish it with `foldsweep run` before the test look")
-    data = load_dataset(record.spec.data)
+    data = data if data is not None else load_dataset(record.spec.data)
     record.verify_data(data)
-    record.check_can_look(again)
+    record.check_can_look(again)  # fail fast; checked again under the ledger's lock below
     plan = record.plan
-    if model_dir is not None:
-        final = load_model(model_dir)
-        _check_model_is_of(final, record, plan.dev)
-        source = str(model_dir)
-    else:
-        config = parse_spec(export_best(name), source=f"export of {name}")
-        final, _ = train_final(config, data, plan.dev, int((config.provenance or {})["refit_epochs"]))
-        source = "refit of the final config on all development rows"
-    test_score = score(data.metric, data.y[plan.test], final.predict(data.X[plan.test]))
-    number = len(record.ledger) + 1
-    entry = {"time": _now(), "score": test_score, "metric": data.metric, "model_hash": final.model_hash,
-             "again": again, "look_number": number, "test_rows": len(plan.test), "model": source}
-    record.append_look(entry)
+    with record.looking(again) as number:
+        if model_dir is not None:
+            final = load_model(model_dir)
+            _check_model_is_of(final, record, plan.dev)
+            source = str(model_dir)
+        else:
+            config = parse_spec(export_best(name), source=f"export of {name}")
+            final, _ = train_final(config, data, plan.dev, int((config.provenance or {})["refit_epochs"]))
+            source = "refit of the final config on all development rows"
+        test_score = score(data.metric, data.y[plan.test], final.predict(data.X[plan.test]))
+        entry = {"time": _now(), "score": test_score, "metric": data.metric, "model_hash": final.model_hash,
+                 "again": again, "look_number": number, "test_rows": len(plan.test), "model": source}
+        record.append_look(entry)
     report = refresh_report(record)
     run_id = record.meta.get("mlflow_runs", {}).get("sweep", "")
     if run_id:
@@ -365,7 +418,7 @@ def _input_columns(config: SweepSpec, data: Dataset) -> list[str]:
     """With one-hot encoding the file's own column names (before encoding); else the features themselves."""
     if config.data.categorical != "onehot" or config.data.path is None:
         return list(data.feature_names)
-    header = [str(c) for c in _read_table(Path(config.data.path)).columns]
+    header = read_header(Path(config.data.path))
     return [c for c in header if c not in (config.data.target, config.data.group, config.data.time)]
 
 

@@ -8,12 +8,14 @@ batch; it is initialised by stacking `MLP` instances, so both start from identic
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from foldsweep import rng
 from foldsweep.spec import ModelSpec
 
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
@@ -21,20 +23,30 @@ ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5
 
 
+@dataclass(frozen=True)
+class Dropout:
+    """One training step's dropout: `rows` (M, depth, B) hashes of (model key, step, layer, row) from
+    `rng`, `threshold` (M, 1, 1) int64 (rate * 2^32) and `scale` (M, 1, 1) = 1 / (1 - rate)."""
+
+    rows: Tensor
+    threshold: Tensor
+    scale: Tensor
+
+
 class MLP(nn.Module):
     """Linear -> [BatchNorm] -> activation -> dropout, `depth` times, then a linear head."""
 
-    def __init__(self, n_in: int, n_out: int, spec: ModelSpec) -> None:
+    def __init__(self, n_in: int, n_out: int, spec: ModelSpec, dtype: torch.dtype | None = None) -> None:
         super().__init__()
         self.activation = spec.activation
         self.hidden = nn.ModuleList()
         self.norms = nn.ModuleList()
         width_in = n_in
         for _ in range(spec.depth):
-            self.hidden.append(nn.Linear(width_in, spec.width))
-            self.norms.append(nn.BatchNorm1d(spec.width) if spec.batch_norm else nn.Identity())
+            self.hidden.append(nn.Linear(width_in, spec.width, dtype=dtype))
+            self.norms.append(nn.BatchNorm1d(spec.width, dtype=dtype) if spec.batch_norm else nn.Identity())
             width_in = spec.width
-        self.head = nn.Linear(width_in, n_out)
+        self.head = nn.Linear(width_in, n_out, dtype=dtype)
         self.dropout = nn.Dropout(spec.dropout)
         _initialise(self.linears()[:-1], spec.init)
 
@@ -60,11 +72,15 @@ def _initialise(layers: list[nn.Linear], init: str) -> None:
         nn.init.zeros_(layer.bias)
 
 
-def build_mlp(n_in: int, n_out: int, spec: ModelSpec, seed: int) -> MLP:
-    """A seeded MLP whose weights do not depend on anything else the process has drawn."""
+def build_mlp(n_in: int, n_out: int, spec: ModelSpec, seed: int, dtype: torch.dtype | None = None) -> MLP:
+    """A seeded MLP whose weights do not depend on anything else the process has drawn.
+
+    `dtype` (default: torch's default dtype) is the dtype the weights are drawn in, so a float64 model
+    starts from the same weights as one built under `torch.set_default_dtype(torch.float64)`.
+    """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return MLP(n_in, n_out, spec)
+        return MLP(n_in, n_out, spec, dtype)
 
 
 class StackedMLP:
@@ -85,21 +101,22 @@ class StackedMLP:
         widths = [m.linears()[0].out_features for m in models]
         width = max(widths)
         n_in = first.linears()[0].in_features
-        self.unit_mask = torch.stack([(torch.arange(width) < w).float() for w in widths]).unsqueeze(1).to(device)
+        dtype = first.head.weight.dtype
+        self.unit_mask = torch.stack([(torch.arange(width) < w).to(dtype) for w in widths]).unsqueeze(1).to(device)
         weights, biases = [], []
         for layer in range(self.depth + 1):
             fan_in = n_in if layer == 0 else width
             fan_out = first.head.out_features if layer == self.depth else width
             linears = [m.linears()[layer] for m in models]
-            W = torch.zeros(len(models), fan_in, fan_out)
-            b = torch.zeros(len(models), fan_out)
+            W = torch.zeros(len(models), fan_in, fan_out, dtype=dtype)
+            b = torch.zeros(len(models), fan_out, dtype=dtype)
             for i, lin in enumerate(linears):
                 W[i, : lin.in_features, : lin.out_features] = lin.weight.detach().T
                 b[i, : lin.out_features] = lin.bias.detach()
             weights.append(W)
             biases.append(b)
         shape = (len(models), self.depth, width)
-        norms = [torch.ones(shape), torch.zeros(shape)]
+        norms = [torch.ones(shape, dtype=dtype), torch.zeros(shape, dtype=dtype)]
         trained = [*weights, *biases, *(norms if self.batch_norm else [])]
         self.shapes = [t.shape[1:] for t in trained]
         self.n_weights = sum(w[0].numel() for w in weights)
@@ -107,8 +124,9 @@ class StackedMLP:
         if not self.batch_norm:  # fixed at identity: not trained, not in `flat`
             self.bn_scale, self.bn_shift = norms[0].to(device), norms[1].to(device)
         self._link()
-        self.running_mean = torch.zeros(shape, device=device)
-        self.running_var = torch.ones(shape, device=device)
+        self.running_mean = torch.zeros(shape, device=device, dtype=dtype)
+        self.running_var = torch.ones(shape, device=device, dtype=dtype)
+        self._unit_hashes: Tensor | None = None
 
     def _link(self) -> None:
         """(Re)create the trained tensors as leaf views of `flat`."""
@@ -140,18 +158,28 @@ class StackedMLP:
             self.bn_scale, self.bn_shift = self.bn_scale[keep], self.bn_shift[keep]
         self._link()
 
-    def forward(self, x: Tensor, row_mask: Tensor | None, drop: Tensor | None, gen: torch.Generator | None) -> Tensor:
-        """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only)."""
+    def forward(self, x: Tensor, row_mask: Tensor | None, dropout: Dropout | None = None) -> Tensor:
+        """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only).
+
+        `dropout`: each model's keep mask is a hash of its own key, step, layer, row and unit (`rng`), the
+        same whoever shares its batch.
+        """
         h = x
         for layer in range(self.depth):
             h = torch.baddbmm(self.biases[layer].unsqueeze(1), h, self.weights[layer])  # (M, B, W)
             if self.batch_norm:
                 h = self._batch_norm(h, layer, row_mask)
             h = ACTIVATIONS[self.activation](h) * self.unit_mask
-            if drop is not None:  # drop (M, 1, 1); the scaled keep mask is built in place, outside autograd
-                keep = torch.rand(h.shape, generator=gen, device=h.device, dtype=h.dtype).ge_(drop).div_(1 - drop)
-                h = h * keep
+            if dropout is not None:  # the scaled keep mask is made outside autograd
+                units = self._units(h.shape[2], h.device)
+                h = h * rng.keep_mask(dropout.rows[:, layer], units, dropout.threshold, dropout.scale)
         return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
+
+    def _units(self, units: int, device: torch.device) -> Tensor:
+        """Unit position hashes for dropout masks, made once per width."""
+        if self._unit_hashes is None or self._unit_hashes.shape[0] != units:
+            self._unit_hashes = rng.column_hashes(units, device)
+        return self._unit_hashes
 
     def _batch_norm(self, h: Tensor, layer: int, row_mask: Tensor | None) -> Tensor:
         if row_mask is None:  # evaluation: running statistics
@@ -164,6 +192,7 @@ class StackedMLP:
                 unbiased = var * n / (n - 1).clamp(min=1)
                 # a model with no rows in this batch (uneven folds, last batches) keeps its statistics
                 momentum = BN_MOMENTUM * (row_mask.sum(1) > 0).to(h.dtype)  # (M, 1)
+                # (the trainer never hands a model a batch of one row: its variance would be 0, see _plan_batches)
                 self.running_mean[:, layer].lerp_(mean.squeeze(1), momentum)
                 self.running_var[:, layer].lerp_(unbiased.squeeze(1), momentum)
         normed = (h - mean) / torch.sqrt(var + BN_EPS)

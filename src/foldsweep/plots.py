@@ -1,7 +1,9 @@
-"""Pictures of a sweep, as PNG files that the MLflow UI shows without any plugin.
+"""Pictures of a sweep, as PNG files that the MLflow UI shows without any plugin, or as open figures.
 
 Every function takes plain data (Optuna studies, a summary dict, curves read back from MLflow by the
-caller), writes one file and returns its path, or None when there is nothing honest to draw.
+caller), writes one file and returns its path, or None when there is nothing honest to draw. `figures`
+gives the same pictures as matplotlib Figures for a notebook. Figures are made without pyplot, so
+drawing them neither needs nor changes the caller's matplotlib backend (a notebook keeps its own).
 """
 
 from __future__ import annotations
@@ -9,17 +11,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import optuna  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution  # noqa: E402
-from optuna.trial import FrozenTrial, TrialState  # noqa: E402
+import numpy as np
+import optuna
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import FrozenTrial, TrialState
 
 if TYPE_CHECKING:
     from foldsweep.sweep import Sweep
@@ -39,30 +40,41 @@ class TrialCurves:
 
 def sweep_plots(sweep: Sweep, summary: dict[str, Any], folder: Path, best: list[TrialCurves]) -> list[Path]:
     studies = [(ref.key, ref.study) for ref in sweep.studies]
-    knobs = list(sweep.spec.search)
-    paths = [optimization_history(sweep, folder / "optimization_history.png"),
-             outer_scores(summary, folder / "outer_scores.png"),
-             param_importances(studies, knobs, folder / "param_importances.png"),
-             parallel_coordinates(studies, knobs, sweep.data.metric, folder / "parallel_coordinates.png"),
-             learning_curves(best, folder / "learning_curves.png")]
-    return [p for p in paths if p is not None]
+    drawn = figures(studies, list(sweep.spec.search), sweep.data.metric, summary, best)
+    return [_save(fig, folder / f"{name}.png") for name, fig in drawn.items()]
 
 
-def optimization_history(sweep: Sweep, path: Path) -> Path:
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for ref in sweep.studies:
-        trials = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-        ax.plot([t.number for t in trials], [_value(t) for t in trials], "o", ms=3, alpha=0.6, label=ref.key)
+def figures(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str, summary: dict[str, Any],
+            best: list[TrialCurves]) -> dict[str, Figure]:
+    """Every picture there is something to draw for, by name (the PNG file names without `.png`)."""
+    drawn = {"optimization_history": _history(studies, metric), "outer_scores": _outer_scores(summary),
+             "param_importances": _importances(studies, knobs),
+             "parallel_coordinates": _parallel(studies, knobs, metric), "learning_curves": _curves(best)}
+    return {name: fig for name, fig in drawn.items() if fig is not None}
+
+
+def _history(studies: list[tuple[str, optuna.Study]], metric: str) -> Figure:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for key, study in studies:
+        trials = _complete(study)
+        ax.plot([t.number for t in trials], [_value(t) for t in trials], "o", ms=3, alpha=0.6, label=key)
     ax.set_xlabel("trial")
-    ax.set_ylabel(f"inner-CV {sweep.data.metric}")
+    ax.set_ylabel(f"inner-CV {metric}")
     ax.set_title("optimization history per study")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def outer_scores(summary: dict[str, Any], path: Path) -> Path:
+    return _save(_outer_scores(summary), path)
+
+
+def _outer_scores(summary: dict[str, Any]) -> Figure:
     nested = summary["nested"]
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig = Figure(figsize=(6, 4))
+    ax = fig.subplots()
     xs = range(len(nested["outer"]))
     ax.bar(xs, nested["outer"], color="#4c72b0", label="outer-test score")
     ax.plot(xs, [r["best_inner_value"] for r in summary["outer_refits"]], "kx", label="best inner-CV value")
@@ -71,11 +83,16 @@ def outer_scores(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("outer fold")
     ax.set_ylabel(summary["metric"])
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def param_importances(studies: list[tuple[str, optuna.Study]], knobs: list[str], path: Path) -> Path | None:
     """Optuna's importance per knob and study; a study with fewer than 2 complete trials has none to give."""
+    return _save(_importances(studies, knobs), path)
+
+
+def _importances(studies: list[tuple[str, optuna.Study]], knobs: list[str]) -> Figure | None:
     table: dict[str, dict[str, float]] = {}
     for key, study in studies:
         if len(_complete(study)) >= 2 and knobs:
@@ -83,7 +100,8 @@ def param_importances(studies: list[tuple[str, optuna.Study]], knobs: list[str],
     if not table:
         return None
     knobs = sorted({k for scores in table.values() for k in scores})
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.5 * len(knobs)))
+    fig = Figure(figsize=(7, 1.2 + 0.5 * len(knobs)))
+    ax = fig.subplots()
     height = 0.8 / len(table)
     for s, (name, scores) in enumerate(table.items()):
         ax.barh([k + s * height for k in range(len(knobs))], [scores.get(k, 0.0) for k in knobs], height,
@@ -93,20 +111,26 @@ def param_importances(studies: list[tuple[str, optuna.Study]], knobs: list[str],
     ax.set_xlabel("importance (share of the inner-CV value's variation)")
     ax.set_title("parameter importances per study")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def parallel_coordinates(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str,
                          path: Path) -> Path | None:
     """One line per complete trial across the searched knobs (scaled to their ranges), coloured by value."""
+    return _save(_parallel(studies, knobs, metric), path)
+
+
+def _parallel(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str) -> Figure | None:
     drawn = [(key, study.best_trial, _complete(study)) for key, study in studies if _complete(study)]
     if not drawn or not knobs:
         return None
     maximize = studies[0][1].direction == optuna.study.StudyDirection.MAXIMIZE
     values = [_value(t) for _, _, trials in drawn for t in trials]
-    norm = plt.Normalize(min(values), max(values))
-    cmap = plt.get_cmap("viridis" if maximize else "viridis_r")
-    fig, axes = plt.subplots(len(drawn), 1, figsize=(9, 2.4 * len(drawn)), squeeze=False)
+    norm = Normalize(min(values), max(values))
+    cmap = matplotlib.colormaps["viridis" if maximize else "viridis_r"]
+    fig = Figure(figsize=(9, 2.4 * len(drawn)))
+    axes = fig.subplots(len(drawn), 1, squeeze=False)
     for ax, (key, best, trials) in zip(axes[:, 0], drawn):
         for trial in sorted(trials, key=lambda t: _value(t) * (1 if maximize else -1)):
             ys = [_scaled(trial, k) for k in knobs] + [norm(_value(trial))]
@@ -126,17 +150,23 @@ def parallel_coordinates(studies: list[tuple[str, optuna.Study]], knobs: list[st
         ax.set_yticks([])
         ax.set_ylabel(key, fontsize=8)
     axes[0, 0].set_title("parallel coordinates (thick line: the study's best trial)")
-    return _save(fig, path)
+    fig.tight_layout()
+    return fig
 
 
 def learning_curves(best: list[TrialCurves], path: Path) -> Path | None:
     """Train vs validation loss per fold of each study's best trial: where each fold model began to overfit."""
+    return _save(_curves(best), path)
+
+
+def _curves(best: list[TrialCurves]) -> Figure | None:
     best = [b for b in best if b.train or b.valid]
     if not best:
         return None
     cols = min(len(best), 2)
     rows = math.ceil(len(best) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(6 * cols, 3.6 * rows), squeeze=False)
+    fig = Figure(figsize=(6 * cols, 3.6 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
     for ax, trial in zip(axes.flat, best):
         for fold, (train, valid) in enumerate(zip(trial.train, trial.valid)):
             color = f"C{fold}"
@@ -156,7 +186,7 @@ def learning_curves(best: list[TrialCurves], path: Path) -> Path | None:
                ncol=3, fontsize=8)
     fig.suptitle("learning curves of each study's best trial (one colour per fold)", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 1))
-    return _save(fig, path, layout=False)
+    return fig
 
 
 def _complete(study: optuna.Study) -> list[FrozenTrial]:
@@ -192,9 +222,13 @@ def _range_labels(trials: list[FrozenTrial], knob: str) -> tuple[str, str]:
     return f"{dist.low:.3g}", f"{dist.high:.3g}"
 
 
-def _save(fig: Any, path: Path, layout: bool = True) -> Path:
-    if layout:
-        fig.tight_layout()
+@overload
+def _save(fig: Figure, path: Path) -> Path: ...
+@overload
+def _save(fig: None, path: Path) -> None: ...
+def _save(fig: Figure | None, path: Path) -> Path | None:
+    """Write a drawn figure as PNG; nothing to draw writes nothing."""
+    if fig is None:
+        return None
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

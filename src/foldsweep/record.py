@@ -10,15 +10,19 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
+from filelock import FileLock
 
 from foldsweep.data import Dataset
 from foldsweep.errors import FoldsweepError, SealError, SplitError
-from foldsweep.spec import SweepSpec, parse_spec
+from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
 ROOT_ENV = "FOLDSWEEP_HOME"
@@ -55,7 +59,7 @@ class SweepRecord:
     @property
     def spec(self) -> SweepSpec:
         path = self.folder / "spec.yaml"
-        return parse_spec(yaml.safe_load(path.read_text()), source=str(path))
+        return parse_spec(read_yaml(path, what="sweep record"), source=str(path))
 
     @property
     def plan(self) -> FoldPlan:
@@ -66,6 +70,17 @@ class SweepRecord:
     def ledger(self) -> list[dict[str, Any]]:
         path = self.folder / "ledger.json"
         return json.loads(path.read_text()) if path.is_file() else []
+
+    @contextmanager
+    def looking(self, again: bool) -> Iterator[int]:
+        """Hold the ledger's lock from the one-look check to the append; yields the number this look gets.
+
+        Without it two `foldsweep test` started together both passed the check and both looked. The lock
+        is a kernel flock (filelock), so a process that dies holding it releases it.
+        """
+        with FileLock(self.folder / "ledger.lock"):
+            self.check_can_look(again)
+            yield len(self.ledger) + 1
 
     def check_can_look(self, again: bool) -> None:
         looks = len(self.ledger)
@@ -87,9 +102,10 @@ class SweepRecord:
             raise SealError(f"data of `{self.name}` changed: {len(data.row_hashes)} rows now, "
                             f"{meta['n_rows']} when the sweep was sealed")
         test = meta["test_rows"]
-        changed = sum(data.row_hashes[i] != h for i, h in zip(test, meta["test_hashes"]))
+        changed = int(np.count_nonzero(np.asarray(data.row_hex(test)) != np.asarray(meta["test_hashes"])))
+        what = "rows were edited or reordered" if changed else "columns were renamed, reordered or re-encoded"
         raise SealError(f"data of `{self.name}` changed since the sweep was sealed ({changed} sealed test rows "
-                        "differ, or rows were edited or reordered); the fingerprint no longer matches")
+                        f"differ, or {what}); the fingerprint no longer matches")
 
 
 def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[SweepRecord, FoldPlan, bool]:
@@ -115,7 +131,7 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
         "name": spec.name, "created": time.time(), "spec_hash": spec.spec_hash(), "fingerprint": data.fingerprint,
         "plan_hash": hashlib.sha256(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()[:16],
         "n_rows": len(data.row_hashes), "storage": storage, "test_rows": plan.test.tolist(),
-        "test_hashes": [data.row_hashes[i] for i in plan.test],
+        "test_hashes": data.row_hex(plan.test),
     }
     _write_json(folder / "record.json", meta)
     return SweepRecord(spec.name, folder), plan, False

@@ -207,15 +207,15 @@ def _plots(sweep: Sweep, summary: dict[str, Any], tracker: NullTracker, folder: 
     from foldsweep.plots import sweep_plots
 
     folder.mkdir(parents=True, exist_ok=True)
-    return sweep_plots(sweep, summary, folder, _best_curves(sweep, tracker))
+    return sweep_plots(sweep, summary, folder, best_curves(sweep.studies, sweep.data.metric, tracker))
 
 
-def _best_curves(sweep: Sweep, tracker: NullTracker) -> list[TrialCurves]:
+def best_curves(studies: list[StudyRef], metric: str, tracker: NullTracker) -> list[TrialCurves]:
     """Each study's best trial's per-fold loss curves, read back from its MLflow run."""
     from foldsweep.plots import TrialCurves
 
     out = []
-    for ref in sweep.studies:
+    for ref in studies:
         if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
             continue
         best = ref.study.best_trial
@@ -227,6 +227,6 @@ def _best_curves(sweep: Sweep, tracker: NullTracker) -> list[TrialCurves]:
                                                    for name in ("train_loss", "val_loss")])
         train = [curves[f"fold_{i}/train_loss"] for i in folds if f"fold_{i}/train_loss" in curves]
         valid = [curves[f"fold_{i}/val_loss"] for i in folds if f"fold_{i}/val_loss" in curves]
-        out.append(TrialCurves(f"{ref.key}: trial {best.number} ({sweep.data.metric} {best.value:.4f})", train, valid,
+        out.append(TrialCurves(f"{ref.key}: trial {best.number} ({metric} {best.value:.4f})", train, valid,
                                list(best.user_attrs.get("best_epochs", []))))
     return out

@@ -6,6 +6,7 @@ path (``search.lr.low``), the rule and the value that broke it.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import hashlib
 import json
@@ -32,6 +33,17 @@ CLASSIFICATION_METRICS = ("accuracy", "roc_auc", "log_loss", "f1_macro")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
 
 
+MEMORY_UNITS = {"": 1, "B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30, "TB": 2**40}
+
+
+def parse_bytes(value: object) -> int:
+    """'4GB', '512MB', '1.5 GB' or a plain number of bytes -> bytes; ValueError says what is allowed."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(KB|MB|GB|TB|B)?\s*", str(value).upper())
+    if isinstance(value, bool) or match is None or float(match.group(1)) <= 0:
+        raise ValueError("is not a memory size: write e.g. 512MB, 4GB or 1.5GB")
+    return int(float(match.group(1)) * MEMORY_UNITS[match.group(2) or ""])
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -39,6 +51,7 @@ class _Frozen(BaseModel):
 class DataSpec(_Frozen):
     dataset: Dataset | None = None
     path: str | None = None
+    frame: str | None = None  # a label for an in-memory table handed to `foldsweep.run(spec, data=...)`
     target: str | None = None
     task: Task = "auto"
     metric: Metric = "auto"
@@ -49,10 +62,12 @@ class DataSpec(_Frozen):
 
     @model_validator(mode="after")
     def _one_source(self) -> DataSpec:
-        if (self.dataset is None) == (self.path is None):
-            raise ValueError("give exactly one of `dataset` (a bundled set) or `path` (a CSV/Parquet file)")
-        if self.path is not None and self.target is None:
-            raise ValueError("`target` is required with `path`: name the label column")
+        if sum(source is not None for source in (self.dataset, self.path, self.frame)) != 1:
+            raise ValueError("give exactly one of `dataset` (a bundled set) or `path` (a CSV/Parquet file) "
+                             "(or `frame`: an in-memory table passed to foldsweep.run)")
+        if self.target is None and (self.path is not None or self.frame is not None):
+            raise ValueError(f"`target` is required with `{'path' if self.path is not None else 'frame'}`: "
+                             "name the label column")
         if self.task == "classification" and self.metric in REGRESSION_METRICS:
             raise ValueError(f"metric `{self.metric}` is for regression; use one of {CLASSIFICATION_METRICS}")
         if self.task == "regression" and self.metric in CLASSIFICATION_METRICS:
@@ -151,7 +166,7 @@ SEARCHABLE = tuple(ModelSpec.model_fields) + tuple(TrainSpec.model_fields)
 
 
 class OptunaSpec(_Frozen):
-    n_trials: int = Field(20, ge=1)
+    n_trials: int = Field(20, ge=1, le=1_000_000)  # 1e9 is a typo: its journal alone would fill the disk
     sampler: Sampler = "tpe"
     pruner: Pruner = "none"
     seed: int = 0
@@ -167,6 +182,12 @@ class ResourcesSpec(_Frozen):
     workers: int | None = Field(None, ge=1)
     workers_per_device: int = Field(1, ge=1)
     models_per_batch: int | None = Field(None, ge=1)
+    memory: int | None = None  # bytes one training batch may use at most; "4GB", "512MB" accepted
+
+    @field_validator("memory", mode="before")
+    @classmethod
+    def _memory_size(cls, value: Any) -> Any:
+        return value if value is None else parse_bytes(value)
 
     @field_validator("devices")
     @classmethod
@@ -238,13 +259,22 @@ class SweepSpec(_Frozen):
 def load_spec(path: str | Path, overrides: tuple[str, ...] | list[str] = ()) -> SweepSpec:
     """Read a sweep file, apply `key.path=value` overrides, validate once."""
     path = Path(path)
-    raw = _read_yaml(path)
+    return build_spec(read_yaml(path), overrides, source=str(path), folder=path.parent)
+
+
+def build_spec(raw: Any, overrides: tuple[str, ...] | list[str] = (), *, source: str = "<spec>",
+               folder: Path | None = None) -> SweepSpec:
+    """A spec from plain values (a parsed file, or a dict written in Python), with `key.path=value` overrides.
+
+    `raw` is not modified; a relative `data.path` is anchored to the working folder, else to `folder`.
+    """
     if overrides and not isinstance(raw, dict):
-        return parse_spec(raw, source=str(path))  # refuses it: --set needs a mapping to write into
+        return parse_spec(raw, source=source)  # refuses it: --set needs a mapping to write into
+    raw = copy.deepcopy(raw)
     for override in overrides:
         _apply_override(raw, override)
-    spec = parse_spec(raw, source=str(path))
-    return _anchor_data_path(spec, path.parent)
+    spec = parse_spec(raw, source=source)
+    return _anchor_data_path(spec, folder or Path.cwd())
 
 
 def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
@@ -267,11 +297,56 @@ def _anchor_data_path(spec: SweepSpec, folder: Path) -> SweepSpec:
     return spec.model_copy(update={"data": data})
 
 
+MAX_YAML_BYTES = 1 << 20  # a sweep file, an exported config or a model's config.yaml is a few KiB
+MAX_YAML_NODES = 100_000  # values after every alias is expanded: what pydantic and json will walk
+MAX_YAML_DEPTH = 64
+
+
+class YamlLimitError(yaml.error.MarkedYAMLError):
+    """A document past foldsweep's limits: an alias bomb, absurd nesting, or a recursive alias."""
+
+
 class _Loader(yaml.SafeLoader):
-    """The safe loader (no tags that build Python objects), reading `1e-3` as the number YAML 1.2 says it is.
+    """The safe loader (no tags that build Python objects), with limits, reading `1e-3` as a number.
 
     PyYAML follows YAML 1.1, where a float needs a dot: `choices: [1e-3, 1e-2]` would be two strings.
+    An alias is one node in PyYAML's graph but a whole subtree to everything that walks the loaded value
+    (pydantic, the spec hash), so a few hundred bytes of nested aliases expand to billions of values.
+    Each composed node's expanded size is worked out from its children as it is built (linear in the
+    document), and the document is refused once it passes MAX_YAML_NODES or MAX_YAML_DEPTH.
     """
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._expanded: dict[int, int] = {}
+        self._depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        alias = self.check_event(yaml.AliasEvent)
+        mark = self.peek_event().start_mark
+        self._depth += 1
+        if self._depth > MAX_YAML_DEPTH:
+            raise YamlLimitError(None, None, f"nested deeper than {MAX_YAML_DEPTH} levels", mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        if alias and id(node) not in self._expanded:
+            raise YamlLimitError(None, None, "an alias refers to the collection that holds it (recursive)", mark)
+        if not alias:
+            self._expanded[id(node)] = 1 + sum(self._expanded[id(child)] for child in _children(node))
+        if self._expanded[id(node)] > MAX_YAML_NODES:
+            raise YamlLimitError(None, None, f"expands to more than {MAX_YAML_NODES:,} values once its aliases "
+                                 "are followed (an alias bomb?)", mark)
+        return node
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
 
 
 _EXPONENT_FLOAT = re.compile(r"^[-+]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)[eE][-+]?[0-9]+$")
@@ -282,18 +357,36 @@ def _yaml(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: still no Python objects
 
 
-def _read_yaml(path: Path) -> Any:
+def read_yaml(path: Path, *, what: str = "spec file") -> Any:
+    """Every YAML file foldsweep reads (sweep files, exported configs, a sweep's record, a model's config.yaml).
+
+    Bounded in bytes, nodes after alias expansion and depth; anything wrong becomes one SpecError naming
+    the file, never a traceback.
+    """
     if not path.is_file():
-        raise SpecError(f"spec file `{path}` not found")
+        raise SpecError(f"{what} `{path}` not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise SpecError(f"{path}: {size:,} bytes; a {what} may be at most {MAX_YAML_BYTES:,} bytes")
     try:
-        return _yaml(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise SpecError(f"{path}: not UTF-8 text (byte {err.start}); a {what} is YAML text") from None
+    try:
+        return _yaml(text)
     except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built, never run
-            raise SpecError(f"{path}:{where}: refused: {problem}; a sweep file holds plain values only") from None
-        raise SpecError(f"{path}:{where}: YAML syntax error: {problem}") from None
+        raise SpecError(f"{path}:{_yaml_problem(err, what)}") from None
+
+
+def _yaml_problem(err: yaml.YAMLError, what: str) -> str:
+    mark = getattr(err, "problem_mark", None)
+    where = f" line {mark.line + 1}, column {mark.column + 1}:" if mark else ""
+    problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+    if isinstance(err, yaml.constructor.ConstructorError):  # e.g. !!python/object: never built, never run
+        return f"{where} refused: {problem}; a {what} holds plain values only"
+    if isinstance(err, YamlLimitError):
+        return f"{where} refused: {problem}"
+    return f"{where} YAML syntax error: {problem}"
 
 
 def _apply_override(raw: dict[str, Any], override: str) -> None:
@@ -303,8 +396,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     try:
         value = _yaml(text)
     except yaml.YAMLError as err:
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise SpecError(f"--set `{override}`: the value is not valid YAML: {problem}") from None
+        raise SpecError(f"--set `{override}`: the value is not valid YAML:{_yaml_problem(err, 'value')}") from None
     node = raw
     parts = key.split(".")
     for part in parts[:-1]:

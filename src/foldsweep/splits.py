@@ -157,8 +157,7 @@ def _groups(data: Dataset) -> np.ndarray:
 def _guard_duplicates(data: Dataset, dev: np.ndarray, test: np.ndarray, policy: str) -> tuple[np.ndarray, list[str]]:
     """Exact duplicate rows on both sides of a split let a model score on rows it trained on."""
     hashes = np.asarray(data.row_hashes)
-    test_hashes = set(hashes[test])
-    crossing = np.array([h in test_hashes for h in hashes[dev]], dtype=bool)
+    crossing = np.isin(hashes[dev], hashes[test])
     _, first = np.unique(hashes[dev], return_index=True)
     repeated = np.ones(len(dev), dtype=bool)
     repeated[first] = False

@@ -249,7 +249,8 @@ def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook:
     member at fault fails (with its reason as a TrialOutcome)."""
     try:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
-                           report_every=sweep.spec.optuna.report_every, on_report=hook)
+                           report_every=sweep.spec.optuna.report_every, on_report=hook,
+                           memory=sweep.spec.resources.memory)
         return [[results[i] for i in rows] for rows in members]
     except Exception as err:
         failed = _failure(err, sweep.device)
@@ -266,7 +267,8 @@ def _fit_alone(sweep: Sweep, jobs: list[FitJob], rows: list[int], hook: Pruning 
 
     try:
         return fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
-                        report_every=sweep.spec.optuna.report_every, on_report=report)
+                        report_every=sweep.spec.optuna.report_every, on_report=report,
+                        memory=sweep.spec.resources.memory)
     except Exception as err:
         failed = _failure(err, sweep.device)
     _release(sweep.device)

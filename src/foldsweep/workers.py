@@ -24,7 +24,7 @@ import torch
 from foldsweep import __version__, profile
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
-from foldsweep.errors import FoldsweepError
+from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
@@ -49,15 +49,21 @@ def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
 
 
 def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = False, storage: str | None = None,
-              progress: Progress | None = None) -> dict[str, Any]:
-    """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints."""
+              progress: Progress | None = None, data: Dataset | None = None) -> dict[str, Any]:
+    """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints.
+
+    `data` is the loaded table when it is in memory (`data.frame`); else the spec's data is loaded here.
+    """
     started = time.time()
     if fresh:
         spec = spec.model_copy(update={"name": fresh_name(spec.name)})
     with profile.phase(profile.DATA):
-        data = load_dataset(spec.data, base_dir)
+        data = data if data is not None else load_dataset(spec.data, base_dir)
         devices = resolve_devices(spec)
         slots = worker_slots(spec, devices)
+        if spec.data.frame is not None and len(slots) > 1:
+            raise DataError(f"data.frame `{spec.data.frame}` is in this process's memory: the {len(slots)} workers "
+                            "cannot read it; set resources.workers: 1, or write the table to a file (data.path)")
         url = storage or spec.storage or default_storage(spec.name)
         optuna_storage = preflight(url, len(slots))
         record, plan, resumed = create_or_resume(spec, data, url)
@@ -90,7 +96,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
     try:
         _set_threads(sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
-        return _finish(sweep, record, tracker, ids)
+        return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
         helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
@@ -232,7 +238,14 @@ def _chores(sweep: Sweep, progress: Progress | None, helpers: Helpers) -> Any:
     return maintain
 
 
-def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str]) -> dict[str, Any]:
+def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
+            progress: Progress | None) -> dict[str, Any]:
+    """Refit the outer bests, summarise, write the report; each phase is announced to `progress`."""
+    def phase(name: str, total: int = 1) -> None:
+        if progress is not None:  # with the studies' rows: after the refits they hold the outer-test scores
+            progress("phase", {"phase": name, "total": total, "rows": study_status(sweep.studies, sweep.n_trials)})
+
+    phase("refits", len(sweep.studies) - 1)
     with profile.phase(profile.REFITS):
         refits = refit_outer(sweep)
     with profile.phase(profile.REPORT):
@@ -240,10 +253,12 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         record.update(summary=summary)
         from foldsweep.report import log_sweep_artifacts
 
+        phase("report")
         log_sweep_artifacts(sweep, record, tracker, ids, summary)
     with profile.phase(profile.SHUTDOWN):
         for key in (*[ref.key for ref in sweep.studies], "sweep"):
             tracker.finish(ids[key])
+    phase("done")
     return summary
 
 

@@ -4,7 +4,12 @@ no traceback (unless --debug). One table, one test; each row writes its own file
 
 from __future__ import annotations
 
+import hashlib
+import io
+import json
+import os
 import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -15,11 +20,18 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from click.testing import CliRunner
 from conftest import tiny_spec
 
 from foldsweep.cli import cli
+from foldsweep.data import load_dataset
+from foldsweep.evaluate import save_model, train_final
+from foldsweep.record import create_or_resume
+from foldsweep.spec import load_spec, parse_spec
+from foldsweep.splits import make_plan
+from foldsweep.storage import default_storage
 
 
 def write_yaml(folder: Path, spec: dict[str, Any], name: str = "sweep.yaml") -> str:
@@ -176,6 +188,97 @@ CASES = [
 ]
 
 
+def data_file(name: str, content: bytes | str) -> Callable[[Path], list[str]]:
+    """`validate` of a sweep over the file `name` holding `content` (or an absolute path)."""
+    def make(folder: Path) -> list[str]:
+        path = Path(name) if name.startswith("/") else folder / name
+        if not name.startswith("/"):
+            path.write_bytes(content.encode() if isinstance(content, str) else content)
+        spec = tiny_spec(train={"epochs": 3, "batch_size": 4})
+        spec["data"], spec["search"] = {"path": str(path), "target": "y"}, {}
+        return ["validate", write_yaml(folder, spec)]
+
+    return make
+
+
+def random_bytes(n: int, seed: int = 0) -> bytes:
+    return bytes(np.random.default_rng(seed).integers(0, 256, n, dtype=np.uint8))
+
+
+def binary_spec(folder: Path) -> list[str]:
+    (folder / "sweep.yaml").write_bytes(random_bytes(3000))
+    return ["validate", str(folder / "sweep.yaml")]
+
+
+def damaged_journal(folder: Path) -> list[str]:
+    """A sweep's record and an Optuna journal holding lines that are not JSON (what STORES cannot repair)."""
+    spec = load_spec(tiny(folder))
+    create_or_resume(spec, load_dataset(spec.data), default_storage("tiny"))
+    journal = Path(default_storage("tiny"))
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    journal.write_text("this is not json\n{\"op_code\": 0, garbage\n")
+    return ["status", "tiny"]
+
+
+def model_folder(folder: Path, edit: Callable[[Path], None]) -> list[str]:
+    """A real `fit` folder, edited by `edit` (which rewrites the hash a forger would rewrite too)."""
+    config = parse_spec(tiny_spec(train={"epochs": 2}) | {"search": {}})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    save_model(final, folder / "m")
+    edit(folder / "m")
+    pd.DataFrame(data.X[:3], columns=data.feature_names).to_csv(folder / "rows.csv", index=False)
+    return ["predict", str(folder / "m"), str(folder / "rows.csv"), "-o", str(folder / "p.csv")]
+
+
+def forged(folder: Path, name: str, content: bytes) -> None:
+    (folder / name).write_bytes(content)
+    provenance = json.loads((folder / "provenance.json").read_text())
+    provenance["file_hashes"][name] = hashlib.sha256(content).hexdigest()
+    (folder / "provenance.json").write_text(json.dumps(provenance))
+
+
+class Pickled:
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (print, ("owned",))
+
+
+def pickle_in_model_pt(folder: Path) -> None:
+    buffer = io.BytesIO()
+    torch.save({"head.bias": Pickled()}, buffer)
+    forged(folder, "model.pt", buffer.getvalue())
+
+
+def python_tag_in_config(folder: Path) -> None:
+    text = (folder / "config.yaml").read_text() + 'x: !!python/object/apply:os.system ["echo owned"]\n'
+    forged(folder, "config.yaml", text.encode())
+
+
+HOSTILE = [
+    Case("text file named .parquet", data_file("data.parquet", "f1,y\n1,a\n"),
+         ("data.parquet` cannot be read as Parquet", "magic bytes")),
+    Case("random bytes as CSV", data_file("data.csv", random_bytes(5000)), ("data.csv` cannot be read as CSV",)),
+    Case("/etc/passwd as data", data_file("/etc/passwd", ""), ("`/etc/passwd`",)),
+    Case("random bytes as the spec", binary_spec, ("sweep.yaml: not UTF-8 text (byte", "a spec file is YAML text")),
+    Case("alias bomb under provenance",
+         validate(text("name: t\ndata: {dataset: sonar}\nprovenance:\n  l0: &l0 [lol]\n" + "".join(
+             f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]\n" for i in range(1, 10)))),
+         ("refused: expands to more than 100,000 values", "alias bomb")),
+    Case("a billion trials", validate(lambda f: tiny(f, optuna={"n_trials": 1e9})),
+         ("`optuna.n_trials`", "less than or equal to 1000000")),
+    Case("a garbage line in the Optuna journal", damaged_journal,
+         ("the Optuna journal `mlruns/optuna/tiny.journal` is damaged: a line is not JSON",)),
+    Case("a pickle in model.pt", lambda f: model_folder(f, pickle_in_model_pt),
+         ("m/model.pt` is not a state dict of the network in config.yaml (torch, weights only:",)),
+    Case("a python tag in a model's config.yaml", lambda f: model_folder(f, python_tag_in_config),
+         ("m/config.yaml: line", "refused", "python/object/apply:os.system", "a model config holds plain values")),
+    Case("an edited model config", lambda f: model_folder(f, lambda m: (m / "config.yaml").write_text(
+        (m / "config.yaml").read_text().replace("activation: relu", "activation: tanh"))),
+         ("m/config.yaml` does not match the hash in its provenance.json; the folder was changed",)),
+]
+CASES += HOSTILE
+
+
 @pytest.mark.parametrize("case", CASES, ids=[c.what for c in CASES])
 def test_bad_input_is_one_line_and_exit_code_2(case: Case, workdir: Path) -> None:
     started = time.time()
@@ -220,3 +323,43 @@ def test_a_real_process_prints_one_line_and_no_warnings(workdir: Path) -> None:
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert "cuda:3" in proc.stderr
+
+
+@pytest.fixture
+def read_only_mlruns(workdir: Path):
+    """`mlruns/` on a read-only bind mount (root) or without write permission (anyone else)."""
+    folder = workdir / "mlruns"
+    folder.mkdir()
+    if os.geteuid() != 0:
+        folder.chmod(0o555)
+        yield folder
+        folder.chmod(0o755)
+        return
+    mounted = subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode == 0
+    if not mounted or subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)],
+                                     capture_output=True).returncode != 0:
+        if mounted:
+            subprocess.run(["umount", str(folder)], check=True)
+        pytest.skip("root without permission to mount: a read-only folder cannot be made here")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("home", ["mlruns", "elsewhere"])
+def test_a_read_only_mlruns_is_one_line_and_quick(read_only_mlruns: Path, workdir: Path, home: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Errno 30 was a traceback; with the sweep state elsewhere, MLflow retried its database for 145 s."""
+    if home == "elsewhere":
+        monkeypatch.setenv("FOLDSWEEP_HOME", str(workdir / "state"))
+    started = time.time()
+    result = CliRunner().invoke(cli, ["run", tiny(workdir)])
+    assert result.exit_code == 2, (result.output, result.exception)
+    message = result.stderr.strip()
+    assert "\n" not in message and message.startswith("error: "), message
+    expected = "Read-only file system: `mlruns/" if home == "mlruns" else "the MLflow database cannot be opened"
+    if os.geteuid() != 0:
+        expected = "Permission denied" if home == "mlruns" else expected
+    assert expected in message and "writable" in message, message
+    assert time.time() - started < 60

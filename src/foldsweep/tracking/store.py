@@ -26,6 +26,8 @@ from typing import Any, TypeVar
 
 from filelock import FileLock
 
+from foldsweep.errors import StoreError
+
 T = TypeVar("T")
 CACHE_ENV = "FOLDSWEEP_CACHE"  # where the schema template is kept (default: ~/.cache/foldsweep)
 LOCK_TIMEOUT_S = 600.0  # a first creation that waits on MLflow's migrations under a busy machine
@@ -44,6 +46,17 @@ def _artifact_root(location: str) -> str:
     return location if "://" in location else Path(location).resolve().as_uri()
 
 
+def _ensure_sqlite_folder(uri: str) -> None:
+    """Create the database's folder, and refuse at once where SQLite could not write: MLflow would retry
+    opening it for minutes (145 s measured on a read-only mlruns/) before giving up."""
+    if uri.startswith("sqlite:///"):
+        folder = Path(uri[len("sqlite:///"):]).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        if not os.access(folder, os.W_OK):
+            raise StoreError(f"the MLflow database cannot be opened: its folder `{folder}` is not writable "
+                             "(set tracking.uri, or run where mlruns/ is writable)")
+
+
 def create_store(uri: str) -> bool:
     """Make sure a SQLite store at `uri` exists with MLflow's full schema; True if this call created it.
 
@@ -52,10 +65,10 @@ def create_store(uri: str) -> bool:
     """
     if not uri.startswith("sqlite:///"):
         return False
+    _ensure_sqlite_folder(uri)
     path = Path(uri[len("sqlite:///"):])
     if _has_schema(path):
         return False
-    path.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
         if _has_schema(path):
             return False

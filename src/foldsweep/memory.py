@@ -1,0 +1,93 @@
+"""How many models fit in one batch: bytes per model against the memory there is.
+
+The table itself is already in memory when training starts, so only what grows with the number of
+models counts: parameters with their gradients, optimiser state and scratch (and best-epoch copies),
+the activations of one mini-batch forward and backward, one validation chunk, the validation
+predictions (current and best epoch), the shuffle order (one index per training row) and the history.
+The budget is the memory that is free (RAM on a CPU, with a safety fraction because other processes
+share it; free memory on a GPU), capped by `resources.memory`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import psutil
+import torch
+
+from foldsweep.errors import FoldsweepError
+
+CPU_SAFE_FRACTION = 0.5  # of the RAM free when a batch starts: other workers and the MLflow writer share it
+GPU_SAFE_FRACTION = 0.8  # of the GPU's free memory: the caching allocator fragments
+VALID_CHUNK_BYTES = 64 * 2**20  # the activations of one validation chunk, all models together
+
+
+class MemoryBudgetError(FoldsweepError):
+    """One model alone needs more memory than the budget allows."""
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What sets one model's memory: parameters, widest layer, rows and classes."""
+
+    n_params: int
+    n_in: int
+    width: int
+    depth: int
+    n_out: int
+    batch_size: int
+    n_train: int  # the largest training set in the batch
+    n_valid: int
+    epochs: int
+    itemsize: int
+    keep_models: bool
+
+
+def bytes_per_model(s: Shape) -> int:
+    """An upper estimate of one model's share of a batch, in bytes."""
+    params = s.n_params * s.itemsize * (7 if s.keep_models else 6)  # flat, 2 moments, grad buffer, scratch, grads
+    widest = max(s.n_in, s.width, s.n_out)
+    activations = s.batch_size * (s.n_in * 3 + s.depth * s.width * 6 + s.n_out * 4) * s.itemsize
+    dropout_bits = s.batch_size * widest * 8 * 2  # int64 hashes of one layer's mask, two alive at once
+    valid = valid_chunk(s.width, 1) * s.width * s.itemsize * (s.depth + 1) * 2
+    predictions = s.n_valid * (max(s.n_out, 1) * s.itemsize * 2 + 8 + s.itemsize)  # current, best, labels, mask
+    shuffle = s.n_train * 8 * 3  # the epoch's order (int64) and, while it is made, its keys and sort buffer
+    history = 3 * s.epochs * s.itemsize
+    return params + activations + dropout_bits + valid + predictions + shuffle + history
+
+
+def valid_chunk(width: int, n_models: int) -> int:
+    """Validation rows per chunk so that (M, rows, width) activations stay near VALID_CHUNK_BYTES."""
+    return max(64, VALID_CHUNK_BYTES // (max(width, 1) * max(n_models, 1) * 8))
+
+
+def available(device: torch.device, cap: int | None) -> int:
+    """Bytes a batch may use on `device`: the safe share of what is free, at most `cap`."""
+    if device.type == "cuda":
+        free = int(torch.cuda.mem_get_info(device)[0] * GPU_SAFE_FRACTION)
+    else:
+        free = int(psutil.virtual_memory().available * CPU_SAFE_FRACTION)
+    return min(free, cap) if cap is not None else free
+
+
+def models_per_batch(shape: Shape, budget: int, cap_given: bool) -> int:
+    """How many models of `shape` fit in `budget` bytes; refuses (before training) if not even one does.
+
+    The message says "out of memory", the words `sweep` reads as a configuration that does not fit (the
+    trial fails as infeasible and the sampler is steered away), like an allocator's own refusal.
+    """
+    need = bytes_per_model(shape)
+    fit = budget // need
+    if fit < 1:
+        where = "`resources.memory`" if cap_given else "the free memory"
+        raise MemoryBudgetError(
+            f"out of memory before training: one model needs ~{_mb(need)} (width {shape.width}, "
+            f"batch_size {shape.batch_size}, "
+            f"{shape.n_valid} validation rows) but {where} allows {_mb(budget)}; raise `resources.memory`, "
+            "or lower `batch_size` / `width`")
+    return int(fit)
+
+
+def _mb(n: float) -> str:
+    return f"{math.ceil(n / 2**20)} MB"
