@@ -24,10 +24,11 @@ from foldsweep.data import load_dataset
 from foldsweep.objective import TrialOutcome
 from foldsweep.spec import load_spec, parse_spec
 from foldsweep.splits import make_plan
+from foldsweep.studies import open_existing
 from foldsweep.sweep import MEMORY_CONSTRAINT, Sweep, open_studies, tell
 from foldsweep.tracking import NullTracker
 from foldsweep.train import FitJob, fit_many
-from foldsweep.workers import open_existing, run_sweep
+from foldsweep.workers import run_sweep
 
 HUGE_LR = 1e9  # with weight decay > 0, AdamW multiplies every weight by (1 - lr * wd) each step: inf in a few steps
 NO_MEMORY_EPOCHS = 10**16  # the per-epoch history alone asks for ~10^17 bytes: no allocator can hand that out

@@ -18,7 +18,6 @@ from foldsweep.outer import (
     _t_quantile,
     holdout_ratio,
     nested_interval,
-    refit_epochs,
     refit_job,
     refit_outer,
     summarize,
@@ -28,7 +27,8 @@ from foldsweep.outer import (
 from foldsweep.report import summary_markdown
 from foldsweep.spec import parse_spec
 from foldsweep.splits import Fold, make_plan
-from foldsweep.sweep import Sweep, best_trial, open_studies, work
+from foldsweep.studies import best_trial, refit_epochs
+from foldsweep.sweep import Sweep, open_studies, work
 from foldsweep.tracking import NullTracker
 from tests.conftest import tiny_spec
 

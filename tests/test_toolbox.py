@@ -22,8 +22,9 @@ from foldsweep.data import load_dataset
 from foldsweep.model import build_mlp
 from foldsweep.spec import DataSpec, ModelSpec, TrainSpec, load_spec, parse_spec
 from foldsweep.splits import make_plan
+from foldsweep.studies import open_existing
 from foldsweep.train import FitJob, FitResult, fit_many, schedule_factor
-from foldsweep.workers import open_existing, run_sweep
+from foldsweep.workers import run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 FULL_BATCH = 512  # more than sonar's rows: one step an epoch, so row order cannot matter

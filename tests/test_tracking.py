@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sqlite3
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +16,12 @@ import pytest
 from conftest import tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
+from sweep_procs import finish, start
 
 from foldsweep.spec import TrackingSpec, parse_spec
 from foldsweep.storage import preflight
 from foldsweep.tracking import MlflowTracker, provenance_tags
+from foldsweep.tracking.store import _migrate, create_store
 from foldsweep.workers import run_sweep
 
 # Percentile 1 prunes every trial that is not about the best so far at a report; with one trial per round,
@@ -142,3 +149,66 @@ def test_provenance_names_the_commit_of_a_checkout_and_whether_it_was_dirty(tmp_
     assert tags["foldsweep.git_dirty"] == "false"
     (tmp_path / "sweep.yaml").write_text("name: b\n")
     assert provenance_tags(tmp_path)["foldsweep.git_dirty"] == "true"
+
+
+RACER = """
+import sys, time
+from pathlib import Path
+from foldsweep.spec import TrackingSpec
+from foldsweep.tracking import MlflowTracker
+go = Path(sys.argv[1])
+while not go.exists():  # both processes have imported everything: they open the store at the same moment
+    time.sleep(0.005)
+print(MlflowTracker(TrackingSpec(uri=sys.argv[2], artifact_location=sys.argv[3]), "race").experiment_id)
+"""
+
+
+def test_two_processes_creating_one_fresh_store_at_once_both_succeed(tmp_path: Path) -> None:
+    """Issue 12 item 5: two sweeps started at once in a fresh folder raced MLflow's schema migrations."""
+    uri = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}"
+    env = {**os.environ, "FOLDSWEEP_CACHE": str(tmp_path / "cache")}  # no template yet: the slow path races too
+    racers = [subprocess.Popen([sys.executable, "-c", RACER, str(tmp_path / "go"), uri, str(tmp_path / "artifacts")],
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    time.sleep(1.0)
+    (tmp_path / "go").touch()
+    outputs = [racer.communicate(timeout=300) for racer in racers]
+    assert [racer.returncode for racer in racers] == [0, 0], [err[-2000:] for _, err in outputs]
+    ids = {out.strip() for out, _ in outputs}
+    experiments = [e for e in MlflowClient(uri).search_experiments() if e.name == "race"]
+    assert ids == {experiments[0].experiment_id} and len(experiments) == 1
+
+
+def test_a_store_made_from_the_template_is_what_mlflow_makes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The copied schema is MLflow's own; the Default experiment is made anew for the new folder."""
+    monkeypatch.setenv("FOLDSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    made = [create_store(f"sqlite:///{tmp_path / name / 'mlflow.db'}") for name in ("a", "b", "b")]
+    assert made == [True, True, False]
+    assert len(list((tmp_path / "cache").glob("mlflow-schema-*.db"))) == 1
+    monkeypatch.delenv("FOLDSWEEP_CACHE")
+    _migrate(tmp_path / "direct.db")  # what MLflow alone creates
+    tables = [_tables(tmp_path / "b" / "mlflow.db"), _tables(tmp_path / "direct.db")]
+    assert tables[0] == tables[1]
+    client = MlflowClient(f"sqlite:///{tmp_path / 'b' / 'mlflow.db'}")
+    default = client.get_experiment("0")
+    assert default.name == "Default" and default.artifact_location == str(tmp_path / "mlruns" / "0")
+    assert client.get_experiment(client.create_experiment("x")).name == "x"
+
+
+def _tables(path: Path) -> dict[str, list[str]]:
+    """Each table's and index's definition, its lines sorted: MLflow's migrations order constraints by chance."""
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        rows = db.execute("SELECT name, sql FROM sqlite_master WHERE type IN ('table', 'index')").fetchall()
+    return {name: sorted(line.strip().rstrip(",") for line in (sql or "").splitlines()) for name, sql in rows}
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_sweep_started_at_once_in_a_fresh_folder_both_finish(write_spec, workdir: Path) -> None:
+    """Issue 12 item 5 as the user met it: the second `foldsweep run` died with `duplicate column name: step`."""
+    spec = write_spec(optuna={"n_trials": 2, "trials_per_batch": 1})
+    runs = [start("run", str(spec), "--json", cwd=workdir) for _ in range(2)]
+    results = [finish(run, timeout=600) for run in runs]
+    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert all("Traceback" not in err for _, _, err in results)
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["tiny"]

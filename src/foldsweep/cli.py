@@ -7,6 +7,7 @@ here: the API raises and leaves the process alone, so a notebook or a script dec
 from __future__ import annotations
 
 import functools
+import importlib
 import json
 import signal
 import sys
@@ -18,8 +19,10 @@ from typing import Any
 
 import click
 
-from foldsweep import __version__
+from foldsweep import __version__, profile
 from foldsweep.errors import FoldsweepError, explain
+
+LIGHT = {"validate"}  # commands that never import optuna (tests/test_startup.py pins it)
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -79,10 +82,12 @@ def cli(debug: bool) -> None:
     """Honest hyperparameter sweeps: nested k-fold CV, a sealed test set, Optuna, MLflow."""
     import logging
 
-    import optuna
+    logging.getLogger("mlflow").setLevel(logging.DEBUG if debug else logging.WARNING)
+    if click.get_current_context().invoked_subcommand in LIGHT:
+        return
+    import optuna  # its level is set after it is imported: its first logger resets it
 
     optuna.logging.set_verbosity(optuna.logging.DEBUG if debug else optuna.logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 def _load(spec: str, overrides: tuple[str, ...]) -> Any:
@@ -110,12 +115,22 @@ json_opt = click.option("--json", "as_json", is_flag=True, help="Print one JSON 
 @json_opt
 @click.option("--fresh", is_flag=True, help="Start over under a new name (NAME-2, ...); nothing is deleted.")
 @click.option("--storage", default=None, help="Optuna storage URL (overrides the spec's `storage`).")
+@click.option("--profile", "profiled", is_flag=True, help="Print on stderr where the time went, by phase.")
 @_guard
-def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None) -> None:
+def run(spec: str, overrides: tuple[str, ...], as_json: bool, fresh: bool, storage: str | None,
+        profiled: bool) -> None:
     """Run (or resume) the nested sweep SPEC."""
     from foldsweep import api, console
 
-    result = api.run(spec, overrides=overrides, fresh=fresh, storage=storage, progress=not as_json)
+    if profiled:
+        profile.enable()
+    try:
+        with profile.phase(profile.STARTUP):  # the heavy imports (torch, optuna) that `api.run` would make
+            importlib.import_module("foldsweep.workers")
+        result = api.run(spec, overrides=overrides, fresh=fresh, storage=storage, progress=not as_json)
+    finally:
+        if profiled:
+            click.echo(profile.render(profile.snapshot()), err=True)
     if as_json:
         click.echo(json.dumps(console.public_summary(result.summary), default=str))
     else:
@@ -152,8 +167,8 @@ def worker(spec: str, overrides: tuple[str, ...], storage: str, device: str | No
 def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check SPEC and its data (and the fold plan) without training anything."""
     from foldsweep.data import load_dataset
+    from foldsweep.devices import resolve_devices
     from foldsweep.splits import check_batch_size, make_plan
-    from foldsweep.workers import resolve_devices
 
     sweep_spec = _load(spec, overrides)
     data = load_dataset(sweep_spec.data)

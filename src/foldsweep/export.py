@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import platform
+from importlib.metadata import version  # not the modules: `export` need not import torch
 from typing import Any
 
 import optuna
-import sklearn
-import torch
 import yaml
 
 from foldsweep import __version__
 from foldsweep.errors import FoldsweepError
-from foldsweep.outer import refit_epochs
-from foldsweep.workers import open_existing
+from foldsweep.studies import open_existing, refit_epochs
 
 
 def export_best(name: str) -> dict[str, Any]:
@@ -42,8 +40,8 @@ def export_best(name: str) -> dict[str, Any]:
         "spec_hash": meta["spec_hash"], "data_fingerprint": meta["fingerprint"],
         "nested": summary.get("nested"), "optimism": summary.get("optimism"),
         "test_looks": len(record.ledger), "mlflow_run_id": meta.get("mlflow_runs", {}).get("sweep"),
-        "versions": {"foldsweep": __version__, "torch": str(torch.__version__), "optuna": optuna.__version__,
-                     "scikit-learn": sklearn.__version__, "python": platform.python_version()},
+        "versions": {"foldsweep": __version__, "torch": version("torch"), "optuna": optuna.__version__,
+                     "scikit-learn": version("scikit-learn"), "python": platform.python_version()},
     }
     return doc
 

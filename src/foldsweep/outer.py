@@ -18,8 +18,9 @@ from optuna.trial import TrialState
 from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
-from foldsweep.splits import Fold, sealed_rows_seen, seen_note
-from foldsweep.sweep import StudyRef, Sweep, best_trial, study_done
+from foldsweep.splits import sealed_rows_seen, seen_note
+from foldsweep.studies import StudyRef, best_trial, refit_epochs, study_done
+from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, FitResult, fit_many
 
 INTERVAL = "Nadeau-Bengio corrected resampled t, 95%"
@@ -42,22 +43,6 @@ def warm_start_final(sweep: Sweep) -> None:
         if best is not None and best.params not in seen and len(seen) < min(len(outer), sweep.n_trials - 1):
             seen.append(best.params)
             final.study.enqueue_trial(best.params, user_attrs={"warm_start_from": ref.key})
-
-
-def refit_epochs(trial: optuna.trial.FrozenTrial, budget: int, search_folds: list[Fold], refit_rows: int) -> int:
-    """How long a refit on more rows trains: the one rule for the outer refits, `fit` and `test`.
-
-    The search stopped each inner fold at its best validation-loss epoch; a refit has no validation
-    rows, so it trains for the mean of those epochs scaled by how many more rows it has (k/(k-1) for
-    k inner folds), at most the configured `budget`. `benchmarks/bench_refit.py` compared this with the
-    unscaled mean, the best-metric epoch (scaled or not) and the whole budget on sonar, breast_cancer
-    and wine: the scaled best-loss epoch scored best or level on outer-test rows (README, "Refit length").
-    """
-    mean_best = trial.user_attrs.get("mean_best_epoch")
-    if mean_best is None:
-        return budget
-    scale = refit_rows / float(np.mean([len(fold.train) for fold in search_folds]))
-    return int(min(budget, max(1, round(float(mean_best) * scale))))
 
 
 def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast, overload
+from typing import TYPE_CHECKING, Any, cast, overload
 
 import matplotlib
 import numpy as np
@@ -22,7 +22,8 @@ from matplotlib.lines import Line2D
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-from foldsweep.sweep import Sweep
+if TYPE_CHECKING:
+    from foldsweep.sweep import Sweep
 
 Curve = tuple[np.ndarray, np.ndarray]  # (epochs, values)
 

@@ -19,11 +19,12 @@ from optuna.trial import TrialState
 from foldsweep.errors import FoldsweepError
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec
-from foldsweep.sweep import StudyRef, Sweep
+from foldsweep.studies import StudyRef
 from foldsweep.tracking import NullTracker
 
 if TYPE_CHECKING:
     from foldsweep.plots import TrialCurves  # matplotlib loads only when plots are drawn
+    from foldsweep.sweep import Sweep  # the training loop (torch): `report` only reads the studies
 
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
@@ -131,7 +132,7 @@ def diagnostics(studies: list[StudyRef], spec: SweepSpec) -> list[dict[str, Any]
 
 def build_report(name: str) -> dict[str, Any]:
     """The stored summary plus what needs the studies (diagnostics) and the ledger (test looks)."""
-    from foldsweep.workers import open_existing
+    from foldsweep.studies import open_existing
 
     record, refs = open_existing(name)
     summary = record.meta.get("summary")

@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from foldsweep.evaluate import FinalModel
     from foldsweep.record import SweepRecord
     from foldsweep.spec import SweepSpec
-    from foldsweep.sweep import StudyRef
+    from foldsweep.studies import StudyRef
 
 __all__ = ["FittedModel", "NestedEstimate", "SweepResult", "describe_data", "fit_model", "model_info"]
 
@@ -199,8 +199,7 @@ class SweepResult:
     def status(self) -> dict[str, Any]:
         """Per study: finished / n_trials, running, failed, best value, refit; who runs what (`foldsweep status`)."""
         from foldsweep.storage import backend, redact
-        from foldsweep.sweep import study_status
-        from foldsweep.workers import holders
+        from foldsweep.studies import holders, study_status
 
         record, refs = self._studies()
         meta = record.meta
@@ -311,7 +310,7 @@ class SweepResult:
 
     # -- helpers ---------------------------------------------------------------------------------------------
     def _studies(self) -> tuple[SweepRecord, list[StudyRef]]:
-        from foldsweep.workers import open_existing
+        from foldsweep.studies import open_existing
 
         return open_existing(self.name)
 

@@ -24,39 +24,20 @@ import torch
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from foldsweep import space
+from foldsweep import profile, space
 from foldsweep.data import Dataset
 from foldsweep.errors import SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
 from foldsweep.storage import LOST, Heartbeat, holder
+from foldsweep.studies import FINISHED, IN_FLIGHT, StudyRef, study_done
 from foldsweep.tracking import NullTracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
-IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
 Progress = Callable[[str, dict[str, Any]], None]
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's words
 MEMORY_CONSTRAINT = "fits_memory"  # > 0 on a trial whose configuration ran out of memory
-
-
-@dataclass
-class StudyRef:
-    key: str  # "outer-0", ..., "final"
-    study: optuna.Study
-    folds: list[Fold]
-    seed_offset: int
-
-    def counts(self) -> dict[str, int]:
-        trials = self.study.get_trials(deepcopy=False)
-        return {
-            "finished": sum(t.state in FINISHED for t in trials),
-            "in_flight": sum(t.state in IN_FLIGHT for t in trials),
-            "waiting": sum(t.state == TrialState.WAITING for t in trials),
-            "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get(LOST) for t in trials),
-            "lost": sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(LOST)) for t in trials),
-        }
 
 
 @dataclass
@@ -121,9 +102,10 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
     """
     ran = 0
     while True:
-        if maintain is not None:
-            maintain()
-        asked = ask_round(sweep, worker)
+        with profile.phase(profile.ASK_TELL):
+            if maintain is not None:
+                maintain()
+            asked = ask_round(sweep, worker)
         if not asked:
             _raise_if_all_failed(sweep)
             if sweep.done():
@@ -207,17 +189,20 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
         fold_jobs = trial_jobs(config, ref.folds, (ref.key, trial.number))
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
-        sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
+        with profile.phase(profile.TRACKING):
+            sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
     members = [[i for i, o in enumerate(owners) if o == t] for t in range(len(asked))]
-    if spec.optuna.pruner == "wilcoxon":
-        outcomes = _fit_fold_by_fold(sweep, asked, jobs, members)
-    else:
-        hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
-        fits = _fit_batch(sweep, jobs, members, hook)
-        outcomes = [_outcome(sweep, ref.folds, fit) for (ref, _), fit in zip(asked, fits)]
+    with profile.phase(profile.TRAINING):
+        if spec.optuna.pruner == "wilcoxon":
+            outcomes = _fit_fold_by_fold(sweep, asked, jobs, members)
+        else:
+            hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
+            fits = _fit_batch(sweep, jobs, members, hook)
+            outcomes = [_outcome(sweep, ref.folds, fit) for (ref, _), fit in zip(asked, fits)]
     wall = time.time() - started
     for (ref, trial), result in zip(asked, outcomes):
-        tell(sweep, ref, trial, result, worker, started, wall / len(asked))
+        with profile.phase(profile.ASK_TELL):
+            tell(sweep, ref, trial, result, worker, started, wall / len(asked))
         if progress is not None:
             progress("trial", {"study": ref.key, "number": trial.number, "state": result.state,
                                "value": result.value, "worker": worker})
@@ -306,7 +291,8 @@ def _release(device: torch.device) -> None:
 def tell(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOutcome, worker: str,
          started: float, wall_s: float) -> None:
     """Log the trial to MLflow first, then tell Optuna (whose finished trials can no longer change)."""
-    run_id = _log_trial(sweep, ref, trial, result, worker, started, wall_s)
+    with profile.phase(profile.TRACKING):
+        run_id = _log_trial(sweep, ref, trial, result, worker, started, wall_s)
     try:
         trial.set_user_attr("mlflow_run_id", run_id)
         trial.set_user_attr("fold_scores", result.fold_scores)
@@ -361,27 +347,6 @@ def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: T
 
 def _run_name(ref: StudyRef, trial: optuna.trial.Trial) -> str:
     return f"{ref.key}/trial-{trial.number}"
-
-
-def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str, Any]]:
-    rows = []
-    for ref in sweep_studies:
-        counts = ref.counts()
-        best = best_trial(ref)
-        rows.append({"study": ref.key, **counts, "n_trials": n_trials,
-                     "best": best.value if best is not None else None,
-                     "refit": ref.study.user_attrs.get("refit")})
-    return rows
-
-
-def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
-    complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return ref.study.best_trial if complete else None
-
-
-def study_done(ref: StudyRef, n_trials: int) -> bool:
-    counts = ref.counts()
-    return counts["in_flight"] == 0 and (counts["finished"] >= n_trials or counts["failed"] >= n_trials)
 
 
 def _surplus(ref: StudyRef, trial: optuna.trial.Trial, n_trials: int) -> bool:

@@ -20,38 +20,24 @@ from typing import Any
 
 import optuna
 import torch
-from optuna.trial import TrialState
 
-from foldsweep import __version__
+from foldsweep import __version__, profile
 from foldsweep.data import Dataset, load_dataset
-from foldsweep.errors import DataError, DeviceError, FoldsweepError
+from foldsweep.devices import resolve_devices
+from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
 from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact
-from foldsweep.sweep import Progress, StudyRef, Sweep, open_studies, study_status, work
+from foldsweep.studies import holders, study_status
+from foldsweep.sweep import Progress, Sweep, open_studies, work
 from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
 PARENT_ENV = "FOLDSWEEP_COORDINATOR_PID"
 INTERRUPT_GRACE_S = 5.0  # after Ctrl-C, helpers in the terminal's process group stop by themselves
 HELPER_WAIT_S = 600  # helpers start before the coordinator has opened MLflow and created the studies
-
-
-def resolve_devices(spec: SweepSpec) -> list[str]:
-    """`auto` is every visible CUDA device, else the CPU; a named device must exist here."""
-    wanted = spec.resources.devices
-    available = torch.cuda.device_count()
-    if wanted == "cpu" or (wanted == "auto" and available == 0):
-        return ["cpu"]
-    if wanted == "auto":
-        return [f"cuda:{i}" for i in range(available)]
-    for name in wanted:
-        if name.startswith("cuda:") and int(name[5:]) >= available:
-            raise DeviceError(f"resources.devices: `{name}` does not exist; this machine has {available} CUDA "
-                              f"device(s){' (cuda:0..cuda:' + str(available - 1) + ')' if available else ''}")
-    return list(wanted)
 
 
 def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
@@ -76,20 +62,22 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
     started = time.time()
     if fresh:
         spec = spec.model_copy(update={"name": fresh_name(spec.name)})
-    data = data if data is not None else load_dataset(spec.data, base_dir)
-    devices = resolve_devices(spec)
-    slots = worker_slots(spec, devices)
-    if spec.data.frame is not None and len(slots) > 1:
-        raise DataError(f"data.frame `{spec.data.frame}` is in this process's memory: the {len(slots)} workers "
-                        "cannot read it; set resources.workers: 1, or write the table to a file (data.path)")
-    url = storage or spec.storage or default_storage(spec.name)
-    optuna_storage = preflight(url, len(slots))
-    record, plan, resumed = create_or_resume(spec, data, url)
+    with profile.phase(profile.DATA):
+        data = data if data is not None else load_dataset(spec.data, base_dir)
+        devices = resolve_devices(spec)
+        slots = worker_slots(spec, devices)
+        if spec.data.frame is not None and len(slots) > 1:
+            raise DataError(f"data.frame `{spec.data.frame}` is in this process's memory: the {len(slots)} workers "
+                            "cannot read it; set resources.workers: 1, or write the table to a file (data.path)")
+        url = storage or spec.storage or default_storage(spec.name)
+        optuna_storage = preflight(url, len(slots))
+        record, plan, resumed = create_or_resume(spec, data, url)
     helpers = Helpers(record.folder / "spec.yaml", url, slots, record.folder)  # they start up while MLflow opens
     try:
-        tracker = make_tracker(spec.tracking, spec.name)
-        sweep = _open(spec, data, plan, optuna_storage, tracker, slots[0])
-        ids = _open_runs(sweep, record, tracker, devices, resumed)
+        with profile.phase(profile.STORE):
+            tracker = make_tracker(spec.tracking, spec.name)
+            sweep = _open(spec, data, plan, optuna_storage, tracker, slots[0])
+            ids = _open_runs(sweep, record, tracker, devices, resumed)
     except BaseException:
         helpers.interrupt()
         helpers.stop()
@@ -122,8 +110,10 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
             tracker.finish(run_id, status)
         raise
     finally:
-        sweep.heartbeat.close()
-        for failed in helpers.stop():
+        with profile.phase(profile.SHUTDOWN):
+            sweep.heartbeat.close()
+            failures = helpers.stop()
+        for failed in failures:
             if progress is not None:
                 progress("worker_failed", failed)
 
@@ -183,33 +173,6 @@ def _wait_for_sweep(storage: optuna.storages.BaseStorage, name: str, url: str, w
             raise FoldsweepError(f"no sweep `{name}` in storage `{redact(url)}`{waited}; start it with "
                                  "`foldsweep run SPEC --storage URL` (or give the worker --wait SECONDS)")
         time.sleep(min(2.0, max(0.1, deadline - time.time())))
-
-
-def open_existing(name: str) -> tuple[SweepRecord, list[StudyRef]]:
-    """Studies of a recorded sweep, for `status`, `export` and `report` (no data, no training)."""
-    record = SweepRecord.open(name)
-    storage = preflight(record.meta["storage"], 1)
-    plan = record.plan
-    keys = [(f"outer-{i}", plan.inner[i], i) for i in range(len(plan.outer))] + [("final", plan.final_inner, 1000)]
-    try:
-        refs = [StudyRef(key, optuna.load_study(study_name=f"{name}/{key}", storage=storage), folds, offset)
-                for key, folds, offset in keys]
-    except KeyError:
-        raise FoldsweepError(f"sweep `{name}` has no studies in `{record.meta['storage']}` yet") from None
-    return record, refs
-
-
-def holders(studies: list[StudyRef]) -> list[dict[str, Any]]:
-    """Who runs what right now: each worker holding RUNNING trials, with its device and those trials."""
-    found: dict[tuple[str, str], dict[str, Any]] = {}
-    for ref in studies:
-        for trial in ref.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            who = trial.user_attrs.get("worker") or {}
-            key = (str(who.get("host", "?")), str(who.get("name", "?")))
-            entry = found.setdefault(key, {"worker": key[1], "host": key[0], "device": who.get("device", "?"),
-                                           "trials": []})
-            entry["trials"].append(f"{ref.key}#{trial.number}")
-    return sorted(found.values(), key=lambda e: (e["host"], e["worker"]))
 
 
 def _open(spec: SweepSpec, data: Dataset, plan: FoldPlan, storage: optuna.storages.BaseStorage,
@@ -288,15 +251,18 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
             progress("phase", {"phase": name, "total": total, "rows": study_status(sweep.studies, sweep.n_trials)})
 
     phase("refits", len(sweep.studies) - 1)
-    refits = refit_outer(sweep)
-    summary = summarize(sweep, refits)
-    record.update(summary=summary)
-    from foldsweep.report import log_sweep_artifacts
+    with profile.phase(profile.REFITS):
+        refits = refit_outer(sweep)
+    with profile.phase(profile.REPORT):
+        summary = summarize(sweep, refits)
+        record.update(summary=summary)
+        from foldsweep.report import log_sweep_artifacts
 
-    phase("report")
-    log_sweep_artifacts(sweep, record, tracker, ids, summary)
-    for key in (*[ref.key for ref in sweep.studies], "sweep"):
-        tracker.finish(ids[key])
+        phase("report")
+        log_sweep_artifacts(sweep, record, tracker, ids, summary)
+    with profile.phase(profile.SHUTDOWN):
+        for key in (*[ref.key for ref in sweep.studies], "sweep"):
+            tracker.finish(ids[key])
     phase("done")
     return summary
 

@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from conftest import tiny_spec
 
 from foldsweep.cli import cli
-from foldsweep.workers import open_existing
+from foldsweep.studies import open_existing
 
 
 def _sweep_in(folder: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], dict[str, list[tuple]]]:

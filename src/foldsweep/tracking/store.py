@@ -1,22 +1,36 @@
-"""Where the MLflow store lives and how to write to it when several processes share one SQLite file.
+"""Where the MLflow store lives, how it is created, and how to write to it when processes share one SQLite file.
 
 Every writer (the tracker, its writer process, the UI) resolves the store the same way, so relative
-paths, WAL mode and lock retries are decided once here.
+paths, creation, WAL mode and lock retries are decided once here.
+
+Creating a fresh SQLite store means MLflow's schema migrations: seconds (3.6 s on 2 cores) and not
+safe when two processes do it at once (both migrate; one dies with `duplicate column name`). So a
+fresh store is created under a file lock, as a copy of a schema template: an empty store that MLflow's
+own migrations built once per machine and MLflow schema revision (the revision names the template, so a
+template can only ever be copied into an MLflow that expects exactly its schema). The template holds no
+rows that depend on a folder: its Default experiment (which records an absolute artifact path) is
+removed, and MLflow recreates it, for the new folder, when it first opens the copy.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
+
+from filelock import FileLock
 
 from foldsweep.errors import StoreError
 
 T = TypeVar("T")
+CACHE_ENV = "FOLDSWEEP_CACHE"  # where the schema template is kept (default: ~/.cache/foldsweep)
+LOCK_TIMEOUT_S = 600.0  # a first creation that waits on MLflow's migrations under a busy machine
 
 
 def _absolute_sqlite(uri: str) -> str:
@@ -41,6 +55,105 @@ def _ensure_sqlite_folder(uri: str) -> None:
         if not os.access(folder, os.W_OK):
             raise StoreError(f"the MLflow database cannot be opened: its folder `{folder}` is not writable "
                              "(set tracking.uri, or run where mlruns/ is writable)")
+
+
+def create_store(uri: str) -> bool:
+    """Make sure a SQLite store at `uri` exists with MLflow's full schema; True if this call created it.
+
+    Safe when several processes call it at once (one creates, the others wait for the lock and then
+    find it made). Other stores (a tracking server, PostgreSQL) are MLflow's business: nothing to do.
+    """
+    if not uri.startswith("sqlite:///"):
+        return False
+    _ensure_sqlite_folder(uri)
+    path = Path(uri[len("sqlite:///"):])
+    if _has_schema(path):
+        return False
+    with FileLock(f"{path}.lock", timeout=LOCK_TIMEOUT_S):
+        if _has_schema(path):
+            return False
+        template = _schema_template()
+        if template is None:  # no writable cache: MLflow migrates the store in place, still under the lock
+            _migrate(path)
+        else:
+            _copy_atomically(template, path)
+    return True
+
+
+def open_experiment(client: Any, name: str, artifact_location: str) -> str:
+    """The id of experiment `name`, created if missing; a process that loses the race to create it takes the
+    winner's."""
+    experiment = _retry(lambda: client.get_experiment_by_name(name))
+    if experiment is not None:
+        return str(experiment.experiment_id)
+    try:
+        return str(_retry(lambda: client.create_experiment(
+            name, artifact_location=f"{_artifact_root(artifact_location)}/{name}",
+            tags={"mlflow.experimentKind": "custom_model_development"})))
+    except Exception as err:  # MLflow's RESOURCE_ALREADY_EXISTS: another sweep created it just now
+        experiment = _retry(lambda: client.get_experiment_by_name(name))
+        if experiment is None:
+            raise err from None
+        return str(experiment.experiment_id)
+
+
+def _has_schema(path: Path) -> bool:
+    """A store that some MLflow has finished creating: it has its `alembic_version` row (written last)."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    try:
+        with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5.0)) as db:
+            return db.execute("SELECT count(*) FROM alembic_version").fetchone()[0] > 0
+    except sqlite3.OperationalError:  # no such table yet (a creation in progress or one that died)
+        return False
+
+
+def _schema_template() -> Path | None:
+    """The empty store for this MLflow schema revision, built once (under a lock) by MLflow's own migrations.
+
+    None when there is no writable cache folder.
+    """
+    from mlflow.store.db.utils import _get_latest_schema_revision
+
+    folder = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "foldsweep")
+    template = folder / f"mlflow-schema-{_get_latest_schema_revision()}.db"
+    if _has_schema(template):
+        return template
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with FileLock(f"{template}.lock", timeout=LOCK_TIMEOUT_S):
+            if not _has_schema(template):
+                _build_template(template)
+    except OSError:
+        return None
+    return template
+
+
+def _build_template(template: Path) -> None:
+    """Migrate a scratch store, drop its folder-specific rows, and move it into place in one rename."""
+    with tempfile.TemporaryDirectory(dir=template.parent) as scratch:
+        built = Path(scratch) / "store.db"
+        _migrate(built)
+        with contextlib.closing(sqlite3.connect(built)) as db:
+            db.execute("DELETE FROM experiment_tags")
+            db.execute("DELETE FROM experiments")
+            db.commit()
+        os.replace(built, template)
+
+
+def _migrate(path: Path) -> None:
+    """MLflow creates the tables of an empty SQLite file (all its migrations) when it first opens it."""
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    store = SqlAlchemyStore(f"sqlite:///{path}", path.parent.as_uri())
+    store.engine.dispose()
+
+
+def _copy_atomically(template: Path, path: Path) -> None:
+    """A reader never sees half a store: copy beside the target, then rename over it."""
+    partial = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    shutil.copyfile(template, partial)
+    os.replace(partial, path)
 
 
 def _write_ahead_log(uri: str) -> None:

@@ -17,7 +17,7 @@ import numpy as np
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
-from foldsweep.tracking.store import _absolute_sqlite, _artifact_root, _ensure_sqlite_folder, _retry, _write_ahead_log
+from foldsweep.tracking.store import _absolute_sqlite, _retry, _write_ahead_log, create_store, open_experiment
 from foldsweep.tracking.writer import PARENT, _TrialWriter, _write_rows
 
 if TYPE_CHECKING:
@@ -78,6 +78,8 @@ class MlflowTracker(NullTracker):
     enabled = True
 
     def __init__(self, spec: TrackingSpec, sweep_name: str) -> None:
+        self.tracking_uri = _absolute_sqlite(spec.uri)
+        self._writer: _TrialWriter | None = _TrialWriter(self.tracking_uri)  # imports MLflow while we do
         from mlflow import MlflowClient
 
         # after the import: importing mlflow configures its loggers at INFO
@@ -86,21 +88,12 @@ class MlflowTracker(NullTracker):
 
         self.system_metrics = spec.system_metrics
         self._monitors: dict[str, Any] = {}
-        self._writer: _TrialWriter | None = None  # started with the first trial
         self._sweep_run = ""
-        self.tracking_uri = _absolute_sqlite(spec.uri)
-        _ensure_sqlite_folder(self.tracking_uri)
+        create_store(self.tracking_uri)  # under a lock: two sweeps starting at once must not both migrate it
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        name = spec.experiment or sweep_name
-        experiment = _retry(lambda: self.client.get_experiment_by_name(name))  # creates the store's tables
         _write_ahead_log(self.tracking_uri)
-        if experiment is None:
-            artifacts = _artifact_root(spec.artifact_location)
-            self.experiment_id = _retry(lambda: self.client.create_experiment(
-                name, artifact_location=f"{artifacts}/{name}",
-                tags={"mlflow.experimentKind": "custom_model_development"}))
-        else:
-            self.experiment_id = experiment.experiment_id
+        self.experiment_id = open_experiment(self.client, spec.experiment or sweep_name, spec.artifact_location)
+        self._writer.experiment(self.experiment_id)
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
         """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
@@ -112,7 +105,6 @@ class MlflowTracker(NullTracker):
                                                         tags={**provenance_tags(), **tags}))
             run_id = str(run.info.run_id)
         self._sweep_run = run_id
-        self._trial_writer()  # the writer process starts up while the sweep does
         if self.system_metrics:
             self._monitors[run_id] = _start_monitor(run_id, self.tracking_uri, resumed)
         return run_id
@@ -161,7 +153,8 @@ class MlflowTracker(NullTracker):
 
     def _trial_writer(self) -> _TrialWriter:
         if self._writer is None:
-            self._writer = _TrialWriter(self.tracking_uri, self.experiment_id)
+            self._writer = _TrialWriter(self.tracking_uri)
+            self._writer.experiment(self.experiment_id)
         return self._writer
 
     def _report(self, errors: list[str], strict: bool) -> None:

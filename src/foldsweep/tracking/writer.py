@@ -1,7 +1,9 @@
 """Trial runs written by a child process, so MLflow's per-row Python cost stays off the training core.
 
-The parent sends requests over a socket (open a run, fill it, flush); the child answers with run ids
-and, at each flush, the errors since the last one. The child is started as
+The parent sends requests over a socket (the experiment, open a run, fill it, flush); the child answers
+with run ids and, at each flush, the errors since the last one. The child is started before the parent
+imports MLflow, so the two imports (seconds each) overlap on two cores; it touches the store only once
+told the experiment, so never before the parent has created the store (under its lock). The child is started as
 `python -c "from foldsweep.tracking.writer import _writer_main; ..."`, so nothing this module imports
 at the top may be heavy (no torch): the first trial waits for the writer to start.
 """
@@ -57,10 +59,10 @@ class _TrialWriter:
     so Ctrl-C on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone.
     """
 
-    def __init__(self, tracking_uri: str, experiment_id: str) -> None:
+    def __init__(self, tracking_uri: str) -> None:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
-                   str(theirs.fileno()), tracking_uri, experiment_id]
+                   str(theirs.fileno()), tracking_uri]
         self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self._conn = Connection(ours.detach())
@@ -69,6 +71,13 @@ class _TrialWriter:
         self._run_ids: dict[tuple[str, str], str] = {}
         self._flushed: dict[int, list[str]] = {}
         self._tokens = itertools.count()
+
+    def experiment(self, experiment_id: str) -> None:
+        """Where runs go; the child opens the store on this message (so after the store was created)."""
+        try:
+            self._conn.send(("experiment", experiment_id, None))
+        except OSError:
+            raise self._gone() from None
 
     def open(self, parent: str, name: str, start: float) -> None:
         self._opened.add((parent, name))
@@ -144,10 +153,11 @@ def _writer_main() -> None:
     """The writer process: open, fill and close runs until told to stop or the parent is gone."""
     from mlflow import MlflowClient
 
-    fd, tracking_uri, experiment_id = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    fd, tracking_uri = int(sys.argv[1]), sys.argv[2]
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     conn = Connection(fd)
-    client = MlflowClient(tracking_uri)
+    client: Any = None
+    experiment_id = ""
     errors: list[str] = []
     unfilled: set[str] = set()
     while True:
@@ -158,6 +168,9 @@ def _writer_main() -> None:
         if request is None:
             return
         kind, key, value = request
+        if kind == "experiment":
+            experiment_id, client = key, MlflowClient(tracking_uri)
+            continue
         answer = ""
         try:
             answer = _serve(client, experiment_id, kind, key, value, unfilled)

@@ -1,0 +1,104 @@
+"""A sweep's Optuna studies as the commands that only read them see them: `status`, `report`, `export`.
+
+Kept apart from `sweep` (the training loop), so reading a sweep never imports torch or MLflow: those
+commands answer in a fraction of the seconds the imports would take.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import optuna
+from optuna.trial import TrialState
+
+from foldsweep.errors import FoldsweepError
+from foldsweep.record import SweepRecord
+from foldsweep.splits import Fold
+from foldsweep.storage import LOST, preflight
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
+
+
+@dataclass
+class StudyRef:
+    key: str  # "outer-0", ..., "final"
+    study: optuna.Study
+    folds: list[Fold]
+    seed_offset: int
+
+    def counts(self) -> dict[str, int]:
+        trials = self.study.get_trials(deepcopy=False)
+        return {
+            "finished": sum(t.state in FINISHED for t in trials),
+            "in_flight": sum(t.state in IN_FLIGHT for t in trials),
+            "waiting": sum(t.state == TrialState.WAITING for t in trials),
+            "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get(LOST) for t in trials),
+            "lost": sum(t.state == TrialState.FAIL and bool(t.user_attrs.get(LOST)) for t in trials),
+        }
+
+
+def open_existing(name: str) -> tuple[SweepRecord, list[StudyRef]]:
+    """Studies of a recorded sweep, for `status`, `export` and `report` (no data, no training)."""
+    record = SweepRecord.open(name)
+    storage = preflight(record.meta["storage"], 1)
+    plan = record.plan
+    keys = [(f"outer-{i}", plan.inner[i], i) for i in range(len(plan.outer))] + [("final", plan.final_inner, 1000)]
+    try:
+        refs = [StudyRef(key, optuna.load_study(study_name=f"{name}/{key}", storage=storage), folds, offset)
+                for key, folds, offset in keys]
+    except KeyError:
+        raise FoldsweepError(f"sweep `{name}` has no studies in `{record.meta['storage']}` yet") from None
+    return record, refs
+
+
+def holders(studies: list[StudyRef]) -> list[dict[str, Any]]:
+    """Who runs what right now: each worker holding RUNNING trials, with its device and those trials."""
+    found: dict[tuple[str, str], dict[str, Any]] = {}
+    for ref in studies:
+        for trial in ref.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            who = trial.user_attrs.get("worker") or {}
+            key = (str(who.get("host", "?")), str(who.get("name", "?")))
+            entry = found.setdefault(key, {"worker": key[1], "host": key[0], "device": who.get("device", "?"),
+                                           "trials": []})
+            entry["trials"].append(f"{ref.key}#{trial.number}")
+    return sorted(found.values(), key=lambda e: (e["host"], e["worker"]))
+
+
+def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str, Any]]:
+    rows = []
+    for ref in sweep_studies:
+        counts = ref.counts()
+        best = best_trial(ref)
+        rows.append({"study": ref.key, **counts, "n_trials": n_trials,
+                     "best": best.value if best is not None else None,
+                     "refit": ref.study.user_attrs.get("refit")})
+    return rows
+
+
+def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+    complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    return ref.study.best_trial if complete else None
+
+
+def study_done(ref: StudyRef, n_trials: int) -> bool:
+    counts = ref.counts()
+    return counts["in_flight"] == 0 and (counts["finished"] >= n_trials or counts["failed"] >= n_trials)
+
+
+def refit_epochs(trial: optuna.trial.FrozenTrial, budget: int, search_folds: list[Fold], refit_rows: int) -> int:
+    """How long a refit on more rows trains: the one rule for the outer refits, `fit` and `test`.
+
+    The search stopped each inner fold at its best validation-loss epoch; a refit has no validation
+    rows, so it trains for the mean of those epochs scaled by how many more rows it has (k/(k-1) for
+    k inner folds), at most the configured `budget`. `benchmarks/bench_refit.py` compared this with the
+    unscaled mean, the best-metric epoch (scaled or not) and the whole budget on sonar, breast_cancer
+    and wine: the scaled best-loss epoch scored best or level on outer-test rows (README, "Refit length").
+    """
+    mean_best = trial.user_attrs.get("mean_best_epoch")
+    if mean_best is None:
+        return budget
+    scale = refit_rows / float(np.mean([len(fold.train) for fold in search_folds]))
+    return int(min(budget, max(1, round(float(mean_best) * scale))))
