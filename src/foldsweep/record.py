@@ -148,5 +148,9 @@ def fresh_name(name: str) -> str:
 def _write_json(path: Path, value: Any) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a record."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
+    try:
+        tmp.write_text(json.dumps(value, indent=1, default=str))
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the record as it was stays whole
+        raise
     tmp.replace(path)

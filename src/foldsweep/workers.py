@@ -8,13 +8,15 @@ path through the same storage, so there is one code path for one GPU, eight, or 
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,12 +26,12 @@ from optuna.trial import TrialState
 
 from foldsweep import __version__
 from foldsweep.data import Dataset, load_dataset
-from foldsweep.errors import DataError, DeviceError, FoldsweepError
+from foldsweep.errors import DataError, DeviceError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
-from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact
+from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact, write_error
 from foldsweep.sweep import Progress, StudyRef, Sweep, open_studies, study_status, work
 from foldsweep.tracking import NullTracker, make_tracker
 
@@ -62,6 +64,28 @@ def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
     return slots[: spec.resources.workers] if spec.resources.workers else slots
 
 
+@contextmanager
+def disk_full_in_one_line() -> Iterator[None]:
+    """A full disk, wherever it is met (journal, record, MLflow's database), ends the command in one line.
+
+    Every store writes atomically or repairs itself on the next open, so the rerun resumes.
+    """
+    try:
+        yield
+    except FoldsweepError:
+        raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise write_error(err, getattr(err, "filename", None) or "the sweep's files") from None
+    except Exception as err:  # MLflow and SQLAlchemy wrap SQLite's error in their own types
+        if "disk is full" not in str(err) and "No space left" not in str(err):
+            raise
+        raise DiskFull("disk full while writing the MLflow store: nothing finished is lost; free space and "
+                       "rerun the same command to resume") from None
+
+
+@disk_full_in_one_line()
 def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = False, storage: str | None = None,
               progress: Progress | None = None, data: Dataset | None = None) -> dict[str, Any]:
     """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints.
@@ -123,6 +147,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
                 progress("worker_failed", failed)
 
 
+@disk_full_in_one_line()
 def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, device: str | None = None,
                name: str | None = None, threads: int | None = None, wait_s: float = 0.0) -> int:
     """`foldsweep worker`: take trials of a running sweep until every study is done.
