@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
@@ -30,6 +31,7 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
+from foldsweep.crash import crash_point
 from foldsweep.errors import DiskFull, StorageError
 from foldsweep.record import home
 
@@ -40,8 +42,20 @@ MAX_RETRIES = 3
 SCHEMA_ATTEMPTS = 5
 TAIL_SCAN = 1 << 16  # bytes read back to find the last complete record of a torn journal
 LEASE = "heartbeat"
-_log = logging.getLogger("foldsweep")
+SLOT = "slot"  # which of a study's n_trials places a trial fills; a retry keeps the slot of what it repeats
 LOST = "lost"  # a trial failed by the machinery (dead worker, surplus, Ctrl-C), not by its configuration
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes to whatever `sys.stderr` is when a notice comes (the CLI's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+_log = logging.getLogger("foldsweep")
+if not _log.handlers:
+    _log.addHandler(_CurrentStderr(logging.WARNING))
 
 
 def default_storage(name: str) -> str:
@@ -205,15 +219,25 @@ class RepairingJournal(JournalFileBackend):
                 end = _cut_torn_tail(self._path, f)
                 try:
                     f.seek(end)
-                    written = 0
-                    while written < len(data):
-                        written += f.write(data[written:]) or 0
-                    os.fsync(f.fileno())
-                except OSError as err:
+                    _write_all(f, data)
+                except BaseException as err:  # a full disk, or Ctrl-C between two parts of the record
                     f.truncate(end)  # a half-written record must not be left for the next append to join
-                    raise write_error(err, f"the Optuna journal {self._path}") from None
+                    if isinstance(err, OSError):
+                        raise write_error(err, f"the Optuna journal {self._path}") from None
+                    raise
         finally:
             self._lock.release()
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Write and fsync; `FOLDSWEEP_CRASH_AT=journal:N` stops the process halfway through the Nth record."""
+    half = len(data) // 2
+    f.write(data[:half])
+    crash_point("journal")
+    written = half
+    while written < len(data):
+        written += f.write(data[written:]) or 0
+    os.fsync(f.fileno())
 
 
 def _cut_torn_tail(path: str, f: BinaryIO) -> int:
@@ -295,7 +319,12 @@ def _set_aside(path: str, data: bytes, what: str) -> None:
             os.fsync(f.fileno())
     except OSError as err:
         raise write_error(err, f"{aside} (the journal has {what}; it is left as it was)") from None
-    _log.warning("repaired the Optuna journal %s: set aside %s, kept in %s", path, what, Path(aside).name)
+    notice(f"repaired the Optuna journal {path}: set aside {what}, kept in {Path(aside).name}")
+
+
+def notice(message: str) -> None:
+    """One line on stderr about something repaired or made again, so the user knows and can look."""
+    _log.warning(message)
 
 
 def _stamp() -> str:
@@ -412,7 +441,13 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason
             return False
     except UpdateFinishedTrialError:
         return False
+    retry(study, trial)
+    return True
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial) -> None:
+    """Queue a lost trial's configuration again, in its slot, unless it was lost MAX_RETRIES times already."""
     retries = int(trial.user_attrs.get("retries", 0)) + 1
     if retries <= MAX_RETRIES:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries})
-    return True
+        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries,
+                                                      SLOT: int(trial.user_attrs.get(SLOT, trial.number))})

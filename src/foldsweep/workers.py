@@ -31,8 +31,8 @@ from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
-from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact, write_error
-from foldsweep.sweep import Progress, StudyRef, Sweep, open_studies, study_status, work
+from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, notice, preflight, redact, write_error
+from foldsweep.sweep import Progress, StudyRef, Sweep, open_studies, reconcile_runs, study_status, work
 from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
@@ -132,6 +132,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
     try:
         _set_threads(sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
+        _report_failed(helpers.stop(), progress)  # their last trial runs are written before MLflow is checked
         return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
@@ -142,9 +143,13 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         raise
     finally:
         sweep.heartbeat.close()
-        for failed in helpers.stop():
-            if progress is not None:
-                progress("worker_failed", failed)
+        _report_failed(helpers.stop(), progress)
+
+
+def _report_failed(failed: list[dict[str, Any]], progress: Progress | None) -> None:
+    for helper in failed:
+        if progress is not None:
+            progress("worker_failed", helper)
 
 
 @disk_full_in_one_line()
@@ -259,10 +264,26 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
         ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
         ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
     record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
-    if resumed:  # trial runs a killed process was writing when it died
+    if resumed:  # what a killed process left: its trials RUNNING in Optuna, its trial runs in any state
         for ref in sweep.studies:
-            tracker.fail_running(ids[ref.key])
+            fail_stale_trials(ref.study)
+        created = reconcile_runs(sweep, ids)
+        if tracker.recreated:
+            _relog_refits(sweep, ids)
+            notice(f"the MLflow store {tracker.tracking_uri} had lost this sweep's runs (deleted or replaced): made "
+                   f"the sweep and study runs again and {created} trial runs from Optuna's records (without "
+                   "per-epoch curves)")
     return ids
+
+
+def _relog_refits(sweep: Sweep, ids: dict[str, str]) -> None:
+    """Outer refits done before the MLflow store was lost: their scores on the study runs made anew."""
+    for ref in sweep.studies:
+        refit = ref.study.user_attrs.get("refit")
+        if refit:
+            sweep.tracker.log_values(ids[ref.key], {k: float(refit[k]) for k in
+                                                    ("outer_test_score", "best_inner_value", "optimism")},
+                                     tags={"best_trial": str(refit["best_trial"])})
 
 
 def _check_same_sweep(sweep: Sweep, data: Dataset, plan: FoldPlan) -> None:
@@ -315,6 +336,7 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
 
     phase("report")
     log_sweep_artifacts(sweep, record, tracker, ids, summary)
+    reconcile_runs(sweep, ids)  # a trial run a killed helper or writer left behind ends as Optuna says
     for key in (*[ref.key for ref in sweep.studies], "sweep"):
         tracker.finish(ids[key])
     phase("done")

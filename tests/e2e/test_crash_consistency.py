@@ -5,19 +5,30 @@ MLflow agreeing with Optuna on every trial, and nothing already computed thrown 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml
 from click.testing import CliRunner
+from conftest import tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import STUDIES, trials
+from sweep_procs import STUDIES, finish, start, trials
 
 from foldsweep.cli import cli
+from foldsweep.crash import CRASH_ENV
+from foldsweep.spec import load_spec
+from foldsweep.workers import run_sweep
 
 N = 2  # the tiny sweep's n_trials
+# Without the warm start every configuration of the tiny sweep comes from the sampler alone (2 trials a study,
+# asked in one round, are both startup samples), so configurations per slot must match an uninterrupted run
+# whatever the fits score. Warm-starting `final` copies outer bests, which equal only once fits are pure.
+SAMPLED = {"optuna": {"warm_start_final": False}}
 
 
 @pytest.fixture
@@ -38,8 +49,14 @@ def check_consistent(journal: str, summary: dict, n_trials: int = N) -> None:
     """Exactly n_trials finished per study, no configuration twice, and MLflow agreeing with Optuna."""
     found = trials(journal, "tiny")
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
-    runs = {r.info.run_name: r for r in client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)}
+    every = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)
+    runs = {r.info.run_name: r for r in every}
+    assert len(runs) == len(every)  # one run per name: nothing made twice
+    assert [r.info.run_name for r in every if r.info.status == "RUNNING"] == []
     for key in STUDIES:
+        for t in found[key]:
+            if t.state == TrialState.FAIL and f"{key}/trial-{t.number}" in runs:
+                assert runs[f"{key}/trial-{t.number}"].info.status == "FAILED", (key, t.number)
         done = [t for t in found[key] if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
         assert len(done) == n_trials, (key, [(t.number, t.state.name) for t in found[key]])
         configs = [json.dumps(t.params, sort_keys=True) for t in done]
@@ -69,3 +86,86 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes_exactly(write_spec, 
     summary = json.loads(second.stdout.strip().splitlines()[-1])
     assert summary["resumed"] is True
     check_consistent(journal, summary)
+
+
+def configs(journal: str) -> dict[tuple[str, int], str]:
+    """The configuration each (study, slot) was finished with."""
+    return {(key, int(t.user_attrs["slot"])): json.dumps(t.params, sort_keys=True)
+            for key, found in trials(journal, "tiny").items() for t in found
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+def _summary(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, dict[tuple[str, int], str]]:
+    """The tiny sweep run once without interruption: its summary and configurations per slot."""
+    folder = tmp_path_factory.mktemp("baseline")
+    (folder / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(optuna={**tiny_spec()["optuna"], **SAMPLED["optuna"]}),
+                                                     sort_keys=False))
+    code, out, err = finish(start("run", "tiny.yaml", "--json", cwd=folder))
+    assert code == 0, err
+    return json.loads(out.strip().splitlines()[-1]), configs(str(folder / "mlruns" / "optuna" / "tiny.journal"))
+
+
+JOURNAL = "mlruns/optuna/tiny.journal"
+
+
+def test_ctrl_c_mid_round_retries_the_lost_trials_with_their_own_configuration(write_spec, workdir: Path,
+                                                                                baseline) -> None:
+    spec = load_spec(write_spec(optuna={**tiny_spec()["optuna"], **SAMPLED["optuna"]}))
+    seen: list[str] = []
+
+    def ctrl_c_after_the_first_trial(event: str, info: dict) -> None:
+        if event == "trial" and not seen:
+            seen.append(info["study"])
+            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, while the round's other trials wait to be told
+
+    with pytest.raises(KeyboardInterrupt):
+        run_sweep(spec, progress=ctrl_c_after_the_first_trial)
+    lost = [t for ts in trials(JOURNAL, "tiny").values() for t in ts if t.user_attrs.get("lost")]
+    assert lost and all(t.state == TrialState.FAIL for t in lost)
+
+    summary = _summary(CliRunner().invoke(cli, ["run", str(workdir / "tiny.yaml"), "--json"]))
+    check_consistent(JOURNAL, summary)
+    after = trials(JOURNAL, "tiny")
+    for t in lost:  # each retried exactly once, with its own parameters, in its own slot
+        retries = [r for r in after[_study_of(after, t)] if r.user_attrs.get("retry_of") == t.number]
+        assert [(r.params, r.user_attrs["slot"], r.state) for r in retries] == [
+            (t.params, t.user_attrs["slot"], TrialState.COMPLETE)]
+    assert configs(JOURNAL) == baseline[1]  # the same configuration in every slot as without the Ctrl-C
+
+
+def _study_of(found: dict[str, list], trial) -> str:
+    return next(key for key, ts in found.items() if trial in ts)
+
+
+def test_a_kill_between_the_mlflow_run_and_optunas_tell_ends_with_both_agreeing(write_spec, workdir: Path,
+                                                                              baseline) -> None:
+    spec = write_spec(optuna={**tiny_spec()["optuna"], **SAMPLED["optuna"]})
+    first = start("run", str(spec), cwd=workdir, env={CRASH_ENV: "mlflow:3"})
+    code, _, err = finish(first)
+    assert code == -signal.SIGKILL, err
+    summary = _summary(CliRunner().invoke(cli, ["run", str(spec), "--json"]))
+    check_consistent(JOURNAL, summary)
+    assert configs(JOURNAL) == baseline[1]
+
+
+def test_a_deleted_mlflow_store_is_made_again_from_optuna(write_spec, workdir: Path) -> None:
+    spec = write_spec()
+    first = _summary(CliRunner().invoke(cli, ["run", str(spec), "--json"]))
+    for path in (workdir / "mlruns").glob("mlflow.db*"):
+        path.unlink()
+    result = CliRunner().invoke(cli, ["run", str(spec), "--json"])
+    summary = _summary(result)
+    assert "had lost this sweep's runs (deleted or replaced): made the sweep and study runs again and 6 trial " \
+           "runs from Optuna's records" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert summary["nested"] == first["nested"]  # nothing was trained again
+    check_consistent(JOURNAL, summary)
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    outer = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.`foldsweep.study` = 'outer-0'")[0]
+    assert outer.data.metrics["outer_test_score"] == first["nested"]["outer"][0]
