@@ -16,7 +16,7 @@ import numpy as np
 from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
-from foldsweep.sweep import Sweep, best_trial, study_done
+from foldsweep.sweep import StudyRef, Sweep, best_trial, study_done
 from foldsweep.train import FitJob, fit_many
 
 
@@ -39,7 +39,7 @@ def warm_start_final(sweep: Sweep) -> None:
 
 def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
     """Each outer best, trained on its whole outer-train for its inner best epoch count, scored once."""
-    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if "refit" not in ref.study.user_attrs]
+    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if _stale_refit(ref)]
     jobs = []
     for i, ref in pending:
         best = best_trial(ref)
@@ -66,6 +66,13 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
             sweep.tracker.log_values(ref.study.user_attrs.get("mlflow_run_id", ""), metrics,
                                      tags={"best_trial": str(best.number)})
     return [ref.study.user_attrs["refit"] for ref in sweep.studies[:-1]]
+
+
+def _stale_refit(ref: StudyRef) -> bool:
+    """Not refit yet, or refit before more trials (an extended sweep) found a better configuration."""
+    refit = ref.study.user_attrs.get("refit")
+    best = best_trial(ref)
+    return refit is None or (best is not None and refit["best_trial"] != best.number)
 
 
 def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:

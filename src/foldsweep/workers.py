@@ -264,6 +264,11 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
         ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
         ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
     record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
+    changes = [f"n_trials {c['n_trials'][0]} -> {c['n_trials'][1]}" for c in record.meta.get("changes", [])
+               if "n_trials" in c]  # an extended sweep says so where its runs are read
+    tracker.log_values(ids["sweep"], {}, tags={"foldsweep.spec_hash": sweep.spec.spec_hash(),
+                                               "foldsweep.n_trials": str(sweep.n_trials),
+                                               **({"foldsweep.changes": "; ".join(changes)} if changes else {})})
     if resumed:  # what a killed process left: its trials RUNNING in Optuna, its trial runs in any state
         for ref in sweep.studies:
             fail_stale_trials(ref.study)

@@ -17,14 +17,13 @@ from click.testing import CliRunner
 from conftest import tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import STUDIES, finish, start, trials
+from sweep_procs import check_consistent, finish, start, trials
 
 from foldsweep.cli import cli
 from foldsweep.crash import CRASH_ENV
 from foldsweep.spec import load_spec
 from foldsweep.workers import run_sweep
 
-N = 2  # the tiny sweep's n_trials
 # Without the warm start every configuration of the tiny sweep comes from the sampler alone (2 trials a study,
 # asked in one round, are both startup samples), so configurations per slot must match an uninterrupted run
 # whatever the fits score. Warm-starting `final` copies outer bests, which equal only once fits are pure.
@@ -43,32 +42,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def check_consistent(journal: str, summary: dict, n_trials: int = N) -> None:
-    """Exactly n_trials finished per study, no configuration twice, and MLflow agreeing with Optuna."""
-    found = trials(journal, "tiny")
-    client = MlflowClient(summary["mlflow"]["tracking_uri"])
-    every = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)
-    runs = {r.info.run_name: r for r in every}
-    assert len(runs) == len(every)  # one run per name: nothing made twice
-    assert [r.info.run_name for r in every if r.info.status == "RUNNING"] == []
-    for key in STUDIES:
-        for t in found[key]:
-            if t.state == TrialState.FAIL and f"{key}/trial-{t.number}" in runs:
-                assert runs[f"{key}/trial-{t.number}"].info.status == "FAILED", (key, t.number)
-        done = [t for t in found[key] if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-        assert len(done) == n_trials, (key, [(t.number, t.state.name) for t in found[key]])
-        configs = [json.dumps(t.params, sort_keys=True) for t in done]
-        assert len(set(configs)) == len(configs), (key, configs)  # none evaluated twice
-        assert not [t for t in found[key] if t.state in (TrialState.RUNNING, TrialState.WAITING)]
-        for t in done:
-            run = runs[f"{key}/trial-{t.number}"]
-            want = "FINISHED" if t.state == TrialState.COMPLETE else "KILLED"
-            assert run.info.status == want, (key, t.number, t.state.name, run.info.status)
-            if t.state == TrialState.COMPLETE:
-                metric = summary["metric"]
-                assert run.data.metrics[metric] == pytest.approx(t.value), (key, t.number)
 
 
 def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes_exactly(write_spec, small_disk: Path) -> None:
@@ -159,11 +132,12 @@ def test_a_deleted_mlflow_store_is_made_again_from_optuna(write_spec, workdir: P
     first = _summary(CliRunner().invoke(cli, ["run", str(spec), "--json"]))
     for path in (workdir / "mlruns").glob("mlflow.db*"):
         path.unlink()
-    result = CliRunner().invoke(cli, ["run", str(spec), "--json"])
-    summary = _summary(result)
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))  # a new process: no cached connection
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
     assert "had lost this sweep's runs (deleted or replaced): made the sweep and study runs again and 6 trial " \
-           "runs from Optuna's records" in result.stderr
-    assert "Traceback" not in result.stderr
+           "runs from Optuna's records" in err
+    assert "Traceback" not in err
     assert summary["nested"] == first["nested"]  # nothing was trained again
     check_consistent(JOURNAL, summary)
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
