@@ -71,7 +71,7 @@ def test_a_trial_of_a_dead_process_on_this_host_is_failed_at_once_and_retried(tm
     assert trials[alive.number].state == TrialState.RUNNING
     retry = [t for t in trials.values() if t.state == TrialState.WAITING]
     assert len(retry) == 1 and retry[0].system_attrs["fixed_params"] == trials[dead.number].params  # enqueued
-    assert retry[0].user_attrs == {"retry_of": dead.number, "retries": 1}
+    assert retry[0].user_attrs == {"retry_of": dead.number, "retries": 1, "slot": dead.number}  # its own slot
 
 
 def test_a_journal_trial_is_failed_when_its_lease_is_older_than_the_grace(tmp_path: Path) -> None:

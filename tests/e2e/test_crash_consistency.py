@@ -4,6 +4,7 @@ MLflow agreeing with Optuna on every trial, and nothing already computed thrown 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -143,3 +144,60 @@ def test_a_deleted_mlflow_store_is_made_again_from_optuna(write_spec, workdir: P
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     outer = client.search_runs([summary["mlflow"]["experiment_id"]], "tags.`foldsweep.study` = 'outer-0'")[0]
     assert outer.data.metrics["outer_test_score"] == first["nested"]["outer"][0]
+
+
+# -- kill points spread over a run -------------------------------------------------------------------------
+# (what counts, its Nth occurrence, the signal, workers). A tiny sweep makes ~120 journal writes and 6 trial
+# runs; journal kills land halfway through a record, MLflow kills between a trial's run and Optuna's tell.
+FAST_POINTS = [("journal", 25, "KILL", 1), ("mlflow", 2, "INT", 1)]
+SLOW_POINTS = [*[("journal", n, sig, 1) for n, sig in ((3, "KILL"), (12, "INT"), (40, "INT"), (55, "KILL"),
+                                                       (70, "INT"), (85, "KILL"), (100, "INT"))],
+               *[("mlflow", n, sig, 1) for n, sig in ((1, "KILL"), (4, "KILL"), (5, "INT"), (6, "KILL"))],
+               *[("journal", n, sig, 2) for n, sig in ((10, "KILL"), (30, "INT"), (50, "KILL"), (70, "INT"))],
+               *[("mlflow", n, sig, 2) for n, sig in ((1, "INT"), (2, "KILL"), (3, "INT"), (5, "KILL"))]]
+
+
+@pytest.mark.parametrize(("kind", "nth", "sig", "workers"), [
+    *FAST_POINTS, *[pytest.param(*point, marks=pytest.mark.slow) for point in SLOW_POINTS]])
+def test_a_sweep_killed_anywhere_resumes_to_the_same_trials(kind: str, nth: int, sig: str, workers: int, write_spec,
+                                                            workdir: Path, baseline) -> None:
+    spec = write_spec(optuna={**tiny_spec()["optuna"], **SAMPLED["optuna"]},
+                      resources={"devices": "cpu", "workers": workers})
+    code, _, err = finish(start("run", str(spec), cwd=workdir, env={CRASH_ENV: f"{kind}:{nth}:{sig}"}))
+    stopped = -signal.SIGKILL if sig == "KILL" else 130
+    assert code in ((stopped,) if workers == 1 else (stopped, 0)), err  # with 2, the helper may be the one stopped
+    assert "Traceback" not in err
+
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    check_consistent(JOURNAL, summary)
+    if workers == 1:  # with two, which worker asks which slot first is a race; with one, nothing may differ
+        assert configs(JOURNAL) == baseline[1]
+
+
+PURE_FITS = importlib.util.find_spec("foldsweep.rng") is not None
+SEARCHED = {"optuna": {**tiny_spec()["optuna"], "n_trials": 4}}  # slots 2 and 3 are TPE's, from 0 and 1's scores
+
+
+@pytest.mark.xfail(not PURE_FITS, strict=True, reason="a fit still depends on the batch it trains in (one random "
+                   "generator per batch); a resumed round trains other batches, so scores, TPE's later suggestions "
+                   "and the estimate move until the engine's per-model random streams (foldsweep.rng) land")
+def test_the_nested_estimate_after_kills_equals_that_of_an_uninterrupted_run(write_spec, workdir: Path,
+                                                                            tmp_path_factory) -> None:
+    clean = tmp_path_factory.mktemp("clean")
+    (clean / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(**SEARCHED), sort_keys=False))
+    code, out, err = finish(start("run", "tiny.yaml", "--json", cwd=clean))
+    assert code == 0, err
+    uninterrupted = json.loads(out.strip().splitlines()[-1])
+
+    spec = write_spec(**SEARCHED)
+    for point in ("journal:60:KILL", "mlflow:3:INT"):
+        finish(start("run", str(spec), cwd=workdir, env={CRASH_ENV: point}))
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    check_consistent(JOURNAL, summary, n_trials=4)
+    assert configs(JOURNAL) == configs(str(clean / JOURNAL))
+    assert summary["nested"] == uninterrupted["nested"]
+    assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]

@@ -20,7 +20,7 @@ from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
 from foldsweep.tracking.store import _absolute_sqlite, _artifact_root, _ensure_sqlite_folder, _retry, _write_ahead_log
-from foldsweep.tracking.writer import PARENT, _TrialWriter, _write_rows
+from foldsweep.tracking.writer import PARENT, _short, _TrialWriter, _write_rows
 
 if TYPE_CHECKING:
     import torch  # imported where a model is logged: the MLflow writer process must start light
@@ -184,7 +184,12 @@ class MlflowTracker(NullTracker):
 
     def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                    tags: dict[str, str] | None = None) -> None:
-        self._write(run_id, metrics, params or {}, tags or {}, {})
+        """Rows on a run. MLflow never changes a param: one whose value moved (an extended sweep's new best)
+        is written as a tag of the same name instead, which the run page shows beside the first value."""
+        params = params or {}
+        logged = _retry(lambda: self.client.get_run(run_id)).data.params if params else {}
+        moved = {k: _short(v) for k, v in params.items() if k in logged and logged[k] != _short(v)}
+        self._write(run_id, metrics, {k: v for k, v in params.items() if k not in moved}, {**(tags or {}), **moved}, {})
 
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         """Each (file, folder inside the run's artifacts; "" for the top)."""
