@@ -28,11 +28,12 @@ def slot_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
     """The trial's slot: recorded when it was asked (or enqueued as a retry), else the next free one."""
     if SLOT in trial.user_attrs:
         return int(trial.user_attrs[SLOT])
-    held = [_order(t)[0] for t in trials if t.number < trial.number and not t.user_attrs.get(LOST)]
+    held = [slot_order(t)[0] for t in trials if t.number < trial.number and not t.user_attrs.get(LOST)]
     return max(held, default=-1) + 1
 
 
-def _order(trial: FrozenTrial) -> tuple[int, int]:
+def slot_order(trial: FrozenTrial) -> tuple[int, int]:
+    """Sort key: slot, then trial number (a trial asked before slots were recorded stands in its number)."""
     return int(trial.user_attrs.get(SLOT, trial.number)), trial.number
 
 
@@ -46,10 +47,10 @@ class _InSlotOrder:
         return getattr(self._study, name)
 
     def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        return sorted(self._study._get_trials(*args, **kwargs), key=_order)
+        return sorted(self._study._get_trials(*args, **kwargs), key=slot_order)
 
     def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        return sorted(self._study.get_trials(*args, **kwargs), key=_order)
+        return sorted(self._study.get_trials(*args, **kwargs), key=slot_order)
 
 
 class SlotSampler(optuna.samplers.BaseSampler):

@@ -28,7 +28,7 @@ from foldsweep import space
 from foldsweep.data import Dataset
 from foldsweep.errors import SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
-from foldsweep.slots import SlotSampler, slot_of
+from foldsweep.slots import SlotSampler, slot_of, slot_order
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
 from foldsweep.storage import LOST, SLOT, Heartbeat, holder, retry
@@ -434,8 +434,16 @@ def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str,
 
 
 def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial; of equal values (common with accuracy), the one in the lowest slot.
+
+    Optuna's own choice among ties follows trial numbers, which a retried trial changes, so a resumed
+    sweep could refit and warm-start from another configuration than an uninterrupted one.
+    """
     complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return ref.study.best_trial if complete else None
+    if not complete:
+        return None
+    sign = -1.0 if ref.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return min(complete, key=lambda t: (sign * float(t.value or 0.0), *slot_order(t)))
 
 
 def study_done(ref: StudyRef, n_trials: int) -> bool:

@@ -96,6 +96,7 @@ class MlflowTracker(NullTracker):
         # after the import: importing mlflow configures its loggers at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        _quiet_reraised_errors()
 
         self.system_metrics = spec.system_metrics
         self._monitors: dict[str, Any] = {}
@@ -321,6 +322,13 @@ class MlflowTracker(NullTracker):
     def _write(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
                curves: dict[str, np.ndarray]) -> None:
         _write_rows(self.client, run_id, metrics, params, tags, curves)
+
+
+def _quiet_reraised_errors() -> None:
+    """MLflow logs each database error it re-raises with a full traceback (a full disk gave 24); the error
+    itself still reaches us and ends as one line, so these loggers only speak when it is critical."""
+    for name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:

@@ -146,6 +146,7 @@ def _writer_main() -> None:
 
     fd, tracking_uri, experiment_id = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # errors re-raised: reported at flush
     conn = Connection(fd)
     client = MlflowClient(tracking_uri)
     errors: list[str] = []
