@@ -20,7 +20,7 @@ from optuna.trial import TrialState
 
 from foldsweep.cli import cli
 from foldsweep.errors import DiskFull, StorageError
-from foldsweep.storage import GRACE_ENV, LEASE, LOST, FlockLock, fail_stale_trials, grace_period, preflight
+from foldsweep.storage import GRACE_ENV, LEASE, LOST, FlockLock, fail_stale_trials, grace_period, preflight, retry
 
 
 def _study(url: str, name: str = "s") -> optuna.Study:
@@ -254,3 +254,13 @@ def test_a_full_disk_fails_the_append_in_one_line_and_leaves_no_torn_record(smal
     study = _study(str(journal))
     study.tell(_running(study), 2.0)
     assert _values(journal)[: len(values)] == values and _values(journal)[-1] == 2.0
+
+
+def test_a_trial_lost_while_its_parameters_were_written_is_queued_in_its_slot_without_them(tmp_path: Path) -> None:
+    study = _study(str(tmp_path / "j.journal"))
+    half = study.ask()  # killed while asked: one parameter written, no worker stamp yet
+    half.suggest_float("lr", 0.001, 0.1)
+    study._storage.set_trial_user_attr(half._trial_id, "slot", 4)
+    retry(study, study.get_trials()[half.number])
+    queued = study.get_trials(states=(TrialState.WAITING,))
+    assert [(t.system_attrs.get("fixed_params"), t.user_attrs["slot"]) for t in queued] == [({}, 4)]

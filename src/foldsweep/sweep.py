@@ -156,7 +156,7 @@ def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> N
                 continue
             try:
                 retry(ref.study, trial)
-            except Exception:  # the disk is full: the rerun's stale-trial check cannot see it, say it and go
+            except Exception:  # a full disk: the lost trial stays unqueued and a fresh trial takes its slot
                 continue
 
 

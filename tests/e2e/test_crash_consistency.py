@@ -31,18 +31,28 @@ from foldsweep.workers import run_sweep
 SAMPLED = {"optuna": {"warm_start_final": False}}
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 16 kB file system (tmpfs) that the test can grow once space 'comes back'."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(mount)],
+def _mount(folder: Path, size: str) -> Iterator[Path]:
+    """A real file system (tmpfs) of `size` that the test can grow once space 'comes back'."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
                       capture_output=True).returncode:
         pytest.skip("cannot mount a tmpfs here (needs root)")
     try:
-        yield mount
+        yield folder
     finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """16 kB: the journal fills it a few rounds in."""
+    yield from _mount(tmp_path / "disk", "16k")
+
+
+@pytest.fixture
+def mlflow_disk(tmp_path: Path) -> Iterator[Path]:
+    """1.4 MB: MLflow's empty database takes 1.2 MB, so trial runs fill it."""
+    yield from _mount(tmp_path / "mlflow-disk", "1400k")
 
 
 def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes_exactly(write_spec, small_disk: Path) -> None:
@@ -62,10 +72,29 @@ def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes_exactly(write_spec, 
     check_consistent(journal, summary)
 
 
+@pytest.mark.slow  # ~3 min on 2 busy cores: MLflow's store is created on a nearly full disk, then the sweep again
+def test_a_full_mlflow_disk_ends_in_one_line_and_the_rerun_resumes(write_spec, mlflow_disk: Path) -> None:
+    spec = write_spec(tracking={"uri": f"sqlite:///{mlflow_disk}/mlflow.db"})
+    code, _, err = finish(start("run", str(spec), cwd=spec.parent))
+    assert code == 2, err
+    assert err.strip().splitlines()[-1].startswith("error: disk full while writing the MLflow store")
+    assert "Traceback" not in err
+    subprocess.run(["mount", "-o", "remount,size=64m", str(mlflow_disk)], check=True)
+    code, out, err = finish(start("run", str(spec), "--json", cwd=spec.parent))
+    assert code == 0, err
+    check_consistent(JOURNAL, json.loads(out.strip().splitlines()[-1]))
+
+
 def configs(journal: str) -> dict[tuple[str, int], str]:
     """The configuration each (study, slot) was finished with."""
     return {(key, int(t.user_attrs["slot"])): json.dumps(t.params, sort_keys=True)
             for key, found in trials(journal, "tiny").items() for t in found
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+
+
+def scores(journal: str) -> dict[tuple[str, int], float | None]:
+    """The value each (study, slot) finished with."""
+    return {(key, int(t.user_attrs["slot"])): t.value for key, found in trials(journal, "tiny").items() for t in found
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
 
 
@@ -180,6 +209,7 @@ PURE_FITS = importlib.util.find_spec("foldsweep.rng") is not None
 SEARCHED = {"optuna": {**tiny_spec()["optuna"], "n_trials": 4}}  # slots 2 and 3 are TPE's, from 0 and 1's scores
 
 
+@pytest.mark.slow  # ~7 min on 2 busy cores: four sweeps of 4 trials per study
 @pytest.mark.xfail(not PURE_FITS, strict=True, reason="a fit still depends on the batch it trains in (one random "
                    "generator per batch); a resumed round trains other batches, so scores, TPE's later suggestions "
                    "and the estimate move until the engine's per-model random streams (foldsweep.rng) land")
@@ -198,6 +228,7 @@ def test_the_nested_estimate_after_kills_equals_that_of_an_uninterrupted_run(wri
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     check_consistent(JOURNAL, summary, n_trials=4)
+    assert scores(JOURNAL) == scores(str(clean / JOURNAL))
     assert configs(JOURNAL) == configs(str(clean / JOURNAL))
     assert summary["nested"] == uninterrupted["nested"]
     assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]
