@@ -31,7 +31,7 @@ def _running(study: optuna.Study, **worker: object) -> optuna.trial.Trial:
     trial = study.ask()
     trial.suggest_float("lr", 0.001, 0.1)
     if worker:
-        trial.set_user_attr("worker", worker)
+        trial.set_user_attr("worker", {**worker, "asked": True})  # every parameter written
     return trial
 
 

@@ -21,7 +21,7 @@ from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
 from foldsweep.objective import job_seed
-from foldsweep.storage import LOST, SLOT
+from foldsweep.storage import LOST, SLOT, holder
 
 
 def slot_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
@@ -30,6 +30,11 @@ def slot_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
         return int(trial.user_attrs[SLOT])
     held = [slot_order(t)[0] for t in trials if t.number < trial.number and not t.user_attrs.get(LOST)]
     return max(held, default=-1) + 1
+
+
+def stored_slot(trial: optuna.trial.Trial) -> int:
+    """A live trial's slot as stored (the `Trial` object caches its attributes from before the sampler ran)."""
+    return int(trial.study._storage.get_trial_user_attrs(trial._trial_id).get(SLOT, trial.number))
 
 
 def slot_order(trial: FrozenTrial) -> tuple[int, int]:
@@ -65,6 +70,8 @@ class SlotSampler(optuna.samplers.BaseSampler):
         slot = slot_of(trial, study.get_trials(deepcopy=False))
         if SLOT not in trial.user_attrs:
             study._storage.set_trial_user_attr(trial._trial_id, SLOT, slot)
+        # who asks it, before its parameters are written: a kill mid-ask is then seen as dead at once
+        study._storage.set_trial_user_attr(trial._trial_id, "worker", holder())
         _reseed(self.inner, job_seed(self.seed, self.study_key, "sampler", slot))
         self.inner.before_trial(_InSlotOrder(study), trial)  # type: ignore[arg-type]
 

@@ -448,12 +448,12 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason
 def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial) -> None:
     """Queue a lost trial's configuration again, in its slot, unless it was lost MAX_RETRIES times already.
 
-    Parameters are written one by one while a trial is asked, and a trial gets its `worker` stamp once
+    Parameters are written one by one while a trial is asked, and its `worker` stamp says `asked` once
     they all are. One lost before that never trained: its slot is queued without parameters, and the
     sampler, reseeded from the slot, draws them again as they would have been.
     """
     retries = int(trial.user_attrs.get("retries", 0)) + 1
     if retries <= MAX_RETRIES:
-        params = trial.params if "worker" in trial.user_attrs else {}
+        params = trial.params if (trial.user_attrs.get("worker") or {}).get("asked") else {}
         study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries,
                                                 SLOT: int(trial.user_attrs.get(SLOT, trial.number))})

@@ -28,10 +28,10 @@ from foldsweep import space
 from foldsweep.data import Dataset
 from foldsweep.errors import SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
-from foldsweep.slots import SlotSampler, slot_of, slot_order
+from foldsweep.slots import SlotSampler, slot_of, slot_order, stored_slot
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
-from foldsweep.storage import LOST, SLOT, Heartbeat, holder, retry
+from foldsweep.storage import LOST, Heartbeat, holder, retry
 from foldsweep.tracking import NullTracker
 from foldsweep.tracking.tracker import TrialRun
 from foldsweep.train import FitJob, FitResult, fit_many
@@ -155,7 +155,7 @@ def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> N
             except Exception:  # already told before the interruption (or the disk is full): nothing to record
                 continue
             try:
-                retry(ref.study, trial)
+                retry(ref.study, ref.study._storage.get_trial(trial._trial_id))  # as stored: slot, stamp
             except Exception:  # a full disk: the lost trial stays unqueued and a fresh trial takes its slot
                 continue
 
@@ -174,7 +174,7 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
                 with _deferred_interrupt():  # a trial Ctrl-C hits inside `ask` would be RUNNING and unknown
                     trial = ref.study.ask(distributions)
                     asked.append((ref, trial))  # from here on an interruption records it as failed
-                trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
+                trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device), "asked": True})
                 if sweep.heartbeat is not None:
                     sweep.heartbeat.add(trial._trial_id)
                 if _surplus(ref, trial, sweep.n_trials):
@@ -227,7 +227,7 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
     owners: list[int] = []
     for t, (ref, trial) in enumerate(asked):
         config = spec.with_params(trial.params)
-        fold_jobs = trial_jobs(config, ref.folds, (ref.key, trial.user_attrs.get(SLOT, trial.number)))
+        fold_jobs = trial_jobs(config, ref.folds, (ref.key, stored_slot(trial)))
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
         sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
