@@ -154,7 +154,7 @@ def _writer_main() -> None:
     while True:
         try:
             request = conn.recv()
-        except EOFError:  # the parent died without saying stop
+        except (EOFError, ConnectionResetError):  # the parent died without saying stop (kill -9: a reset)
             return
         if request is None:
             return
