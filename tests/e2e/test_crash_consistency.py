@@ -201,7 +201,12 @@ def test_a_sweep_killed_anywhere_resumes_to_the_same_trials(kind: str, nth: int,
     assert code == 0, err
     summary = json.loads(out.strip().splitlines()[-1])
     check_consistent(JOURNAL, summary)
-    if workers == 1:  # with two, which worker asks which slot first is a race; with one, nothing may differ
+    # With two workers, which asks which slot first is a race. With one, configurations equal the uninterrupted
+    # ones, unless the kill fell between a trial's creation and its holder stamp: that trial is found dead only
+    # after the heartbeat grace, and the rerun has moved past its round by then (README, Resume).
+    unstamped = [t for ts in trials(JOURNAL, "tiny").values() for t in ts
+                 if "stopped answering" in t.user_attrs.get("reason", "")]
+    if workers == 1 and not unstamped:
         assert configs(JOURNAL) == baseline[1]
 
 
