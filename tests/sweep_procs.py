@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -9,8 +10,11 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import optuna
+import pytest
+from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from foldsweep.storage import preflight
@@ -66,3 +70,29 @@ def worker_names(storage: str, sweep: str) -> Counter[str]:
 
 def lock_errors(*texts: str) -> list[str]:
     return [line for text in texts for line in text.splitlines() if any(w in line.lower() for w in LOCK_WORDS)]
+
+
+def check_consistent(journal: str, summary: dict[str, Any], n_trials: int = 2) -> None:
+    """Exactly n_trials finished per study, no configuration twice, and MLflow agreeing with Optuna."""
+    found = trials(journal, "tiny")
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    every = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)
+    runs = {r.info.run_name: r for r in every}
+    assert len(runs) == len(every)  # one run per name: nothing made twice
+    assert [r.info.run_name for r in every if r.info.status == "RUNNING"] == []
+    for key in STUDIES:
+        for t in found[key]:
+            if t.state == TrialState.FAIL and f"{key}/trial-{t.number}" in runs:
+                assert runs[f"{key}/trial-{t.number}"].info.status == "FAILED", (key, t.number)
+        done = [t for t in found[key] if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        assert len(done) == n_trials, (key, [(t.number, t.state.name) for t in found[key]])
+        configs = [json.dumps(t.params, sort_keys=True) for t in done]
+        assert len(set(configs)) == len(configs), (key, configs)  # none evaluated twice
+        assert not [t for t in found[key] if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+        for t in done:
+            run = runs[f"{key}/trial-{t.number}"]
+            want = "FINISHED" if t.state == TrialState.COMPLETE else "KILLED"
+            assert run.info.status == want, (key, t.number, t.state.name, run.info.status)
+            if t.state == TrialState.COMPLETE:
+                metric = summary["metric"]
+                assert run.data.metrics[metric] == pytest.approx(t.value), (key, t.number)

@@ -100,3 +100,7 @@ def _journal_path(error: BaseException) -> str | None:
             path = getattr(owner, "_file_path", path)
         tb = tb.tb_next
     return str(path) if path is not None else None
+
+
+class DiskFull(StorageError):
+    """A write failed for lack of space; what was written before is intact and a rerun resumes."""

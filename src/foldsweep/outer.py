@@ -19,7 +19,7 @@ from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
 from foldsweep.splits import sealed_rows_seen, seen_note
-from foldsweep.studies import StudyRef, best_trial, refit_epochs, study_done
+from foldsweep.studies import StudyRef, best_trial, refit_epochs, slot_order, study_done
 from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, FitResult, fit_many
 
@@ -53,7 +53,7 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
     recorded on the refit (report, summary, MLflow). A study whose every finished trial diverges stops
     the sweep.
     """
-    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if "refit" not in ref.study.user_attrs]
+    pending = [(i, ref) for i, ref in enumerate(sweep.studies[:-1]) if _stale_refit(ref)]
     ranked = {i: _ranked(sweep, ref) for i, ref in pending}
     diverged: dict[int, list[dict[str, int]]] = {i: [] for i, _ in pending}
     while pending:
@@ -84,12 +84,12 @@ def refit_job(sweep: Sweep, i: int, ref: StudyRef, trial: optuna.trial.FrozenTri
 
 
 def _ranked(sweep: Sweep, ref: StudyRef) -> list[optuna.trial.FrozenTrial]:
-    """Finished trials best first (ties by trial number, as Optuna's best_trial): a diverged refit's fallbacks."""
+    """Finished trials best first (ties by slot, as `best_trial`): a diverged refit's fallbacks."""
     complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         raise SweepFailed(f"study {ref.key} has no finished trial; see `foldsweep status {sweep.spec.name}`")
     sign = -1.0 if sweep.data.maximize else 1.0
-    return sorted(complete, key=lambda t: (sign * float(t.value if t.value is not None else math.nan), t.number))
+    return sorted(complete, key=lambda t: (sign * float(t.value if t.value is not None else math.nan), *slot_order(t)))
 
 
 def _record_refit(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial, job: FitJob, result: FitResult,
@@ -113,6 +113,13 @@ def fallback_note(key: str, refit: dict[str, Any]) -> str:
     """What a diverged refit led to, in one line (report, MLflow tag)."""
     gone = ", ".join(f"trial {d['trial']} (NaN/inf at epoch {d['epoch']})" for d in refit.get("diverged", []))
     return f"{key}: refit of {gone} diverged; its next-best trial {refit['best_trial']} was refit and scored instead"
+
+
+def _stale_refit(ref: StudyRef) -> bool:
+    """Not refit yet, or refit before more trials (an extended sweep) found a better configuration."""
+    refit = ref.study.user_attrs.get("refit")
+    best = best_trial(ref)
+    return refit is None or (best is not None and refit["best_trial"] != best.number)
 
 
 def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:

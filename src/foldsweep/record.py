@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
 ROOT_ENV = "FOLDSWEEP_HOME"
+_log = logging.getLogger("foldsweep")
 
 
 def home() -> Path:
@@ -115,8 +117,7 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
         record = SweepRecord(spec.name, folder)
         meta = record.meta
         if meta["spec_hash"] != spec.spec_hash():
-            raise FoldsweepError(f"sweep `{spec.name}` exists with other settings (spec hash {meta['spec_hash']}, "
-                                 f"now {spec.spec_hash()}); rerun with --fresh to start a new sweep beside it")
+            _accept_changes(record, spec)
         if meta["fingerprint"] != data.fingerprint:
             raise SplitError(f"data of sweep `{spec.name}` changed since it started (fingerprint "
                              f"{meta['fingerprint']}, now {data.fingerprint}); rerun with --fresh")
@@ -137,6 +138,42 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
     return SweepRecord(spec.name, folder), plan, False
 
 
+def _accept_changes(record: SweepRecord, spec: SweepSpec) -> None:
+    """A rerun may ask for more trials (`optuna.n_trials` up) and run them differently (`resources`).
+
+    Neither changes a finished trial: the studies go on, the outer refits and `final` are brought up to
+    date, and the change is recorded. Anything else (search space, training, folds, seeds, even the
+    rounds of `trials_per_batch`, which decide what history each new trial is asked with) would make
+    the finished trials answers to another question, so it is refused. Fewer trials is refused too:
+    finished trials are never dropped, and a study with more than n_trials would no longer be the sweep
+    the spec describes.
+    """
+    old = record.spec
+    if _settings_hash(old) != _settings_hash(spec):
+        raise FoldsweepError(f"sweep `{spec.name}` exists with other settings (spec hash {record.meta['spec_hash']}, "
+                             f"now {spec.spec_hash()}); only optuna.n_trials (more trials) and resources may change "
+                             "on a rerun: rerun with --fresh to start a new sweep beside it")
+    before, after = old.optuna.n_trials, spec.optuna.n_trials
+    if after < before:
+        raise FoldsweepError(f"sweep `{spec.name}` runs with optuna.n_trials={before}; a rerun can add trials but "
+                             f"not drop finished ones (got {after}): keep {before} or more, or rerun with --fresh")
+    change = {"time": time.time(), "spec_hash": [record.meta["spec_hash"], spec.spec_hash()]}
+    if after != before:
+        change["n_trials"] = [before, after]
+        _log.warning(f"sweep `{spec.name}`: optuna.n_trials {before} -> {after}; each study gets "
+                     f"{after - before} more trial(s), then the outer refits and final are brought up to date")
+    (record.folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
+    record.update(spec_hash=spec.spec_hash(), changes=record.meta.get("changes", []) + [change])
+
+
+def _settings_hash(spec: SweepSpec) -> str:
+    """The spec without what a rerun may change (see `_accept_changes`)."""
+    settings = spec.model_dump(mode="json")
+    settings.pop("resources")
+    settings["optuna"].pop("n_trials")
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def fresh_name(name: str) -> str:
     """`name-2`, `name-3`, ...: the first name no sweep uses yet (nothing is ever deleted)."""
     n = 2
@@ -148,5 +185,9 @@ def fresh_name(name: str) -> str:
 def _write_json(path: Path, value: Any) -> None:
     """Write to a temporary file and rename, so a crash never leaves half a record."""
     tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
+    try:
+        tmp.write_text(json.dumps(value, indent=1, default=str))
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk: the record as it was stays whole
+        raise
     tmp.replace(path)

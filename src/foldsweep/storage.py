@@ -10,15 +10,19 @@ for its lease to run out, which is what makes a rerun after `kill -9` pick up at
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import importlib.util
+import json
+import logging
 import os
 import socket
+import sys
 import threading
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
@@ -27,7 +31,8 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
-from foldsweep.errors import StorageError
+from foldsweep.crash import crash_point
+from foldsweep.errors import DiskFull, StorageError
 from foldsweep.record import home
 
 HEARTBEAT_S = 5
@@ -35,8 +40,22 @@ GRACE_S = 30
 GRACE_ENV = "FOLDSWEEP_HEARTBEAT_GRACE_S"
 MAX_RETRIES = 3
 SCHEMA_ATTEMPTS = 5
+TAIL_SCAN = 1 << 16  # bytes read back to find the last complete record of a torn journal
 LEASE = "heartbeat"
+SLOT = "slot"  # which of a study's n_trials places a trial fills; a retry keeps the slot of what it repeats
 LOST = "lost"  # a trial failed by the machinery (dead worker, surplus, Ctrl-C), not by its configuration
+
+
+class _CurrentStderr(logging.Handler):
+    """Writes to whatever `sys.stderr` is when a notice comes (the CLI's test runner swaps it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(self.format(record) + "\n")
+
+
+_log = logging.getLogger("foldsweep")
+if not _log.handlers:
+    _log.addHandler(_CurrentStderr(logging.WARNING))
 
 
 def default_storage(name: str) -> str:
@@ -78,8 +97,12 @@ def preflight(url: str, n_workers: int) -> optuna.storages.BaseStorage:
     grace = grace_period()
     if is_journal(url):
         path = Path(url)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return JournalStorage(JournalFileBackend(str(path), lock_obj=FlockLock(str(path))))
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            backend = RepairingJournal(str(path))
+        except OSError as err:
+            raise write_error(err, f"journal {path}") from None
+        return JournalStorage(backend)
     # ask/tell with a heartbeat is what we do on purpose: the coordinator runs the stale-trial checks itself
     warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used with Study.optimize")
     driver_url = _with_driver(url)
@@ -158,6 +181,154 @@ class FlockLock(BaseJournalFileLock):
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
+
+
+def write_error(err: OSError, what: str) -> StorageError:
+    """One line for a failed write: a full disk says so (a rerun after freeing space resumes)."""
+    if err.errno == errno.ENOSPC:
+        return DiskFull(f"disk full while writing {what}: nothing finished is lost; free space and rerun "
+                        "the same command to resume")
+    return StorageError(f"cannot write {what}: {err.strerror or err}")
+
+
+class RepairingJournal(JournalFileBackend):
+    """Optuna's journal file that survives torn writes.
+
+    A process that dies (or hits a full disk) in the middle of an append leaves half a record at the
+    end. Optuna's reader skips it, but the next append lands on the same line and turns two records
+    into one unreadable one, after which nothing opens the study again. So, under the write lock: on
+    open, unreadable records are set aside and the file repaired; before each append a torn tail is
+    cut off; and an append that fails is cut back to where it began. What is set aside is kept beside
+    the journal (`NAME.journal.torn-<time>`), and one line says what was done.
+    """
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, lock_obj=FlockLock(path))
+        self._path = path
+        self._lock.acquire()
+        try:
+            _repair(path)
+        finally:
+            self._lock.release()
+
+    def append_logs(self, logs: list[dict[str, Any]]) -> None:
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        self._lock.acquire()
+        try:
+            with open(self._path, "r+b", buffering=0) as f:
+                end = _cut_torn_tail(self._path, f)
+                try:
+                    f.seek(end)
+                    _write_all(f, data)
+                except BaseException as err:  # a full disk, or Ctrl-C between two parts of the record
+                    f.truncate(end)  # a half-written record must not be left for the next append to join
+                    if isinstance(err, OSError):
+                        raise write_error(err, f"the Optuna journal {self._path}") from None
+                    raise
+        finally:
+            self._lock.release()
+
+
+def _write_all(f: BinaryIO, data: bytes) -> None:
+    """Write and fsync; `FOLDSWEEP_CRASH_AT=journal:N` stops the process halfway through the Nth record."""
+    half = len(data) // 2
+    f.write(data[:half])
+    crash_point("journal")
+    written = half
+    while written < len(data):
+        written += f.write(data[written:]) or 0
+    os.fsync(f.fileno())
+
+
+def _cut_torn_tail(path: str, f: BinaryIO) -> int:
+    """The offset to append at; bytes after the last newline (a writer died mid-record) are set aside."""
+    end = f.seek(0, os.SEEK_END)
+    if end == 0:
+        return 0
+    f.seek(end - 1)
+    if f.read(1) == b"\n":
+        return end
+    start = max(0, end - TAIL_SCAN)
+    f.seek(start)
+    block = f.read()
+    if b"\n" not in block and start:
+        f.seek(0)
+        start, block = 0, f.read()
+    keep = start + block.rfind(b"\n") + 1
+    _set_aside(path, block[keep - start:], f"an unfinished record of {end - keep} bytes at its end (a write was "
+               "cut short)")
+    f.truncate(keep)
+    return keep
+
+
+def _repair(path: str) -> None:
+    """Set aside the journal's unreadable records and rewrite it without them (the original is kept).
+
+    A record torn by a crash and then glued to the next append keeps its readable end: the next record.
+    """
+    *body, tail = Path(path).read_bytes().split(b"\n")
+    kept: list[bytes] = []
+    bad: list[bytes] = []
+    for line in body:
+        good = _readable(line)
+        kept.append(good + b"\n" if good is not None else b"")
+        if good != line:
+            bad.append(line[: len(line) - len(good or b"")] + b"\n")
+    if not bad:
+        if tail:
+            with open(path, "r+b") as f:
+                _cut_torn_tail(path, f)
+        return
+    backup = f"{path}.before-repair-{_stamp()}"
+    _set_aside(path, b"".join(bad) + tail, f"{len(bad)} unreadable record(s) (the journal as it was is kept as "
+               f"{Path(backup).name})")
+    tmp = f"{path}.repairing"
+    with open(tmp, "wb") as f:
+        f.write(b"".join(kept))
+        f.flush()
+        os.fsync(f.fileno())
+    os.link(path, backup)
+    os.replace(tmp, path)
+
+
+def _readable(line: bytes) -> bytes | None:
+    """The line, or its readable end (a torn record glued to the next one), or None if nothing is readable."""
+    if _is_record(line):
+        return line
+    start = line.find(b'{"op_code"', 1)
+    while start > 0:
+        if _is_record(line[start:]):
+            return line[start:]
+        start = line.find(b'{"op_code"', start + 1)
+    return None
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _set_aside(path: str, data: bytes, what: str) -> None:
+    aside = f"{path}.torn-{_stamp()}"
+    try:
+        with open(aside, "ab") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:
+        raise write_error(err, f"{aside} (the journal has {what}; it is left as it was)") from None
+    notice(f"repaired the Optuna journal {path}: set aside {what}, kept in {Path(aside).name}")
+
+
+def notice(message: str) -> None:
+    """One line on stderr about something repaired or made again, so the user knows and can look."""
+    _log.warning(message)
+
+
+def _stamp() -> str:
+    return time.strftime("%Y%m%d-%H%M%S")
 
 
 class Heartbeat:
@@ -270,7 +441,19 @@ def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason
             return False
     except UpdateFinishedTrialError:
         return False
+    retry(study, trial)
+    return True
+
+
+def retry(study: optuna.Study, trial: optuna.trial.FrozenTrial | optuna.trial.Trial) -> None:
+    """Queue a lost trial's configuration again, in its slot, unless it was lost MAX_RETRIES times already.
+
+    Parameters are written one by one while a trial is asked, and its `worker` stamp says `asked` once
+    they all are. One lost before that never trained: its slot is queued without parameters, and the
+    sampler, reseeded from the slot, draws them again as they would have been.
+    """
     retries = int(trial.user_attrs.get("retries", 0)) + 1
     if retries <= MAX_RETRIES:
-        study.enqueue_trial(trial.params, user_attrs={"retry_of": trial.number, "retries": retries})
-    return True
+        params = trial.params if (trial.user_attrs.get("worker") or {}).get("asked") else {}
+        study.enqueue_trial(params, user_attrs={"retry_of": trial.number, "retries": retries,
+                                                SLOT: int(trial.user_attrs.get(SLOT, trial.number))})

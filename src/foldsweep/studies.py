@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 from foldsweep.errors import FoldsweepError
 from foldsweep.record import SweepRecord
 from foldsweep.splits import Fold
-from foldsweep.storage import LOST, preflight
+from foldsweep.storage import LOST, SLOT, preflight
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
@@ -79,8 +79,21 @@ def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str,
 
 
 def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+    """The best complete trial; of equal values (common with accuracy), the one in the lowest slot.
+
+    Optuna's own choice among ties follows trial numbers, which a retried trial changes, so a resumed
+    sweep could refit and warm-start from another configuration than an uninterrupted one.
+    """
     complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return ref.study.best_trial if complete else None
+    if not complete:
+        return None
+    sign = -1.0 if ref.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    return min(complete, key=lambda t: (sign * float(t.value or 0.0), *slot_order(t)))
+
+
+def slot_order(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:
+    """Sort key: slot, then trial number (a trial asked before slots were recorded stands in its number)."""
+    return int(trial.user_attrs.get(SLOT, trial.number)), trial.number
 
 
 def study_done(ref: StudyRef, n_trials: int) -> bool:

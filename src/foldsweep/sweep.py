@@ -28,11 +28,13 @@ from foldsweep import profile, space
 from foldsweep.data import Dataset
 from foldsweep.errors import SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
+from foldsweep.slots import SlotSampler, slot_of, stored_slot
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
-from foldsweep.storage import LOST, Heartbeat, holder
+from foldsweep.storage import LOST, Heartbeat, holder, retry
 from foldsweep.studies import FINISHED, IN_FLIGHT, StudyRef, study_done
 from foldsweep.tracking import NullTracker
+from foldsweep.tracking.tracker import TrialRun
 from foldsweep.train import FitJob, FitResult, fit_many
 
 Progress = Callable[[str, dict[str, Any]], None]
@@ -88,7 +90,8 @@ def open_studies(spec: SweepSpec, plan: FoldPlan, storage: optuna.storages.BaseS
     for key, folds, offset in keys:
         study = optuna.create_study(storage=storage, study_name=f"{spec.name}/{key}", load_if_exists=True,
                                     direction="maximize" if maximize else "minimize",
-                                    sampler=space.sampler(spec, offset), pruner=space.pruner(spec))
+                                    sampler=SlotSampler(space.sampler(spec, offset), spec.optuna.seed, key),
+                                    pruner=space.pruner(spec))
         refs.append(StudyRef(key, study, folds, offset))
     return refs
 
@@ -124,14 +127,18 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
 
 
 def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> None:
-    """Fail the trials in hand; a second Ctrl-C waits until they are recorded."""
+    """Fail the trials in hand and queue each for a retry in its slot; a second Ctrl-C waits for this."""
     with _deferred_interrupt():
         for ref, trial in asked:
             try:
                 trial.set_user_attr("reason", reason)
                 trial.set_user_attr(LOST, True)
                 ref.study.tell(trial, state=TrialState.FAIL)
-            except Exception:  # already told before the interruption: nothing left to record
+            except Exception:  # already told before the interruption (or the disk is full): nothing to record
+                continue
+            try:
+                retry(ref.study, ref.study._storage.get_trial(trial._trial_id))  # as stored: slot, stamp
+            except Exception:  # a full disk: the lost trial stays unqueued and a fresh trial takes its slot
                 continue
 
 
@@ -142,12 +149,14 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
     asked: list[tuple[StudyRef, optuna.trial.Trial]] = []
     try:
         for ref in sweep.studies:
-            want = min(sweep.budget(ref), sweep.spec.optuna.trials_per_batch, capacity - len(asked))
-            for _ in range(max(0, want)):
+            want = min(sweep.budget(ref), round_size(ref, sweep.spec.optuna.trials_per_batch))
+            if want > capacity - len(asked) and asked:
+                continue  # the whole round or none of it, so its trials see the same history on any rerun
+            for _ in range(max(0, min(want, capacity - len(asked)))):
                 with _deferred_interrupt():  # a trial Ctrl-C hits inside `ask` would be RUNNING and unknown
                     trial = ref.study.ask(distributions)
                     asked.append((ref, trial))  # from here on an interruption records it as failed
-                trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device)})
+                trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device), "asked": True})
                 if sweep.heartbeat is not None:
                     sweep.heartbeat.add(trial._trial_id)
                 if _surplus(ref, trial, sweep.n_trials):
@@ -158,6 +167,20 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
         _abandon(asked, f"interrupted ({type(err).__name__}) on {worker}")
         raise
     return asked
+
+
+def round_size(ref: StudyRef, per_batch: int) -> int:
+    """Trials to ask from this study now: the queued ones, then fresh ones up to the end of their round.
+
+    Rounds cover slots [r * per_batch, (r + 1) * per_batch). A round cut by a crash is finished (its
+    lost trials retried in their slots) before the next starts, as in an uninterrupted run.
+    """
+    trials = ref.study.get_trials(deepcopy=False)
+    held = [slot_of(t, trials) for t in trials if not t.user_attrs.get(LOST)]
+    waiting = [slot_of(t, trials) for t in trials if t.state == TrialState.WAITING]
+    current = max(waiting) if waiting else max(held, default=-1) + 1
+    end = (current // per_batch + 1) * per_batch
+    return len(waiting) + max(0, end - (max(held, default=-1) + 1))
 
 
 @contextmanager
@@ -186,7 +209,7 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
     owners: list[int] = []
     for t, (ref, trial) in enumerate(asked):
         config = spec.with_params(trial.params)
-        fold_jobs = trial_jobs(config, ref.folds, (ref.key, trial.number))
+        fold_jobs = trial_jobs(config, ref.folds, (ref.key, stored_slot(trial)))
         jobs += fold_jobs
         owners += [t] * len(fold_jobs)
         with profile.phase(profile.TRACKING):
@@ -333,20 +356,56 @@ def _log_trial(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: T
         metrics |= {metric: float(np.mean(result.fold_scores)), f"{metric}_std": float(np.std(result.fold_scores))}
         metrics |= {f"fold_{i}/{metric}": s for i, s in enumerate(result.fold_scores)}
         metrics["generalization_gap"] = generalization_gap(fits)
-    config = sweep.spec.with_params(trial.params)
-    params = {**{f"model.{k}": v for k, v in config.model.model_dump().items()},
-              **{f"train.{k}": v for k, v in config.train.model_dump().items()}}
-    state = result.state if result.state != "failed" else f"failed: {result.reason}"
-    tags = {"foldsweep.state": state if result.state != "pruned" else result.reason,
-            "optuna.study": ref.study.study_name, "optuna.trial_number": str(trial.number),
-            "foldsweep.device": str(sweep.device), "foldsweep.worker": worker,
-            **{f"searched.{k}": str(v) for k, v in trial.params.items()}}
+    tags = {**_trial_tags(ref, trial.number, trial.params, result.state, result.reason),
+            "foldsweep.device": str(sweep.device), "foldsweep.worker": worker}
     status = {"complete": "FINISHED", "pruned": "KILLED"}.get(result.state, "FAILED")
-    return sweep.tracker.log_trial(parent, _run_name(ref, trial), params, metrics, curves, tags, status, started)
+    return sweep.tracker.log_trial(parent, _run_name(ref, trial), _run_params(sweep, trial.params), metrics, curves,
+                                   tags, status, started)
 
 
-def _run_name(ref: StudyRef, trial: optuna.trial.Trial) -> str:
+def _run_params(sweep: Sweep, searched: dict[str, Any]) -> dict[str, Any]:
+    config = sweep.spec.with_params(searched)
+    return {**{f"model.{k}": v for k, v in config.model.model_dump().items()},
+            **{f"train.{k}": v for k, v in config.train.model_dump().items()}}
+
+
+def _trial_tags(ref: StudyRef, number: int, searched: dict[str, Any], state: str, reason: str) -> dict[str, str]:
+    shown = {"complete": "complete", "pruned": reason}.get(state, f"failed: {reason}")
+    return {"foldsweep.state": shown, "optuna.study": ref.study.study_name, "optuna.trial_number": str(number),
+            **{f"searched.{k}": str(v) for k, v in searched.items()}}
+
+
+def _run_name(ref: StudyRef, trial: optuna.trial.Trial | optuna.trial.FrozenTrial) -> str:
     return f"{ref.key}/trial-{trial.number}"
+
+
+def reconcile_runs(sweep: Sweep, ids: dict[str, str]) -> int:
+    """Make every trial run agree with its Optuna trial (see `MlflowTracker.reconcile`); returns runs created."""
+    created = 0
+    for ref in sweep.studies:
+        done = [t for t in ref.study.get_trials(deepcopy=False) if t.state.is_finished()]
+        if ids.get(ref.key):
+            created += sweep.tracker.reconcile(ids[ref.key], {_run_name(ref, t): _as_run(sweep, ref, t) for t in done})
+    return created
+
+
+def _as_run(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial) -> TrialRun:
+    """A finished trial's run as Optuna recorded it: status, headline metrics, params and tags (no curves)."""
+    state = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned"}.get(trial.state, "failed")
+    attrs = trial.user_attrs
+    metrics = {"best_epoch": float(attrs["mean_best_epoch"])} if "mean_best_epoch" in attrs else {}
+    scores = attrs.get("fold_scores") or []
+    metric = sweep.data.metric
+    if trial.state == TrialState.COMPLETE and trial.value is not None:
+        metrics[metric] = float(trial.value)
+        if scores:
+            metrics[f"{metric}_std"] = float(np.std(scores))
+            metrics |= {f"fold_{i}/{metric}": float(s) for i, s in enumerate(scores)}
+        if "gap" in attrs:
+            metrics["generalization_gap"] = float(attrs["gap"])
+    status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
+    return TrialRun(status, metrics, _run_params(sweep, trial.params),
+                    _trial_tags(ref, trial.number, trial.params, state, str(attrs.get("reason", ""))))
 
 
 def _surplus(ref: StudyRef, trial: optuna.trial.Trial, n_trials: int) -> bool:

@@ -8,13 +8,15 @@ path through the same storage, so there is one code path for one GPU, eight, or 
 
 from __future__ import annotations
 
+import errno
 import os
 import platform
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +26,14 @@ import torch
 from foldsweep import __version__, profile
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
-from foldsweep.errors import DataError, FoldsweepError
+from foldsweep.errors import DataError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
-from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, preflight, redact
+from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, notice, preflight, redact, write_error
 from foldsweep.studies import holders, study_status
-from foldsweep.sweep import Progress, Sweep, open_studies, work
+from foldsweep.sweep import Progress, Sweep, open_studies, reconcile_runs, work
 from foldsweep.tracking import NullTracker, make_tracker
 
 STALE_CHECK_S = 10.0
@@ -53,6 +55,28 @@ def worker_slots(spec: SweepSpec, devices: list[str]) -> list[str]:
     return slots[: spec.resources.workers] if spec.resources.workers else slots
 
 
+@contextmanager
+def disk_full_in_one_line() -> Iterator[None]:
+    """A full disk, wherever it is met (journal, record, MLflow's database), ends the command in one line.
+
+    Every store writes atomically or repairs itself on the next open, so the rerun resumes.
+    """
+    try:
+        yield
+    except FoldsweepError:
+        raise
+    except OSError as err:
+        if err.errno != errno.ENOSPC:
+            raise
+        raise write_error(err, getattr(err, "filename", None) or "the sweep's files") from None
+    except Exception as err:  # MLflow and SQLAlchemy wrap SQLite's error in their own types
+        if "disk is full" not in str(err) and "No space left" not in str(err):
+            raise
+        raise DiskFull("disk full while writing the MLflow store: nothing finished is lost; free space and "
+                       "rerun the same command to resume") from None
+
+
+@disk_full_in_one_line()
 def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = False, storage: str | None = None,
               progress: Progress | None = None, data: Dataset | None = None) -> dict[str, Any]:
     """The whole nested sweep (or the rest of it, when rerun): returns the summary `--json` prints.
@@ -101,6 +125,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
     try:
         _set_threads(sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))
+        _report_failed(helpers.stop(), progress)  # their last trial runs are written before MLflow is checked
         return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
@@ -112,12 +137,16 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
     finally:
         with profile.phase(profile.SHUTDOWN):
             sweep.heartbeat.close()
-            failures = helpers.stop()
-        for failed in failures:
-            if progress is not None:
-                progress("worker_failed", failed)
+            _report_failed(helpers.stop(), progress)
 
 
+def _report_failed(failed: list[dict[str, Any]], progress: Progress | None) -> None:
+    for helper in failed:
+        if progress is not None:
+            progress("worker_failed", helper)
+
+
+@disk_full_in_one_line()
 def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, device: str | None = None,
                name: str | None = None, threads: int | None = None, wait_s: float = 0.0) -> int:
     """`foldsweep worker`: take trials of a running sweep until every study is done.
@@ -202,10 +231,31 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
         ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
         ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
     record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
-    if resumed:  # trial runs a killed process was writing when it died
+    changes = [f"n_trials {c['n_trials'][0]} -> {c['n_trials'][1]}" for c in record.meta.get("changes", [])
+               if "n_trials" in c]  # an extended sweep says so where its runs are read
+    tracker.log_values(ids["sweep"], {}, tags={"foldsweep.spec_hash": sweep.spec.spec_hash(),
+                                               "foldsweep.n_trials": str(sweep.n_trials),
+                                               **({"foldsweep.changes": "; ".join(changes)} if changes else {})})
+    if resumed:  # what a killed process left: its trials RUNNING in Optuna, its trial runs in any state
         for ref in sweep.studies:
-            tracker.fail_running(ids[ref.key])
+            fail_stale_trials(ref.study)
+        created = reconcile_runs(sweep, ids)
+        if tracker.recreated:
+            _relog_refits(sweep, ids)
+            notice(f"the MLflow store {tracker.tracking_uri} had lost this sweep's runs (deleted or replaced): made "
+                   f"the sweep and study runs again and {created} trial runs from Optuna's records (without "
+                   "per-epoch curves)")
     return ids
+
+
+def _relog_refits(sweep: Sweep, ids: dict[str, str]) -> None:
+    """Outer refits done before the MLflow store was lost: their scores on the study runs made anew."""
+    for ref in sweep.studies:
+        refit = ref.study.user_attrs.get("refit")
+        if refit:
+            sweep.tracker.log_values(ids[ref.key], {k: float(refit[k]) for k in
+                                                    ("outer_test_score", "best_inner_value", "optimism")},
+                                     tags={"best_trial": str(refit["best_trial"])})
 
 
 def _check_same_sweep(sweep: Sweep, data: Dataset, plan: FoldPlan) -> None:
@@ -261,6 +311,7 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         phase("report")
         log_sweep_artifacts(sweep, record, tracker, ids, summary)
     with profile.phase(profile.SHUTDOWN):
+        reconcile_runs(sweep, ids)  # a trial run a killed helper or writer left behind ends as Optuna says
         for key in (*[ref.key for ref in sweep.studies], "sweep"):
             tracker.finish(ids[key])
     phase("done")

@@ -13,7 +13,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import finish, finished, start, states, trials, wait_for
+from sweep_procs import check_consistent, finish, finished, start, states, trials, wait_for
 
 from foldsweep.cli import cli
 
@@ -119,3 +119,34 @@ def test_fresh_starts_a_new_sweep_beside_the_old_one(write_spec, workdir: Path) 
     status = json.loads(CliRunner().invoke(cli, ["status", "--json"]).stdout)
     assert [(s["sweep"], [row["finished"] for row in s["studies"]]) for s in status] == [("tiny", [2, 2, 2]),
                                                                                          ("tiny-2", [2, 2, 2])]
+
+
+def test_more_trials_extend_a_finished_sweep_and_bring_refits_and_final_up_to_date(write_spec, workdir: Path) -> None:
+    spec = str(write_spec())
+    journal = str(workdir / "mlruns" / "optuna" / "tiny.journal")
+    first = CliRunner().invoke(cli, ["run", spec, "--json"])
+    assert first.exit_code == 0, first.stderr
+
+    more = CliRunner().invoke(cli, ["run", spec, "--set", "optuna.n_trials=3", "--json"])
+    assert more.exit_code == 0, more.stderr
+    assert "sweep `tiny`: optuna.n_trials 2 -> 3; each study gets 1 more trial(s)" in more.stderr
+    summary = json.loads(more.stdout.strip().splitlines()[-1])
+    check_consistent(journal, summary, n_trials=3)
+    found = trials(journal, "tiny")
+    meta = json.loads((workdir / "mlruns" / "sweeps" / "tiny" / "record.json").read_text())
+    for i, refit in enumerate(meta["summary"]["outer_refits"]):  # refit from the best of all 3 trials
+        complete = [t for t in found[f"outer-{i}"] if t.state == TrialState.COMPLETE]
+        assert refit["best_inner_value"] == max(t.value for t in complete)
+    assert [c["n_trials"] for c in meta["changes"]] == [[2, 3]]
+    run = MlflowClient(summary["mlflow"]["tracking_uri"]).get_run(summary["mlflow"]["run_id"])
+    assert run.data.tags["foldsweep.n_trials"] == "3" and run.data.tags["foldsweep.changes"] == "n_trials 2 -> 3"
+    status = json.loads(CliRunner().invoke(cli, ["status", "tiny", "--json"]).stdout)[0]["studies"]
+    assert [(row["finished"], row["n_trials"]) for row in status] == [(3, 3)] * 3
+
+    fewer = CliRunner().invoke(cli, ["run", spec, "--set", "optuna.n_trials=2"])
+    assert fewer.exit_code == 2
+    assert fewer.stderr == ("error: sweep `tiny` runs with optuna.n_trials=3; a rerun can add trials but not drop "
+                            "finished ones (got 2): keep 3 or more, or rerun with --fresh\n")
+    other = CliRunner().invoke(cli, ["run", spec, "--set", "optuna.n_trials=3", "--set", "train.epochs=7"])
+    assert other.exit_code == 2
+    assert "only optuna.n_trials (more trials) and resources may change on a rerun" in other.stderr

@@ -8,20 +8,32 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from foldsweep.crash import crash_point
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
 from foldsweep.tracking.store import _absolute_sqlite, _retry, _write_ahead_log, create_store, open_experiment
-from foldsweep.tracking.writer import PARENT, _TrialWriter, _write_rows
+from foldsweep.tracking.writer import PARENT, _short, _TrialWriter, _write_rows
 
 if TYPE_CHECKING:
     import torch  # imported where a model is logged: the MLflow writer process must start light
+
+
+@dataclass(frozen=True)
+class TrialRun:
+    """What a trial's run must say, taken from Optuna (the record of truth): its status and headline rows."""
+
+    status: str  # FINISHED | KILLED | FAILED
+    metrics: dict[str, float]
+    params: dict[str, Any]
+    tags: dict[str, str]
 
 
 class NullTracker:
@@ -30,6 +42,7 @@ class NullTracker:
     enabled = False
     tracking_uri = ""
     experiment_id = ""
+    recreated: list[str] = []  # noqa: RUF012 (never changed: nothing is tracked)
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
         return ""
@@ -63,7 +76,7 @@ class NullTracker:
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         return None
 
-    def fail_running(self, parent: str) -> int:
+    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
         return 0
 
     def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
@@ -85,10 +98,12 @@ class MlflowTracker(NullTracker):
         # after the import: importing mlflow configures its loggers at INFO
         logging.getLogger("alembic").setLevel(logging.WARNING)
         logging.getLogger("mlflow").setLevel(logging.WARNING)
+        _quiet_reraised_errors()
 
         self.system_metrics = spec.system_metrics
         self._monitors: dict[str, Any] = {}
         self._sweep_run = ""
+        self.recreated: list[str] = []  # runs the store had lost (deleted or replaced), made again
         create_store(self.tracking_uri)  # under a lock: two sweeps starting at once must not both migrate it
         self.client = MlflowClient(tracking_uri=self.tracking_uri)
         _write_ahead_log(self.tracking_uri)
@@ -97,10 +112,8 @@ class MlflowTracker(NullTracker):
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
         """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
-        resumed = bool(run_id)
-        if run_id:
-            self._reopen(run_id)
-        else:
+        resumed = bool(run_id) and self._reopen(run_id or "", name)
+        if not resumed or not run_id:
             run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name,
                                                         tags={**provenance_tags(), **tags}))
             run_id = str(run.info.run_id)
@@ -110,8 +123,7 @@ class MlflowTracker(NullTracker):
         return run_id
 
     def study_run(self, sweep_run_id: str, study: str, run_id: str | None) -> str:
-        if run_id:
-            self._reopen(run_id)
+        if run_id and self._reopen(run_id, study):
             return run_id
         run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=study,
                                                     tags={PARENT: sweep_run_id, "foldsweep.study": study}))
@@ -129,6 +141,7 @@ class MlflowTracker(NullTracker):
         run_id = writer.run_id(parent, name, start)
         if run_id:
             writer.fill(run_id, metrics, params, tags, curves, status)
+        crash_point("mlflow")  # the run is written, Optuna not yet told: where a kill hurts most
         return run_id
 
     def flush(self) -> None:
@@ -165,7 +178,12 @@ class MlflowTracker(NullTracker):
 
     def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                    tags: dict[str, str] | None = None) -> None:
-        self._write(run_id, metrics, params or {}, tags or {}, {})
+        """Rows on a run. MLflow never changes a param: one whose value moved (an extended sweep's new best)
+        is written as a tag of the same name instead, which the run page shows beside the first value."""
+        params = params or {}
+        logged = _retry(lambda: self.client.get_run(run_id)).data.params if params else {}
+        moved = {k: _short(v) for k, v in params.items() if k in logged and logged[k] != _short(v)}
+        self._write(run_id, metrics, {k: v for k, v in params.items() if k not in moved}, {**(tags or {}), **moved}, {})
 
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         """Each (file, folder inside the run's artifacts; "" for the top)."""
@@ -198,14 +216,54 @@ class MlflowTracker(NullTracker):
             _stop_monitor(monitor)
         _retry(lambda: self.client.set_terminated(run_id, status))
 
-    def fail_running(self, parent: str) -> int:
-        """Mark runs left RUNNING under `parent` by a killed process as FAILED; returns how many."""
+    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
+        """Make the trial runs under `parent` agree with Optuna; returns how many runs were created.
+
+        A killed process can leave a run RUNNING, end one FAILED whose trial Optuna recorded as
+        complete (or the reverse), or never write it. Each run named in `want` gets Optuna's status
+        and, where missing, its headline metrics; a missing run of a finished trial is created from them
+        (tagged `foldsweep.backfilled`: its per-epoch curves are gone); any other run still RUNNING is FAILED.
+        """
         self.flush()
-        runs = self.client.search_runs([self.experiment_id], f"tags.`{PARENT}` = '{parent}' and "
-                                       "attributes.status = 'RUNNING'")
-        for run in runs:
-            self.finish(run.info.run_id, "FAILED")
-        return len(runs)
+        runs: dict[str, list[Any]] = {}
+        for run in self._runs_under(parent):
+            runs.setdefault(run.info.run_name, []).append(run)
+        created = 0
+        for name, trial in want.items():
+            found = runs.pop(name, [])
+            if not found and trial.status != "FAILED":  # a failed trial that never got a run needs none
+                run_id = str(_retry(lambda: self.client.create_run(self.experiment_id, run_name=name,  # noqa: B023
+                                                                   tags={PARENT: parent})).info.run_id)
+                self._write(run_id, trial.metrics, trial.params, {**trial.tags, "foldsweep.backfilled": "true"}, {})
+                _retry(partial(self.client.set_terminated, run_id, trial.status))
+                created += 1
+            for run in found:
+                self._agree(run, trial)
+        for left in runs.values():
+            for run in left:
+                if run.info.status == "RUNNING":
+                    _retry(partial(self.client.set_terminated, run.info.run_id, "FAILED"))
+        return created
+
+    def _agree(self, run: Any, trial: TrialRun) -> None:
+        if run.info.status == trial.status and all(k in run.data.metrics for k in trial.metrics):
+            return
+        missing = {k: v for k, v in trial.metrics.items() if k not in run.data.metrics}
+        params = {} if run.data.params else trial.params  # never written: the process died before the fill
+        self._write(run.info.run_id, missing, params, {"foldsweep.state": trial.tags["foldsweep.state"]}, {})
+        _retry(partial(self.client.set_terminated, run.info.run_id, trial.status))
+
+    def _runs_under(self, parent: str) -> list[Any]:
+        """Every run whose parent is `parent`, page by page (a study can have thousands of trials)."""
+        found: list[Any] = []
+        token = None
+        while True:
+            page = _retry(partial(self.client.search_runs, [self.experiment_id], f"tags.`{PARENT}` = '{parent}'",
+                                  max_results=5000, page_token=token))
+            found += list(page)
+            token = page.token
+            if not token:
+                return found
 
     def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         """Metrics at an explicit step (a test look's number), so every look stays in the metric's history."""
@@ -237,12 +295,33 @@ class MlflowTracker(NullTracker):
                                             pip_requirements=[f"torch=={torch.__version__}"])
         return {"run_id": run_id, "model_uri": info.model_uri, "tracking_uri": self.tracking_uri}
 
-    def _reopen(self, run_id: str) -> None:
+    def _reopen(self, run_id: str, name: str) -> bool:
+        """Mark a known run RUNNING again; False if this store has no such run (it was deleted or replaced)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            run = _retry(lambda: self.client.get_run(run_id))
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+            self.recreated.append(name)
+            return False
+        if run.info.experiment_id != self.experiment_id:  # a replaced store reusing the id: not ours
+            self.recreated.append(name)
+            return False
         _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
+        return True
 
     def _write(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
                curves: dict[str, np.ndarray]) -> None:
         _write_rows(self.client, run_id, metrics, params, tags, curves)
+
+
+def _quiet_reraised_errors() -> None:
+    """MLflow logs each database error it re-raises with a full traceback (a full disk gave 24); the error
+    itself still reaches us and ends as one line, so these loggers only speak when it is critical."""
+    for name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:

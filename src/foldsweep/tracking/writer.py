@@ -155,6 +155,7 @@ def _writer_main() -> None:
 
     fd, tracking_uri = int(sys.argv[1]), sys.argv[2]
     logging.getLogger("mlflow").setLevel(logging.WARNING)
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # errors re-raised: reported at flush
     conn = Connection(fd)
     client: Any = None
     experiment_id = ""
@@ -163,7 +164,7 @@ def _writer_main() -> None:
     while True:
         try:
             request = conn.recv()
-        except EOFError:  # the parent died without saying stop
+        except (EOFError, ConnectionResetError):  # the parent died without saying stop (kill -9: a reset)
             return
         if request is None:
             return

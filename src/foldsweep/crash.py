@@ -1,0 +1,29 @@
+"""Crash points: a process that stops itself at the Nth write of a kind, for the crash-consistency tests.
+
+`FOLDSWEEP_CRASH_AT=KIND:N[:SIGNAL]` (KIND `journal` or `mlflow`, SIGNAL `KILL` (default) or `INT`)
+sends the signal to this process just before the Nth write of that kind completes: halfway through a
+journal record, or between a trial's MLflow run being sent and Optuna being told. A test can thus stop
+a sweep exactly where a power cut or Ctrl-C would hurt most, every time. Unset, it costs one dict lookup.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import Counter
+
+CRASH_ENV = "FOLDSWEEP_CRASH_AT"
+_seen: Counter[str] = Counter()
+
+
+def crash_point(kind: str) -> None:
+    """Count a write of `kind`; stop the process here if this is the one `FOLDSWEEP_CRASH_AT` names."""
+    wanted = os.environ.get(CRASH_ENV)
+    if not wanted:
+        return
+    parts = wanted.split(":")
+    if parts[0] != kind:
+        return
+    _seen[kind] += 1
+    if _seen[kind] == int(parts[1]):
+        os.kill(os.getpid(), signal.SIGINT if parts[2:] == ["INT"] else signal.SIGKILL)
