@@ -18,7 +18,22 @@ DRIVER = {"win32": "nvcuda.dll"}.get(sys.platform, "libcuda.so.1")
 
 
 def resolve_devices(spec: SweepSpec) -> list[str]:
-    """`auto` is every visible CUDA device, else the CPU; a named device must exist here."""
+    """`auto` is every visible CUDA device, else the CPU; a named device must exist here. `cuda_graphs: on`
+    with a CPU among them is refused here, before any trial (else every trial would fail with it)."""
+    devices = _devices(spec)
+    for name in devices:
+        refuse_graphs_off_cuda(spec.resources.cuda_graphs, name)
+    return devices
+
+
+def refuse_graphs_off_cuda(mode: str, device: str) -> None:
+    """`resources.cuda_graphs: on` where no capture can apply (a CPU) is refused, not ignored."""
+    if mode == "on" and not device.startswith("cuda"):
+        raise DeviceError(f"`resources.cuda_graphs` is 'on' but training runs on {device}: CUDA graphs need a "
+                          "CUDA device; set it to 'auto' or 'off'")
+
+
+def _devices(spec: SweepSpec) -> list[str]:
     wanted = spec.resources.devices
     if wanted == "cpu":
         return ["cpu"]

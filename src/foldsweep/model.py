@@ -126,7 +126,7 @@ class StackedMLP:
         self._link()
         self.running_mean = torch.zeros(shape, device=device, dtype=dtype)
         self.running_var = torch.ones(shape, device=device, dtype=dtype)
-        self._unit_hashes: Tensor | None = None
+        self.unit_hashes = rng.column_hashes(width, device)  # dropout masks' unit positions, made once
 
     def _link(self) -> None:
         """(Re)create the trained tensors as leaf views of `flat`."""
@@ -171,15 +171,8 @@ class StackedMLP:
                 h = self._batch_norm(h, layer, row_mask)
             h = ACTIVATIONS[self.activation](h) * self.unit_mask
             if dropout is not None:  # the scaled keep mask is made outside autograd
-                units = self._units(h.shape[2], h.device)
-                h = h * rng.keep_mask(dropout.rows[:, layer], units, dropout.threshold, dropout.scale)
+                h = h * rng.keep_mask(dropout.rows[:, layer], self.unit_hashes, dropout.threshold, dropout.scale)
         return torch.baddbmm(self.biases[-1].unsqueeze(1), h, self.weights[-1])
-
-    def _units(self, units: int, device: torch.device) -> Tensor:
-        """Unit position hashes for dropout masks, made once per width."""
-        if self._unit_hashes is None or self._unit_hashes.shape[0] != units:
-            self._unit_hashes = rng.column_hashes(units, device)
-        return self._unit_hashes
 
     def _batch_norm(self, h: Tensor, layer: int, row_mask: Tensor | None) -> Tensor:
         if row_mask is None:  # evaluation: running statistics

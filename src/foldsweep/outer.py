@@ -58,7 +58,8 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
     diverged: dict[int, list[dict[str, int]]] = {i: [] for i, _ in pending}
     while pending:
         jobs = [refit_job(sweep, i, ref, ranked[i][0]) for i, ref in pending]
-        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric)
+        results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
+                           cuda_graphs=sweep.spec.resources.cuda_graphs)
         retry = []
         for (i, ref), job, result in zip(pending, jobs, results):
             trial = ranked[i].pop(0)

@@ -28,6 +28,7 @@ Schedule = Literal["none", "step", "cosine", "plateau", "one_cycle"]
 SplitKind = Literal["auto", "kfold", "stratified", "group", "stratified_group", "time_series"]
 Pruner = Literal["none", "median", "percentile", "successive_halving", "hyperband", "wilcoxon"]
 Sampler = Literal["tpe", "random", "qmc"]
+CudaGraphs = Literal["auto", "on", "off"]  # capture each training epoch as a CUDA graph (`graphs`)
 
 CLASSIFICATION_METRICS = ("accuracy", "roc_auc", "log_loss", "f1_macro")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
@@ -183,6 +184,7 @@ class ResourcesSpec(_Frozen):
     workers_per_device: int = Field(1, ge=1)
     models_per_batch: int | None = Field(None, ge=1)
     memory: int | None = None  # bytes one training batch may use at most; "4GB", "512MB" accepted
+    cuda_graphs: CudaGraphs = "auto"  # auto: captured on CUDA, eager on a CPU or where capture fails
 
     @field_validator("memory", mode="before")
     @classmethod

@@ -273,7 +273,7 @@ def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook:
     try:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
                            report_every=sweep.spec.optuna.report_every, on_report=hook,
-                           memory=sweep.spec.resources.memory)
+                           memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs)
         return [[results[i] for i in rows] for rows in members]
     except Exception as err:
         failed = _failure(err, sweep.device)
@@ -291,7 +291,7 @@ def _fit_alone(sweep: Sweep, jobs: list[FitJob], rows: list[int], hook: Pruning 
     try:
         return fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
                         report_every=sweep.spec.optuna.report_every, on_report=report,
-                        memory=sweep.spec.resources.memory)
+                        memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs)
     except Exception as err:
         failed = _failure(err, sweep.device)
     _release(sweep.device)

@@ -13,9 +13,11 @@ from collections.abc import Callable
 import numpy as np
 from torch import Tensor
 
+from foldsweep.graphs import CapturedEpochs, wants_capture
 from foldsweep.jobs import CPU_GROUP_STEP_PARAMS, FitJob, FitResult, group_jobs, structure_key
 from foldsweep.memory import Shape, available, models_per_batch
 from foldsweep.model import n_parameters
+from foldsweep.spec import CudaGraphs
 from foldsweep.trainer import BatchTrainer, ProgressHook, schedule_factor
 
 __all__ = ["CPU_GROUP_STEP_PARAMS", "BatchTrainer", "FitJob", "FitResult", "fit_many", "group_jobs",
@@ -26,7 +28,7 @@ StopHook = Callable[[list[int], int, np.ndarray], list[int]]
 
 def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str, *, report_every: int = 10,
              on_report: StopHook | None = None, keep_models: bool = False, memory: int | None = None,
-             on_progress: ProgressHook | None = None) -> list[FitResult]:
+             on_progress: ProgressHook | None = None, cuda_graphs: CudaGraphs = "auto") -> list[FitResult]:
     """Fit every job; results in the order of `jobs`.
 
     Args:
@@ -40,12 +42,17 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
         memory: a cap in bytes (`resources.memory`) on what one batch may use; the batch is also sized
             to the free memory. A model that alone exceeds it raises `MemoryBudgetError` before training.
         on_progress: `(done_steps, total_steps, rows_done)` from the host between steps of an epoch
-            that runs longer than a second, at most once a second (no device sync added).
+            that runs longer than a second, at most once a second (no device sync added); not from
+            inside a captured epoch (its replay runs no host code).
+        cuda_graphs: `resources.cuda_graphs`: "auto" replays each batch's epochs as a captured CUDA graph
+            on a CUDA device (eager on a CPU, and from a failed capture on), "on" the same but refused on a
+            CPU (`DeviceError`) and a failed capture raised, "off" eager (`graphs`).
 
     Between reports, models that have stopped leave the batch (`retire`), so a group costs what its
     running models cost, not what its slowest model kept it busy for.
     """
     split = CPU_GROUP_STEP_PARAMS if X.device.type == "cpu" else None
+    capture = wants_capture(cuda_graphs, X.device)
     budget = available(X.device, memory)
     batches = [batch for ids in group_jobs(jobs, X.shape[1], max(n_classes, 1), split)
                for batch in _sized(jobs, ids, X, n_classes, budget, memory is not None, keep_models)]
@@ -53,8 +60,9 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
     for ids in batches:
         trainer = BatchTrainer(X, y, [jobs[i] for i in ids], n_classes, metric, keep_models=keep_models,
                                on_progress=on_progress)
+        graphs = CapturedEpochs(trainer, strict=cuda_graphs == "on") if capture else None
         while not trainer.done:
-            trainer.run_epochs(report_every)
+            (graphs or trainer).run_epochs(report_every)
             trainer.settle()
             if on_report is not None:
                 local = on_report(ids, trainer.epoch, trainer.metric_curves())
@@ -62,6 +70,7 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
             trainer.retire()
         for i, result in zip(ids, trainer.results()):
             results[i] = result
+        capture = graphs is not None and not graphs.failed  # after a failed capture, the next batches train eagerly
     return [r for r in results if r is not None]
 
 

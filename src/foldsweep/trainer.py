@@ -8,8 +8,9 @@ seed), its own optimiser state, early stopping, and a step mask that freezes it 
 
 Between two reports (`run_epochs`) shapes are static and nothing waits for the host: stopped models
 are masked, not removed; counters that change (the epoch) are device tensors; every random number is
-a hash computed on the device. Only at a report boundary (`settle`, `stop`, `retire`, results) does the
-host read anything back. That is what a captured CUDA graph needs, and what keeps a GPU busy.
+a hash computed on the device; every tensor an epoch changes is changed in place (`train_epoch`). Only
+at a report boundary (`settle`, `stop`, `retire`, results) does the host read anything back. That is
+what a captured CUDA graph (`graphs`) needs, and what keeps a GPU busy.
 """
 
 from __future__ import annotations
@@ -146,16 +147,20 @@ class BatchTrainer:
         for _ in range(n):
             if self.epoch >= self.total_epochs:
                 break
-            self._train_epoch()
+            self.train_epoch()
             self.epoch += 1
 
-    def _train_epoch(self) -> None:
+    def train_epoch(self) -> None:
+        """One epoch on the device; the caller advances the host's `epoch` (`graphs` replays this one).
+
+        Every tensor it changes is changed in place and every tensor it reads was made before it (it binds
+        none to the trainer): a replayed CUDA graph reads and writes the addresses it was captured with.
+        """
         running = self.active.clone()
         order = self.order()[:, : self.train_width]
         lr = self.lr * self.plateau * self.schedule.index_select(0, self.epoch_t.view(1))
         losses, takes = [], []
         streams = self._streams()
-        self._drop_constants = rng.dropout_threshold(self.drop), 1 / (1 - self.drop)
         self._next_progress = time.monotonic() + PROGRESS_EVERY_S
         for step, (start, real, has_rows) in enumerate(self.batches):
             rows = self.train_rows.model_rows(order[:, start : start + self.cfg.batch_size])  # (M, B)
@@ -219,6 +224,7 @@ class BatchTrainer:
         self.batch_rows = torch.stack([real.sum(1) for _, real, _ in self.batches])  # (steps, M)
         self.rows_used = self.batch_rows.sum(0).clamp(min=1)  # (M,) rows one epoch trains on
         self._row_hashes = rng.row_hashes(self.cfg.batch_size, self.device)
+        self._drop_constants = rng.dropout_threshold(self.drop), 1 / (1 - self.drop)
         self.valid_chunk = valid_chunk(self.net.unit_mask.shape[-1], self.M)
 
     def _targets(self, rows: Tensor) -> Tensor:
@@ -314,27 +320,27 @@ class BatchTrainer:
         values = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)  # (3, M)
         self.history.index_put_((self.slots, self.epoch_t.expand(self.M)), values.T)
         improved = running & ((val_loss < self.best_loss) | self.select_latest)
-        self.best_loss = torch.where(improved, val_loss, self.best_loss)
-        self.best_epoch = torch.where(improved, self.epoch_t + 1, self.best_epoch)
-        self.best_pred = torch.where(_per_model(improved, pred), pred, self.best_pred)
+        self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
+        self.best_epoch.copy_(torch.where(improved, self.epoch_t + 1, self.best_epoch))
+        self.best_pred.copy_(torch.where(_per_model(improved, pred), pred, self.best_pred))
         for best, p in zip(self.best_kept, self._kept()):
             best.copy_(torch.where(_per_model(improved, p), p, best))
-        self.bad_epochs = torch.where(improved, 0.0, self.bad_epochs + 1)
+        self.bad_epochs.copy_(torch.where(improved, 0.0, self.bad_epochs + 1))
         self._plateau(improved, running)
         diverged = running & (nonfinite | ~torch.isfinite(val_loss))
-        self.diverged_at = torch.where(diverged & (self.diverged_at == 0), self.epoch_t + 1, self.diverged_at)
+        self.diverged_at.copy_(torch.where(diverged & (self.diverged_at == 0), self.epoch_t + 1, self.diverged_at))
         self.epochs_run += running.to(self.dtype)
         patience = torch.where(self.select_latest, math.inf, float(self.cfg.patience))
-        self.active = running & ~diverged & (self.bad_epochs < patience) & (self.epochs_run < self.max_epochs)
+        self.active.copy_(running & ~diverged & (self.bad_epochs < patience) & (self.epochs_run < self.max_epochs))
         self.epoch_t += 1
 
     def _plateau(self, improved: Tensor, running: Tensor) -> None:
         if self.cfg.lr_schedule != "plateau":
             return
-        self.plateau_bad = torch.where(improved, 0.0, self.plateau_bad + running.to(self.dtype))
+        self.plateau_bad.copy_(torch.where(improved, 0.0, self.plateau_bad + running.to(self.dtype)))
         cut = self.plateau_bad >= max(1, self.cfg.patience // 2)
-        self.plateau = torch.where(cut, self.plateau * self.cfg.gamma, self.plateau)
-        self.plateau_bad = torch.where(cut, 0.0, self.plateau_bad)
+        self.plateau.copy_(torch.where(cut, self.plateau * self.cfg.gamma, self.plateau))
+        self.plateau_bad.copy_(torch.where(cut, 0.0, self.plateau_bad))
 
     @torch.no_grad()
     def _predict(self) -> tuple[Tensor, Tensor]:
