@@ -6,7 +6,9 @@ The CUDA tests carry the `cuda` marker and "cuda" in their names: `pytest -m cud
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pytest
@@ -110,6 +112,63 @@ def test_an_epoch_moves_no_tensor_and_retire_does(sonar) -> None:
     assert not trainer.active.all() and trainer.active.any()  # some models stopped, some did not
     trainer.retire()
     assert layout(trainer) != before
+
+
+class _FakeStream:
+    def __init__(self, device: object = None) -> None:
+        pass
+
+    def wait_stream(self, other: object) -> None:
+        pass
+
+
+class _FakeGraph:
+    """A CUDA graph stand-in on a CPU: its replay runs the recorded epoch eagerly (see `_fake_cuda`)."""
+
+    replay: Callable[[], None]
+
+
+def _fake_cuda(monkeypatch) -> list[int]:
+    """The CUDA calls `CapturedEpochs` makes, faked on a CPU to check its sequencing: a "capture" trains
+    one epoch for real and then puts every tensor of the trainer back (a real capture runs nothing)."""
+    monkeypatch.setattr(graphs, "wants_capture", lambda mode, device: True)
+    monkeypatch.setattr("foldsweep.train.wants_capture", lambda mode, device: True)
+    for name, fake in (("Stream", _FakeStream), ("current_stream", _FakeStream), ("CUDAGraph", _FakeGraph),
+                       ("stream", lambda stream: contextlib.nullcontext()),
+                       ("graph", lambda graph, stream: contextlib.nullcontext())):
+        monkeypatch.setattr(torch.cuda, name, fake)
+    captures: list[int] = []
+    capture = CapturedEpochs._capture
+
+    def recorded(self: CapturedEpochs) -> torch.cuda.CUDAGraph | None:
+        held = [t for part in (self.trainer, self.trainer.net, self.trainer.transform) for value in vars(part).values()
+                for t in graphs._tensors(value)]
+        before = [t.clone() for t in held]
+        graph = capture(self)
+        with torch.no_grad():
+            for t, saved in zip(held, before, strict=True):
+                t.copy_(saved)
+        captures.append(self.trainer.M)
+        graph.replay = self.trainer.train_epoch  # type: ignore[union-attr]
+        return graph
+
+    monkeypatch.setattr(CapturedEpochs, "_capture", recorded)
+    return captures
+
+
+def test_captured_epochs_train_each_epoch_once_and_capture_again_after_retire(sonar, monkeypatch) -> None:
+    """On a CPU with CUDA faked: a warm-up epoch, a capture, replays; after models retire, again; the
+    models are the eager ones exactly (no epoch trained twice or left out, nothing replayed stale)."""
+    X, y = sonar
+    Xt, yt = torch.as_tensor(X, dtype=torch.float64), torch.as_tensor(y)
+    jobs = [FitJob(j.train_rows, j.valid_rows, j.model.model_copy(update={"width": 16}), j.train, j.seed)
+            for j in _mixed_jobs(y, 12)]  # one width: one batch on a CPU too
+    eager = fit_many(Xt, yt, jobs, 2, "accuracy", report_every=3, on_report=_pruner(6, {4, 7}), cuda_graphs="off")
+    captures = _fake_cuda(monkeypatch)
+    captured = fit_many(Xt, yt, jobs, 2, "accuracy", report_every=3, on_report=_pruner(6, {4, 7}), cuda_graphs="on")
+    _assert_same(captured, eager, atol=0.0)
+    assert captures[0] == 12 and len(captures) >= 2 and captures[-1] < 12
+    assert {r.stopped for r in captured} == {True, False} and len({r.epochs_run for r in captured}) > 2
 
 
 # -- on a CUDA device ----------------------------------------------------------------------------------------
