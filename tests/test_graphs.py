@@ -131,7 +131,6 @@ class _FakeGraph:
 def _fake_cuda(monkeypatch) -> list[int]:
     """The CUDA calls `CapturedEpochs` makes, faked on a CPU to check its sequencing: a "capture" trains
     one epoch for real and then puts every tensor of the trainer back (a real capture runs nothing)."""
-    monkeypatch.setattr(graphs, "wants_capture", lambda mode, device: True)
     monkeypatch.setattr("foldsweep.train.wants_capture", lambda mode, device: True)
     for name, fake in (("Stream", _FakeStream), ("current_stream", _FakeStream), ("CUDAGraph", _FakeGraph),
                        ("stream", lambda stream: contextlib.nullcontext()),
