@@ -16,11 +16,11 @@ import torch
 
 from foldsweep import graphs
 from foldsweep.data import load_dataset
+from foldsweep.devices import resolve_devices
 from foldsweep.errors import DeviceError, SpecError
 from foldsweep.graphs import CapturedEpochs, layout
 from foldsweep.spec import DataSpec, ModelSpec, TrainSpec, parse_spec
 from foldsweep.train import BatchTrainer, FitJob, FitResult, fit_many
-from foldsweep.workers import resolve_devices
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 FIELDS = ("train_loss", "val_loss", "val_metric", "valid_pred")
