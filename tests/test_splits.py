@@ -402,3 +402,16 @@ def test_plan_json_round_trip() -> None:
     for a, b in zip(all_folds(back), all_folds(plan), strict=True):
         assert np.array_equal(a.train, b.train) and np.array_equal(a.valid, b.valid)
         assert a.train.dtype == np.int64 and a.valid.dtype == np.int64
+
+
+def test_a_group_column_with_one_group_is_refused_in_one_line() -> None:
+    """Found by the fuzz test: one group reached GroupShuffleSplit and escaped as a ValueError traceback."""
+    data = dataset(labels([20, 20], 0), groups=np.zeros(40, dtype=np.int64))
+    with pytest.raises(SplitError, match=r"`data.group` has 1 group"):
+        seal_test_set(data, split(test_size=0.25))
+
+
+def test_a_test_size_that_seals_every_time_row_is_refused() -> None:
+    data = dataset(labels([2, 1], 0), times=np.arange(3))
+    with pytest.raises(SplitError, match=r"seals all 3 rows"):
+        seal_test_set(data, split(test_size=0.9))

@@ -75,11 +75,12 @@ def seal_test_set(data: Dataset, split: SplitSpec) -> tuple[np.ndarray, np.ndarr
     if data.times is not None:
         order = rows[np.argsort(data.times, kind="stable")]
         n_test = max(1, int(round(split.test_size * len(rows))))
+        if n_test >= len(rows):
+            raise SplitError(f"split.test_size={split.test_size} seals all {len(rows)} rows of the time column "
+                             "`data.time`: nothing is left to develop on; lower it or add rows")
         return np.sort(order[:-n_test]), np.sort(order[-n_test:])
     if data.groups is not None:
-        splitter = ms.GroupShuffleSplit(n_splits=1, test_size=split.test_size, random_state=split.seed)
-        dev, test = next(splitter.split(rows, groups=data.groups))
-        return np.sort(rows[dev]), np.sort(rows[test])
+        return _seal_groups(rows, data.groups, split)
     stratify = data.y if data.task == "classification" else None
     try:
         dev, test = ms.train_test_split(rows, test_size=split.test_size, random_state=split.seed,
@@ -87,6 +88,21 @@ def seal_test_set(data: Dataset, split: SplitSpec) -> tuple[np.ndarray, np.ndarr
     except ValueError as err:
         raise SplitError(f"split.test_size={split.test_size} cannot be sealed: {err}") from None
     return np.sort(dev), np.sort(test)
+
+
+def _seal_groups(rows: np.ndarray, groups: np.ndarray, split: SplitSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Whole groups to each side; a column with one group (or a test_size leaving a side empty) is refused."""
+    n_groups = len(np.unique(groups))
+    if n_groups < 2:
+        raise SplitError(f"the group column `data.group` has {n_groups} group: sealing a test set by groups needs "
+                         "at least 2 (a group is never split); name another column or drop data.group")
+    splitter = ms.GroupShuffleSplit(n_splits=1, test_size=split.test_size, random_state=split.seed)
+    try:
+        dev, test = next(splitter.split(rows, groups=groups))
+    except ValueError as err:
+        raise SplitError(f"split.test_size={split.test_size} cannot seal whole groups of `data.group` "
+                         f"({n_groups} groups): {err}") from None
+    return np.sort(rows[dev]), np.sort(rows[test])
 
 
 def check_fold_kinds(data: Dataset, split: SplitSpec) -> None:
