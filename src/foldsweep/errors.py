@@ -58,6 +58,11 @@ _OS_HINTS = {
 }
 
 
+def os_hint(code: int | None) -> str:
+    """What to do about an operating-system refusal (read-only, permission, full disk), or ''."""
+    return _OS_HINTS.get(code, "") if code is not None else ""
+
+
 def explain(error: BaseException) -> FoldsweepError | None:
     """A failure raised by another library that is about the machine or a store, as one line; else None.
 
@@ -71,7 +76,7 @@ def explain(error: BaseException) -> FoldsweepError | None:
             return StoreError(f"the Optuna journal `{journal}` is damaged: a line is not JSON ({cause.msg}); "
                               "move that line aside (keep a copy) and rerun")
         if isinstance(cause, OSError) and cause.errno is not None and cause.strerror:
-            hint = _OS_HINTS.get(cause.errno)
+            hint = os_hint(cause.errno)
             return MachineError(cause.strerror + (f": `{cause.filename}`" if cause.filename else "")
                                 + (f"; {hint}" if hint else ""))
         if type(cause).__name__ == "OperationalError" and "unable to open database file" in str(cause):

@@ -32,7 +32,7 @@ from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
 from foldsweep.crash import crash_point
-from foldsweep.errors import DiskFull, StorageError
+from foldsweep.errors import DiskFull, StorageError, os_hint
 from foldsweep.record import home
 
 HEARTBEAT_S = 5
@@ -188,7 +188,8 @@ def write_error(err: OSError, what: str) -> StorageError:
     if err.errno == errno.ENOSPC:
         return DiskFull(f"disk full while writing {what}: nothing finished is lost; free space and rerun "
                         "the same command to resume")
-    return StorageError(f"cannot write {what}: {err.strerror or err}")
+    hint = os_hint(err.errno)
+    return StorageError(f"cannot write {what}: {err.strerror or err}" + (f"; {hint}" if hint else ""))
 
 
 class RepairingJournal(JournalFileBackend):
