@@ -78,7 +78,8 @@ def check_consistent(journal: str, summary: dict[str, Any], n_trials: int = 2) -
     client = MlflowClient(summary["mlflow"]["tracking_uri"])
     every = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)
     runs = {r.info.run_name: r for r in every}
-    assert len(runs) == len(every)  # one run per name: nothing made twice
+    twice = {name: n for name, n in Counter(r.info.run_name for r in every).items() if n > 1}
+    assert not twice, twice  # one run per name: nothing made twice
     assert [r.info.run_name for r in every if r.info.status == "RUNNING"] == []
     for key in STUDIES:
         for t in found[key]:

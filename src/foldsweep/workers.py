@@ -223,14 +223,18 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
             "foldsweep.data_fingerprint": sweep.data.fingerprint, "foldsweep.devices": ",".join(devices),
             "foldsweep.host": platform.node(), "foldsweep.storage": redact(record.meta["storage"]),
             "torch.version": str(torch.__version__), "optuna.version": optuna.__version__}
+    # each id is in the record as soon as its run exists, before anything else is written: a kill in
+    # between (a journal write below, say) must not make the rerun create the run a second time
     ids = {"sweep": tracker.sweep_run(sweep.spec.name, tags, known.get("sweep"))}
+    record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
     for ref in sweep.studies:
         ids[ref.key] = tracker.study_run(ids["sweep"], ref.key, known.get(ref.key))
+        record.update(mlflow_runs=ids)
+    for ref in sweep.studies:
         if ids[ref.key]:
             ref.study.set_user_attr("mlflow_run_id", ids[ref.key])
         ref.study.set_user_attr("spec_hash", sweep.spec.spec_hash())
         ref.study.set_user_attr("plan_hash", record.meta["plan_hash"])
-    record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
     changes = [f"n_trials {c['n_trials'][0]} -> {c['n_trials'][1]}" for c in record.meta.get("changes", [])
                if "n_trials" in c]  # an extended sweep says so where its runs are read
     tracker.log_values(ids["sweep"], {}, tags={"foldsweep.spec_hash": sweep.spec.spec_hash(),
