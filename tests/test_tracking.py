@@ -212,3 +212,24 @@ def test_two_runs_of_one_sweep_started_at_once_in_a_fresh_folder_both_finish(wri
     assert all("Traceback" not in err for _, _, err in results)
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["tiny"]
+
+
+def test_the_writer_process_ends_quietly_when_its_parent_dies_before_a_reply(tmp_path: Path) -> None:
+    """A coordinator killed while the writer was creating a run left a BrokenPipeError traceback (crash point
+    mlflow-2-KILL-2): the writer's reply found the pipe closed. It now ends quietly, as on a lost recv."""
+    import socket
+    from multiprocessing.connection import Connection
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    create_store(uri)
+    ours, theirs = socket.socketpair()
+    command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
+               str(theirs.fileno()), uri]
+    child = subprocess.Popen(command, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
+    theirs.close()
+    conn = Connection(ours.detach())
+    conn.send(("experiment", "0", None))
+    conn.send(("open", ("parent-run", "outer-0/trial-0"), time.time()))  # creating the run takes a while
+    conn.close()  # ... and the parent is gone before the writer answers
+    _, err = child.communicate(timeout=120)
+    assert child.returncode == 0 and "Traceback" not in err, err

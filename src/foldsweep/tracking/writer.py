@@ -164,7 +164,7 @@ def _writer_main() -> None:
     while True:
         try:
             request = conn.recv()
-        except (EOFError, ConnectionResetError):  # the parent died without saying stop (kill -9: a reset)
+        except (EOFError, ConnectionError):  # the parent died without saying stop (kill -9: a reset)
             return
         if request is None:
             return
@@ -177,11 +177,20 @@ def _writer_main() -> None:
             answer = _serve(client, experiment_id, kind, key, value, unfilled)
         except Exception as err:  # the sweep goes on; the parent hears of it at its next flush
             errors.append(f"{kind} {key}: {err}")
-        if kind == "open":
-            conn.send(("opened", key, answer))
-        elif kind == "flush":
-            conn.send(("flushed", key, errors))
+        reply = ("opened", key, answer) if kind == "open" else ("flushed", key, errors) if kind == "flush" else None
+        if reply is not None and not _answer(conn, reply):
+            return
+        if kind == "flush":
             errors = []
+
+
+def _answer(conn: Connection, reply: tuple[str, Any, Any]) -> bool:
+    """Send a reply; False when the parent is gone (killed while we wrote: a broken pipe, not a bug)."""
+    try:
+        conn.send(reply)
+    except (EOFError, ConnectionError):
+        return False
+    return True
 
 
 def _serve(client: Any, experiment_id: str, kind: str, key: Any, value: Any, unfilled: set[str]) -> str:
