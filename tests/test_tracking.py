@@ -221,15 +221,14 @@ def test_the_writer_process_ends_quietly_when_its_parent_dies_before_a_reply(tmp
     from multiprocessing.connection import Connection
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    create_store(uri)
     ours, theirs = socket.socketpair()
     command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
-               str(theirs.fileno()), uri]
+               str(theirs.fileno())]
     child = subprocess.Popen(command, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
     theirs.close()
     conn = Connection(ours.detach())
-    conn.send(("experiment", "0", None))
-    conn.send(("open", ("parent-run", "outer-0/trial-0"), time.time()))  # creating the run takes a while
+    conn.send(("post", None, ("open", (uri, "gone", str(tmp_path / "artifacts"), False))))
+    conn.send(("call", 0, ("open_trial", ("parent-run", "outer-0/trial-0", time.time()))))  # takes a while
     conn.close()  # ... and the parent is gone before the writer answers
     _, err = child.communicate(timeout=120)
     assert child.returncode == 0 and "Traceback" not in err, err
