@@ -202,7 +202,9 @@ def _shape(**change: int) -> Shape:
 def test_bytes_per_model_grow_with_what_a_model_holds() -> None:
     base = memory.bytes_per_model(_shape())
     more_rows = memory.bytes_per_model(_shape(n_train=200_000))
-    assert 0 < (more_rows - base) / 100_000 <= 24  # an index per training row (+ the sort while it is made)
+    assert (more_rows - base) / 100_000 == 4  # an int32 index per training row, for the epoch
+    more_valid = memory.bytes_per_model(_shape(n_valid=130_000))
+    assert (more_valid - base) / 100_000 == 12  # the best epoch's probabilities (2 classes) and a score
     assert memory.bytes_per_model(_shape(n_params=20_000)) > base
     assert memory.bytes_per_model(_shape(batch_size=4096)) > base
     assert memory.models_per_batch(_shape(), 100 * base, cap_given=True) == 100
@@ -232,7 +234,7 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
     one = memory.bytes_per_model(Shape(n_params=n_parameters(60, 2, widest), n_in=60, width=widest.width, depth=2,
                                        n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4,
                                        keep_models=False))
-    split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=int(2.5 * one))
+    split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=memory.FIXED_BYTES + int(2.5 * one))
     assert max(sizes) <= 2 and sum(sizes) == 6
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
