@@ -207,7 +207,7 @@ def test_bytes_per_model_grow_with_what_a_model_holds() -> None:
     assert (more_valid - base) / 100_000 == 12  # the best epoch's probabilities (2 classes) and a score
     assert memory.bytes_per_model(_shape(n_params=20_000)) > base
     assert memory.bytes_per_model(_shape(batch_size=4096)) > base
-    assert memory.models_per_batch(_shape(), 100 * base, cap_given=True) == 100
+    assert memory.models_per_batch(_shape(), memory.FIXED_BYTES + 100 * base, cap_given=True) == 100
 
 
 def test_one_model_over_the_budget_is_refused_before_training(sonar) -> None:
