@@ -240,6 +240,43 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
         np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
 
 
+def test_a_batch_holds_no_tensor_of_models_by_rows() -> None:
+    """What a model holds grows with its parameters, never with the rows of the table: after an epoch no
+    tensor of the batch has (models x validation rows) elements (the targets and masks are kept once per
+    fold, the best epoch's predictions are made when the fit ends), and the shuffle is int32."""
+    from foldsweep.graphs import _tensors
+
+    gen = np.random.default_rng(0)
+    X = torch.as_tensor(gen.normal(size=(6000, 10)))
+    y = torch.as_tensor((X[:, 0] > 0).long().numpy())
+    folds = [np.arange(6000)[np.arange(6000) % 3 != k] for k in range(3)]
+    jobs = [FitJob(folds[k], np.arange(k, 6000, 3), ModelSpec(width=8), TrainSpec(epochs=2, batch_size=512),
+                   seed=i * 3 + k) for i in range(4) for k in range(3)]
+    for metric in ("accuracy", "log_loss", "r2"):
+        regression = metric == "r2"
+        trainer = BatchTrainer(X, X[:, 1] if regression else y, jobs, 0 if regression else 2, metric)
+        assert trainer.order().dtype == torch.int32
+        trainer.run_epochs(1)
+        parts = [trainer, trainer.net, trainer.transform, trainer.train_rows, trainer.valid_rows]
+        held = [t for part in parts for name, value in vars(part).items() if name not in ("X", "y")  # the table
+                for t in _tensors(value)]
+        assert max(t.numel() for t in held) < len(jobs) * 2000  # the largest: 3 folds' 4000 training rows
+        assert all(r.valid_pred.shape[0] == 2000 for r in trainer.results())
+
+
+def test_best_epoch_predictions_are_those_it_was_scored_on(sonar) -> None:
+    """The predictions given back are made again from the best epoch's weights: their loss is the
+    validation loss recorded at that epoch (float64), for a fit whose best epoch is not its last."""
+    X, y = sonar
+    jobs = [FitJob(*_fold(y), ModelSpec(width=32), TrainSpec(epochs=30, batch_size=8, lr=0.05, patience=30),
+                   seed=s) for s in range(3)]
+    results = fit_many(torch.as_tensor(X.astype(np.float64)), torch.as_tensor(y), jobs, 2, "accuracy", report_every=7)
+    assert any(r.best_epoch < r.epochs_run for r in results)
+    for job, r in zip(jobs, results):
+        loss = -np.log(r.valid_pred[np.arange(len(job.valid_rows)), y[job.valid_rows]]).mean()
+        assert loss == pytest.approx(r.val_loss[r.best_epoch - 1], abs=1e-10)
+
+
 @pytest.mark.parametrize(("text", "expected"), [("4GB", 4 * 2**30), ("512MB", 512 * 2**20), ("1.5gb", int(1.5 * 2**30)),
                                                 ("1000", 1000)])
 def test_resources_memory_reads_sizes(text: str, expected: int) -> None:
