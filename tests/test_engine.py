@@ -302,5 +302,7 @@ def test_long_epochs_report_progress_and_short_ones_do_not(sonar, monkeypatch) -
     clock = iter(range(0, 10**6, 1))  # a host clock that moves 1 s per reading: every epoch is "long"
     monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
     fit_many(torch.as_tensor(X), torch.as_tensor(y), [job], 2, "accuracy", on_progress=lambda *a: calls.append(a))
-    steps = math.ceil(131 / 8)
-    assert calls and all(total == steps and 1 <= done <= steps and rows == done * 8 for done, total, rows in calls)
+    steps = math.ceil(131 / 8)  # per epoch; the hook counts over the call's 2 epochs
+    assert calls and all(total == 2 * steps and 1 <= done <= 2 * steps and rows == done * 8
+                         for done, total, rows in calls)
+    assert max(done for done, _, _ in calls) > steps  # the second epoch goes on from the first

@@ -37,7 +37,8 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 PROGRESS_EVERY_S = 1.0
 SORT_LAST = 2**33  # a shuffle key above every 32-bit hash: padded positions sort after real ones
 
-# on_progress(done_steps, total_steps, rows_done): rows_done counts (row, model) pairs gathered this epoch
+# on_progress(done_steps, total_steps, rows_done) over a batch's epochs so far: steps as planned (total_epochs
+# x steps per epoch: models that stop end it sooner) and (row, model) pairs gathered, padding included
 ProgressHook = Callable[[int, int, int], None]
 
 
@@ -59,6 +60,7 @@ class BatchTrainer:
         self.cfg = first = jobs[0].train
         self.M = M = len(jobs)
         self.keep_models, self.on_progress = keep_models, on_progress
+        self.rows_done = 0  # (row, model) pairs of the epochs done, for `on_progress` (host count)
         self.slots = torch.arange(M, device=self.device)
         self.finished: dict[int, FitResult] = {}
         self.keys = torch.tensor([j.seed for j in jobs], dtype=torch.int64, device=self.device)
@@ -169,6 +171,8 @@ class BatchTrainer:
             self._step(grads, lr, take)
             loss[step], taken[step] = data_loss.detach(), take
             self._progress(step + 1)
+        if self.on_progress is not None:  # (host code: not run by a captured epoch's replays, which report nothing)
+            self.rows_done += len(self.batches) * self.cfg.batch_size * self.M
         loss_sum = (torch.where(taken, loss, 0.0) * self.batch_rows).sum(0)
         self._end_epoch(running, loss_sum / self.rows_used, (taken & ~torch.isfinite(loss)).any(0))
 
@@ -281,7 +285,9 @@ class BatchTrainer:
             return
         now = time.monotonic()
         if now >= self._next_progress:
-            self.on_progress(done, len(self.batches), done * self.cfg.batch_size * self.M)
+            steps = len(self.batches)
+            self.on_progress(self.epoch * steps + done, self.total_epochs * steps,
+                             self.rows_done + done * self.cfg.batch_size * self.M)
             self._next_progress = now + PROGRESS_EVERY_S
 
     @torch.no_grad()
