@@ -265,16 +265,19 @@ def test_a_batch_holds_no_tensor_of_models_by_rows() -> None:
 
 
 def test_best_epoch_predictions_are_those_it_was_scored_on(sonar) -> None:
-    """The predictions given back are made again from the best epoch's weights: their loss is the
-    validation loss recorded at that epoch (float64), for a fit whose best epoch is not its last."""
+    """The predictions given back are the best epoch's, kept (a small table) or made again from the best
+    epoch's weights (here: as an exported model needs them): their loss is the validation loss recorded
+    at that epoch (float64), for fits whose best epoch is not their last."""
     X, y = sonar
     jobs = [FitJob(*_fold(y), ModelSpec(width=32), TrainSpec(epochs=30, batch_size=8, lr=0.05, patience=30),
                    seed=s) for s in range(3)]
-    results = fit_many(torch.as_tensor(X.astype(np.float64)), torch.as_tensor(y), jobs, 2, "accuracy", report_every=7)
-    assert any(r.best_epoch < r.epochs_run for r in results)
-    for job, r in zip(jobs, results):
-        loss = -np.log(r.valid_pred[np.arange(len(job.valid_rows)), y[job.valid_rows]]).mean()
-        assert loss == pytest.approx(r.val_loss[r.best_epoch - 1], abs=1e-10)
+    for keep_models in (False, True):
+        results = fit_many(torch.as_tensor(X.astype(np.float64)), torch.as_tensor(y), jobs, 2, "accuracy",
+                           report_every=7, keep_models=keep_models)
+        assert any(r.best_epoch < r.epochs_run for r in results)
+        for job, r in zip(jobs, results):
+            loss = -np.log(r.valid_pred[np.arange(len(job.valid_rows)), y[job.valid_rows]]).mean()
+            assert loss == pytest.approx(r.val_loss[r.best_epoch - 1], abs=1e-10)
 
 
 @pytest.mark.parametrize(("text", "expected"), [("4GB", 4 * 2**30), ("512MB", 512 * 2**20), ("1.5gb", int(1.5 * 2**30)),

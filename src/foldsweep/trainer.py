@@ -73,9 +73,9 @@ class BatchTrainer:
         n_in = X.shape[1] if features is None else features.shape[1]
         self.templates = [build_mlp(n_in, max(n_classes, 1), j.model, j.seed, self.dtype) for j in jobs]
         self.net = StackedMLP(self.templates, self.device)
-        self.best_kept = [t.clone() for t in self._kept()]  # the best epoch's weights and statistics
         self._hyperparameters(jobs)
         self.targets = valid_targets(y, self.valid_rows, self.regression, self.dtype)
+        self._remember_best()
         M_shape = (M,)
         self.flat_state = torch.zeros_like(self.net.flat)  # (M, P): momentum / Adam's first moment
         self.flat_state2 = torch.zeros_like(self.net.flat)  # Adam's second moment
@@ -99,6 +99,17 @@ class BatchTrainer:
     def _vec(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=self.dtype, device=self.device)
 
+    def _remember_best(self) -> None:
+        """How each model's best epoch is remembered: by its weights (`best_kept`, made again into
+        predictions when the fit ends) where they are fewer numbers than its validation predictions, or
+        an exported model needs them; else by the predictions themselves (`best_pred`, (M, V[, C]); a
+        copy of the weights every epoch would cost more than the epoch of a small table)."""
+        n_out, V = max(self.n_classes, 1), self.valid_rows.width
+        self.best_by_weights = self.keep_models or V * n_out > self.net.flat.shape[1]
+        self.best_kept = [t.clone() for t in self._kept()] if self.best_by_weights else []
+        shape = (self.M, 0 if self.best_by_weights else V) + (() if self.regression else (n_out,))
+        self.best_pred = torch.zeros(shape, dtype=self.dtype, device=self.device)
+
     def _hyperparameters(self, jobs: list[FitJob]) -> None:
         """Per-model knobs as tensors, and which optional terms any model uses (decided once, on the host)."""
         M = len(jobs)
@@ -121,7 +132,7 @@ class BatchTrainer:
     PER_MODEL = ("slots", "keys", "n_train", "y_shift", "y_scale", "lr", "wd", "l1", "drop", "clip", "noise",
                  "smoothing", "mixup", "max_epochs", "select_latest", "flat_state", "flat_state2", "grad_buf",
                  "scratch", "steps", "plateau", "plateau_bad", "active", "stopped", "best_loss", "best_epoch",
-                 "bad_epochs", "epochs_run", "diverged_at")
+                 "bad_epochs", "epochs_run", "diverged_at", "best_pred")
 
     @property
     def params(self) -> list[Tensor]:
@@ -330,13 +341,17 @@ class BatchTrainer:
     @torch.no_grad()
     def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor) -> None:
         """Evaluate on validation rows, then early stopping and divergence, all on the device."""
+        pred = None if self.best_by_weights else torch.empty_like(self.best_pred)
         val_loss, metric = validate(self.net, self.transform, self.X, self.valid_rows, self.targets, self.metric,
-                                    self.y_shift, self.y_scale, regression=self.regression, chunk=self.valid_chunk)
+                                    self.y_shift, self.y_scale, regression=self.regression, chunk=self.valid_chunk,
+                                    into=pred)
         values = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)  # (3, M)
         self.history.index_put_((self.slots, self.epoch_t.expand(self.M)), values.T)
         improved = running & ((val_loss < self.best_loss) | self.select_latest)
         self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
         self.best_epoch.copy_(torch.where(improved, self.epoch_t + 1, self.best_epoch))
+        if pred is not None:
+            torch.where(_per_model(improved, pred), pred, self.best_pred, out=self.best_pred)
         for best, p in zip(self.best_kept, self._kept()):
             torch.where(_per_model(improved, p), p, best, out=best)  # in place: one pass, nothing allocated
         self.bad_epochs.copy_(torch.where(improved, 0.0, self.bad_epochs + 1))
@@ -432,10 +447,12 @@ class BatchTrainer:
 
     def _best_predictions(self, models: list[int]) -> np.ndarray:
         """Validation predictions of batch positions `models` at their best epoch (host, (len, V[, C])):
-        computed again from the weights kept at that epoch, as `validate` computed them then."""
+        kept, or computed again from the weights kept at that epoch as `validate` computed them then."""
         if not models:
             return np.zeros((0, self.valid_rows.width))
         index = torch.tensor(models, device=self.device)
+        if not self.best_by_weights:
+            return self.best_pred[index].cpu().numpy()
         net = self.net.subset(index, *self.best_kept)
         transform, rows = copy.copy(self.transform), copy.copy(self.valid_rows)
         transform.select(index)

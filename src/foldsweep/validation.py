@@ -56,11 +56,13 @@ def _outputs(net: StackedMLP, transform: Transform, X: Tensor, rows: RowSets, ch
 
 @torch.no_grad()
 def validate(net: StackedMLP, transform: Transform, X: Tensor, rows: RowSets, targets: ValidTargets, metric: str,
-             y_shift: Tensor, y_scale: Tensor, *, regression: bool, chunk: int) -> tuple[Tensor, Tensor]:
+             y_shift: Tensor, y_scale: Tensor, *, regression: bool, chunk: int, into: Tensor | None = None
+             ) -> tuple[Tensor, Tensor]:
     """Validation loss and metric per model, both (M,), from (M, chunk, width) activations at a time.
 
     `y_shift`, `y_scale` (M, 1): a regression model's output is standardised (0 and 1 otherwise).
     The loss is the mean over real rows of cross-entropy (or the squared error in standardised units).
+    `into` (M, V[, C]): also write the predictions there (`predictions`' numbers), for a small table.
     """
     M, of = rows.of.shape[0], rows.of
     loss = torch.zeros(M, dtype=y_shift.dtype, device=X.device)
@@ -75,6 +77,8 @@ def validate(net: StackedMLP, transform: Transform, X: Tensor, rows: RowSets, ta
             logp = F.log_softmax(out, -1)
             loss += (-logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
             pred = logp.exp()
+        if into is not None:
+            into[:, part] = pred
         if scores is not None:  # roc_auc: the positive class's probability, ranked once every row is in
             scores[:, part] = pred[..., 1]
             continue
