@@ -11,6 +11,8 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
+__all__ = ["SUMMED", "auc", "metric_from_sums", "metric_sums", "score"]
+
 
 def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     """`pred` holds class probabilities (n, C) for classification, values (n,) for regression."""
@@ -29,18 +31,9 @@ def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     return float(skm.r2_score(y_true, pred))
 
 
-# metrics that are sums over rows: computed chunk by chunk (`metric_sums`), never over (M, V) at once
+# metrics that are sums over rows: computed chunk by chunk (`metric_sums`), never over (M, V) at once;
+# roc_auc, a rank statistic, is computed over every row (`auc`)
 SUMMED = ("accuracy", "f1_macro", "log_loss", "rmse", "mae", "r2")
-
-
-def device_metric(metric: str, pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Per-model metric, shape (M,). pred (M, V, C) probabilities or (M, V) values; mask (M, V)."""
-    if metric == "roc_auc":
-        return auc(pred[..., 1], y, mask)
-    center = None
-    if metric == "r2":  # the exact mean of each model's real rows
-        center = (y * mask).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-    return metric_from_sums(metric, metric_sums(metric, pred, y, mask, center))
 
 
 def metric_sums(metric: str, pred: Tensor, y: Tensor, mask: Tensor, center: Tensor | None = None) -> Tensor:
