@@ -195,7 +195,7 @@ def test_no_host_sync_inside_the_epochs_between_reports(sonar) -> None:
 # -- memory ------------------------------------------------------------------------------------------------------
 def _shape(**change: int) -> Shape:
     base = {"n_params": 10_000, "n_in": 40, "width": 64, "depth": 2, "n_out": 2, "batch_size": 256,
-            "n_train": 100_000, "n_valid": 30_000, "epochs": 100, "itemsize": 4, "keep_models": False}
+            "n_train": 100_000, "n_valid": 30_000, "epochs": 100, "itemsize": 4}
     return Shape(**{**base, **change})  # type: ignore[arg-type]
 
 
@@ -232,8 +232,7 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
     monkeypatch.setattr(BatchTrainer, "__init__", record)
     widest = max((j.model for j in jobs), key=lambda m: m.width)
     one = memory.bytes_per_model(Shape(n_params=n_parameters(60, 2, widest), n_in=60, width=widest.width, depth=2,
-                                       n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4,
-                                       keep_models=False))
+                                       n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4))
     split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=memory.FIXED_BYTES + int(2.5 * one))
     assert max(sizes) <= 2 and sum(sizes) == 6
     for a, b in zip(whole, split, strict=True):

@@ -47,7 +47,6 @@ class Shape:
     n_valid: int
     epochs: int
     itemsize: int
-    keep_models: bool
 
 
 def bytes_per_model(s: Shape) -> int:

@@ -58,7 +58,7 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
     capture = wants_capture(cuda_graphs, X.device)
     budget = available(X.device, memory)
     batches = [batch for ids in group_jobs(jobs, X.shape[1], max(n_classes, 1), split)
-               for batch in _sized(jobs, ids, X, n_classes, budget, memory is not None, keep_models)]
+               for batch in _sized(jobs, ids, X, n_classes, budget, memory is not None)]
     results: list[FitResult | None] = [None] * len(jobs)
     planned = [_planned_steps(jobs, ids) for ids in batches]
     progress = None if on_progress is None else _CallProgress(on_progress, planned)
@@ -101,8 +101,8 @@ def _planned_steps(jobs: list[FitJob], ids: list[int]) -> int:
     return epochs * math.ceil(max(len(j.train_rows) for j in group) / group[0].train.batch_size)
 
 
-def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget: int, capped: bool,
-           keep_models: bool) -> list[list[int]]:
+def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget: int, capped: bool
+           ) -> list[list[int]]:
     """Cut one group into batches that fit `budget` bytes, sized by its largest model and fold."""
     widest = max((jobs[i] for i in ids), key=lambda j: j.model.width)
     n_out = max(n_classes, 1)
@@ -110,6 +110,6 @@ def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget
                   depth=widest.model.depth, n_out=n_out, batch_size=widest.train.batch_size,
                   n_train=max(len(jobs[i].train_rows) for i in ids), n_valid=max(len(jobs[i].valid_rows) for i in ids),
                   epochs=max(jobs[i].fixed_epochs or jobs[i].train.epochs for i in ids),
-                  itemsize=X.element_size() if X.is_floating_point() else 4, keep_models=keep_models)
+                  itemsize=X.element_size() if X.is_floating_point() else 4)
     per = models_per_batch(shape, budget, capped)
     return [ids[a : a + per] for a in range(0, len(ids), per)]
