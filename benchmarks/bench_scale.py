@@ -20,6 +20,12 @@ three processes run, one after another, each measured on its own (so sizes and r
    the epoch budget, so every fit trains every epoch and fold-epochs are counted exactly.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py            # 10^4, 10^5, 10^6 rows
+
+Tables of --lean-from rows or more (default 10^6) run lean: the sweeps train 1 epoch per fit with the
+width fixed at 16 (the rest searched as above), and the engine / plain-loop comparison is left out.
+On 2 CPU cores the full budget at 10^6 rows would train for hours; the lean one still holds the same
+48 and 240 models in its round, so it measures the peak memory and the memory per model the issue
+bounds (a width-16 model's parameters are ~0.1 MB smaller than a searched one's).
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --quick    # 10^4 and 10^5: a few minutes
     OMP_NUM_THREADS=1 python benchmarks/bench_scale.py --big      # adds 10^7 rows
 """
@@ -62,6 +68,7 @@ class Measured:
     peak_bytes: int
     stopped: bool  # the watchdog stopped it (over --max-rss-gb)
     stdout: str
+    cpu_s: float  # user + system CPU time of the process (not of its children)
 
 
 def train_rows(n: int) -> int:
@@ -83,15 +90,17 @@ def write_table(n: int, folder: Path) -> Path:
     return path
 
 
-def sweep_spec(data: Path, trials: int, epochs: int) -> dict[str, Any]:
-    """The quickstart's shape at a large table's scale: one round of `trials` per study, tracking on."""
+def sweep_spec(data: Path, trials: int, epochs: int, lean: bool = False) -> dict[str, Any]:
+    """The quickstart's shape at a large table's scale: one round of `trials` per study, tracking on;
+    `lean`: the width fixed at 16 (see the module's docstring)."""
+    search = {k: v for k, v in SEARCH.items() if k != "width"} if lean else SEARCH
     return {"name": "scale", "data": {"path": str(data), "target": "label", "task": "classification",
                                       "metric": "accuracy"},
             "split": {"test_size": TEST_SIZE, "seed": 0, "outer": {"kind": "stratified", "k": OUTER_K},
                       "inner": {"kind": "stratified", "k": INNER_K}},
-            "model": {"depth": 2, "activation": "relu"},
+            "model": {"depth": 2, "activation": "relu", **({"width": 16} if lean else {})},
             "train": {"epochs": epochs, "patience": epochs},
-            "search": SEARCH,
+            "search": search,
             # no warm start: `final` would keep trials back for the outer bests, and the round would be smaller
             "optuna": {"n_trials": trials, "trials_per_batch": trials, "n_startup_trials": trials, "seed": 0,
                        "sampler": "tpe", "warm_start_final": False},
@@ -119,7 +128,8 @@ def measured(cmd: list[str], cwd: Path, max_rss: float) -> Measured:
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 and not stopped:
         print(f"  {' '.join(cmd[1:4])} failed, stderr ends:\n{err.read_text()[-1500:]}", flush=True)
-    return Measured(proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, stopped, out.read_text())
+    return Measured(proc.returncode, time.perf_counter() - start, usage.ru_maxrss * 1024, stopped, out.read_text(),
+                    usage.ru_utime + usage.ru_stime)
 
 
 def _tree_rss(root: Any) -> int:
@@ -135,18 +145,19 @@ def _tree_rss(root: Any) -> int:
     return total
 
 
-def sweep_point(data: Path, n: int, models: int, epochs: int, max_rss: float) -> dict[str, Any]:
+def sweep_point(data: Path, n: int, models: int, epochs: int, max_rss: float, lean: bool) -> dict[str, Any]:
     """One `foldsweep run` with `models` fold models in its round, in a fresh folder."""
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         spec = Path(tmp) / "scale.yaml"
-        spec.write_text(json.dumps(sweep_spec(data, TRIALS[models], epochs)))  # JSON is YAML
+        spec.write_text(json.dumps(sweep_spec(data, TRIALS[models], epochs, lean)))  # JSON is YAML
         run = measured([sys.executable, "-m", "foldsweep", "run", str(spec), "--json"], Path(tmp), max_rss)
     point = {"rows": n, "models": models, "rc": run.rc, "wall_s": run.wall_s, "peak_bytes": run.peak_bytes,
-             "stopped": run.stopped}
+             "stopped": run.stopped, "epochs": epochs, "lean": lean}
     if run.rc == 0:
         summary = json.loads(run.stdout.strip().splitlines()[-1])
         inner_fits = summary["fold_fits"] - OUTER_K  # the refits counted apart: their epochs vary
-        point |= {"fold_fits": summary["fold_fits"], "fold_epochs_per_s": inner_fits * epochs / run.wall_s}
+        point |= {"fold_fits": summary["fold_fits"], "fold_epochs_per_s": inner_fits * epochs / run.wall_s,
+                  "cpu_s": run.cpu_s}
     print(f"  sweep, {models} models: rc {run.rc}, {run.wall_s:.1f} s, peak {run.peak_bytes / 1e9:.2f} GB"
           + (" (stopped by the watchdog)" if run.stopped else ""), flush=True)
     return point
@@ -263,7 +274,8 @@ def report(sweeps: list[dict[str, Any]], engines: list[dict[str, Any]], sizes: l
         by = {p["models"]: p for p in sweeps if p["rows"] == n}
         eng = next((e for e in engines if e["rows"] == n), {})
         cost = per_model(sweeps, n)
-        cells = [f"{n:,}", f"{train_rows(n):,}", _cell(by.get(48), "wall_s", "{:.1f}"),
+        lean = " (lean)" if any(p.get("lean") for p in by.values()) else ""
+        cells = [f"{n:,}{lean}", f"{train_rows(n):,}", _cell(by.get(48), "wall_s", "{:.1f}"),
                  _cell(by.get(48), "fold_epochs_per_s", "{:,.1f}"), _peak(by.get(48)), _peak(by.get(240)),
                  f"{cost / 1e6:.1f}" if cost is not None else "-",
                  _cell(eng, "engine_fold_epochs_per_s", "{:,.1f}"), _cell(eng, "plain_fold_epochs_per_s", "{:,.1f}"),
@@ -312,16 +324,21 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2, help="epochs per fold fit (all of them: patience = epochs)")
     parser.add_argument("--max-rss-gb", type=float, default=8.0, help="stop a run whose processes hold more")
     parser.add_argument("--json", type=Path, help="also write every measured point here")
+    parser.add_argument("--lean-from", type=int, default=10**6,
+                        help="tables of this many rows or more run lean: 1 epoch, width 16, no engine point")
     args = parser.parse_args()
     sizes = [10**4, 10**5] if args.quick else [10**4, 10**5, 10**6] + ([10**7] if args.big else [])
     max_rss = args.max_rss_gb * 1e9
     sweeps, engines = [], []
     with tempfile.TemporaryDirectory(prefix="bench-scale-data-") as tmp:
         for n in sizes:
-            print(f"{n:,} rows x {FEATURES} features, {args.epochs} epochs per fit", flush=True)
+            lean = n >= args.lean_from
+            epochs = 1 if lean else args.epochs
+            print(f"{n:,} rows x {FEATURES} features, {epochs} epochs per fit" + (", lean" if lean else ""), flush=True)
             data = write_table(n, Path(tmp))
-            engines.append(engine_point(data, n, args.epochs, max_rss))
-            sweeps += [sweep_point(data, n, models, args.epochs, max_rss) for models in TRIALS]
+            if not lean:
+                engines.append(engine_point(data, n, epochs, max_rss))
+            sweeps += [sweep_point(data, n, models, epochs, max_rss, lean) for models in TRIALS]
             data.unlink()
     if args.json:
         args.json.write_text(json.dumps({"sweeps": sweeps, "engines": engines}, indent=1))

@@ -106,3 +106,26 @@ def test_piped_output_is_never_hard_wrapped(monkeypatch) -> None:
     lines = piped.getvalue().splitlines()
     assert lines[0].startswith("tiny: nested accuracy 0.7372") and lines[0].rstrip().endswith("and more words")
     assert max(len(line) for line in lines) > 80
+
+
+def test_a_long_round_shows_its_steps_rows_per_second_and_an_eta_until_its_trials_land() -> None:
+    shown = Display(quiet=False, console=terminal())
+    shown.event("start", start(["cpu"]))
+    shown.event("status", {"rows": ROWS, "workers": []})
+    for done in (40, 80):
+        shown.event("steps", {"done": done, "total": 400, "rows": done * 512 * 48, "rows_per_s": 123_456.7})
+    view = terminal()
+    view.print(shown._view())
+    line = next(line for line in view.file.getvalue().splitlines() if "steps" in line)
+    assert "123,457 rows/s" in line and "80/400" in line and "━" in line
+    assert shown.bars.tasks[-1].remaining == 320  # what the ETA column is computed from
+    shown.event("steps", {"done": 10, "total": 200, "rows": 5120, "rows_per_s": 9.0})  # the round's next fit_many
+    assert [t.total for t in shown.bars.tasks if t.description.startswith("steps")] == [200]
+    shown.event("trial", {"study": "outer-0", "number": 1, "state": "complete", "value": 0.8, "worker": "w"})
+    assert not any(t.description.startswith("steps") for t in shown.bars.tasks)  # the round is over
+    piped = Console(file=io.StringIO(), force_terminal=False, width=80)
+    plain = Display(quiet=False, console=piped)
+    with plain:
+        plain.event("steps", {"done": 40, "total": 400, "rows": 1000, "rows_per_s": 2500.0})
+        plain.event("steps", {"done": 41, "total": 400, "rows": 1025, "rows_per_s": 2500.0})  # within 30 s: no line
+    assert piped.file.getvalue().splitlines() == ["training: step 40 of 400 in this round, 2,500 rows/s [0s]"]

@@ -195,17 +195,19 @@ def test_no_host_sync_inside_the_epochs_between_reports(sonar) -> None:
 # -- memory ------------------------------------------------------------------------------------------------------
 def _shape(**change: int) -> Shape:
     base = {"n_params": 10_000, "n_in": 40, "width": 64, "depth": 2, "n_out": 2, "batch_size": 256,
-            "n_train": 100_000, "n_valid": 30_000, "epochs": 100, "itemsize": 4, "keep_models": False}
+            "n_train": 100_000, "n_valid": 30_000, "epochs": 100, "itemsize": 4}
     return Shape(**{**base, **change})  # type: ignore[arg-type]
 
 
 def test_bytes_per_model_grow_with_what_a_model_holds() -> None:
     base = memory.bytes_per_model(_shape())
     more_rows = memory.bytes_per_model(_shape(n_train=200_000))
-    assert 0 < (more_rows - base) / 100_000 <= 24  # an index per training row (+ the sort while it is made)
+    assert (more_rows - base) / 100_000 == 4  # an int32 index per training row, for the epoch
+    more_valid = memory.bytes_per_model(_shape(n_valid=130_000))
+    assert (more_valid - base) / 100_000 == 12  # the best epoch's probabilities (2 classes) and a score
     assert memory.bytes_per_model(_shape(n_params=20_000)) > base
     assert memory.bytes_per_model(_shape(batch_size=4096)) > base
-    assert memory.models_per_batch(_shape(), 100 * base, cap_given=True) == 100
+    assert memory.models_per_batch(_shape(), memory.FIXED_BYTES + 100 * base, cap_given=True) == 100
 
 
 def test_one_model_over_the_budget_is_refused_before_training(sonar) -> None:
@@ -230,12 +232,51 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
     monkeypatch.setattr(BatchTrainer, "__init__", record)
     widest = max((j.model for j in jobs), key=lambda m: m.width)
     one = memory.bytes_per_model(Shape(n_params=n_parameters(60, 2, widest), n_in=60, width=widest.width, depth=2,
-                                       n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4,
-                                       keep_models=False))
-    split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=int(2.5 * one))
+                                       n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4))
+    split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=memory.FIXED_BYTES + int(2.5 * one))
     assert max(sizes) <= 2 and sum(sizes) == 6
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
+
+
+def test_a_batch_holds_no_tensor_of_models_by_rows() -> None:
+    """What a model holds grows with its parameters, never with the rows of the table: after an epoch no
+    tensor of the batch has (models x validation rows) elements (the targets and masks are kept once per
+    fold, the best epoch's predictions are made when the fit ends), and the shuffle is int32."""
+    from foldsweep.graphs import _tensors
+
+    gen = np.random.default_rng(0)
+    X = torch.as_tensor(gen.normal(size=(6000, 10)))
+    y = torch.as_tensor((X[:, 0] > 0).long().numpy())
+    folds = [np.arange(6000)[np.arange(6000) % 3 != k] for k in range(3)]
+    jobs = [FitJob(folds[k], np.arange(k, 6000, 3), ModelSpec(width=8), TrainSpec(epochs=2, batch_size=512),
+                   seed=i * 3 + k) for i in range(4) for k in range(3)]
+    for metric in ("accuracy", "log_loss", "r2"):
+        regression = metric == "r2"
+        trainer = BatchTrainer(X, X[:, 1] if regression else y, jobs, 0 if regression else 2, metric)
+        assert trainer.order().dtype == torch.int32
+        trainer.run_epochs(1)
+        parts = [trainer, trainer.net, trainer.transform, trainer.train_rows, trainer.valid_rows]
+        held = [t for part in parts for name, value in vars(part).items() if name not in ("X", "y")  # the table
+                for t in _tensors(value)]
+        assert max(t.numel() for t in held) < len(jobs) * 2000  # the largest: 3 folds' 4000 training rows
+        assert all(r.valid_pred.shape[0] == 2000 for r in trainer.results())
+
+
+def test_best_epoch_predictions_are_those_it_was_scored_on(sonar) -> None:
+    """The predictions given back are the best epoch's, kept (a small table) or made again from the best
+    epoch's weights (here: as an exported model needs them): their loss is the validation loss recorded
+    at that epoch (float64), for fits whose best epoch is not their last."""
+    X, y = sonar
+    jobs = [FitJob(*_fold(y), ModelSpec(width=32), TrainSpec(epochs=30, batch_size=8, lr=0.05, patience=30),
+                   seed=s) for s in range(3)]
+    for keep_models in (False, True):
+        results = fit_many(torch.as_tensor(X.astype(np.float64)), torch.as_tensor(y), jobs, 2, "accuracy",
+                           report_every=7, keep_models=keep_models)
+        assert any(r.best_epoch < r.epochs_run for r in results)
+        for job, r in zip(jobs, results):
+            loss = -np.log(r.valid_pred[np.arange(len(job.valid_rows)), y[job.valid_rows]]).mean()
+            assert loss == pytest.approx(r.val_loss[r.best_epoch - 1], abs=1e-10)
 
 
 @pytest.mark.parametrize(("text", "expected"), [("4GB", 4 * 2**30), ("512MB", 512 * 2**20), ("1.5gb", int(1.5 * 2**30)),
@@ -263,5 +304,7 @@ def test_long_epochs_report_progress_and_short_ones_do_not(sonar, monkeypatch) -
     clock = iter(range(0, 10**6, 1))  # a host clock that moves 1 s per reading: every epoch is "long"
     monkeypatch.setattr(time, "monotonic", lambda: float(next(clock)))
     fit_many(torch.as_tensor(X), torch.as_tensor(y), [job], 2, "accuracy", on_progress=lambda *a: calls.append(a))
-    steps = math.ceil(131 / 8)
-    assert calls and all(total == steps and 1 <= done <= steps and rows == done * 8 for done, total, rows in calls)
+    steps = math.ceil(131 / 8)  # per epoch; the hook counts over the call's 2 epochs
+    assert calls and all(total == 2 * steps and 1 <= done <= 2 * steps and rows == done * 8
+                         for done, total, rows in calls)
+    assert max(done for done, _, _ in calls) > steps  # the second epoch goes on from the first

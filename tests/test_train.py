@@ -28,7 +28,7 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from foldsweep.data import load_dataset
-from foldsweep.metrics import device_metric
+from foldsweep.metrics import SUMMED, auc, metric_from_sums, metric_sums
 from foldsweep.model import build_mlp
 from foldsweep.spec import DataSpec, ModelSpec, TrainSpec
 from foldsweep.train import BatchTrainer, FitJob, FitResult, fit_many, schedule_factor
@@ -482,7 +482,7 @@ def test_export_equals_the_stacked_model_after_training(sonar) -> None:
 
 
 @pytest.mark.parametrize("metric", ["accuracy", "roc_auc", "log_loss", "f1_macro", "rmse", "mae", "r2"])
-def test_device_metric_equals_sklearn_with_padding(metric: str) -> None:
+def test_device_metric_in_chunks_equals_sklearn_with_padding(metric: str) -> None:
     rng = np.random.default_rng(3)
     M, V = 4, 30
     n_real = [30, 17, 25, 9]
@@ -500,10 +500,21 @@ def test_device_metric_equals_sklearn_with_padding(metric: str) -> None:
             pred[3] /= pred[3].sum(-1, keepdims=True)
         y[~mask] = 1
     pred[~mask] = 1e3 if metric in ("rmse", "mae", "r2") else 1.0  # padding is garbage
-    got = device_metric(metric, torch.tensor(pred, dtype=torch.float32), torch.as_tensor(y),
-                        torch.tensor(mask, dtype=torch.float32)).numpy()
+    got = _device_metric(metric, torch.tensor(pred, dtype=torch.float32), torch.as_tensor(y),
+                         torch.tensor(mask, dtype=torch.float32)).numpy()
     for m, n in enumerate(n_real):
         assert got[m] == pytest.approx(_sklearn_metric(metric, y[m, :n], pred[m, :n]), rel=1e-4, abs=1e-5)
+
+
+def _device_metric(metric: str, pred: torch.Tensor, y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """As the trainer's validation computes it: per-model sums over two chunks of rows (13 + 17), added;
+    r2 around a center that is not the mean (the train rows' mean in the trainer); roc_auc on all rows."""
+    if metric not in SUMMED:
+        return auc(pred[..., 1], y, mask)
+    center = torch.full((pred.shape[0], 1), 0.3) if metric == "r2" else None
+    parts = [metric_sums(metric, pred[:, rows], y[:, rows], mask[:, rows], center) for rows in (slice(0, 13),
+                                                                                                slice(13, None))]
+    return metric_from_sums(metric, parts[0] + parts[1])
 
 
 def _sklearn_metric(metric: str, t: np.ndarray, p: np.ndarray) -> float:

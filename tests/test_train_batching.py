@@ -74,5 +74,7 @@ def test_width_bands_follow_the_cost_rule() -> None:
     jobs = _jobs([8] * 20 + [128] * 20)
     assert sorted(map(len, group_jobs(jobs, 60, 2, CPU_GROUP_STEP_PARAMS))) == [20, 20]  # padding 8 -> 128 costs
     assert len(group_jobs(jobs, 60, 2, None)) == 1  # no split cost given (a GPU): one batch
-    few = _jobs([8, 128])
-    assert len(group_jobs(few, 60, 2, CPU_GROUP_STEP_PARAMS)) == 1  # one model's padding < a group's cost
+    few = [FitJob(j.train_rows, j.valid_rows, j.model, j.train.model_copy(update={"batch_size": 16}), j.seed)
+           for j in _jobs([8, 128])]
+    assert len(group_jobs(few, 60, 2, CPU_GROUP_STEP_PARAMS)) == 1  # one model's padding < a group's cost ...
+    assert len(group_jobs(_jobs([8, 128]), 60, 2, CPU_GROUP_STEP_PARAMS)) == 2  # ... but not at 256 rows a step

@@ -32,6 +32,7 @@ __all__ = ["Display", "Shown", "fit_lines", "look_lines", "out", "print_report",
 
 PIPED_WIDTH = 1000  # lines are never cut when nobody reads them in a terminal; tables keep their natural width
 HTML_WIDTH = 120
+PIPED_STEPS_EVERY_S = 30.0  # a long round's training progress, piped: one line this often at most
 HTML_FRAGMENT = ("<pre style=\"white-space:pre;overflow-x:auto;line-height:normal;"
                  "font-family:Menlo,'DejaVu Sans Mono',consolas,'Courier New',monospace\">{code}</pre>")
 
@@ -266,6 +267,7 @@ class Display:
         self.total = 0
         self.done = 0
         self.started = time.time()
+        self.steps_done, self.steps_said = 0, 0.0  # the round's steps so far; when a piped line last said so
 
     def __enter__(self) -> Display:
         if not self.quiet and _live_possible(self.console):
@@ -308,6 +310,7 @@ class Display:
         self.bars.update(self.tasks["trials"], completed=self.done, total=self.total)
 
     def _on_trial(self, info: dict[str, Any]) -> None:
+        self._end_steps()
         self.done = min(self.done + 1, self.total) if self.total else self.done + 1
         if "trials" in self.tasks:
             self.bars.update(self.tasks["trials"], completed=self.done)
@@ -315,6 +318,28 @@ class Display:
             shown = _score(info["value"]) if info["value"] is not None else info["state"]
             self._say(f"{info['study']} trial {info['number']}: {shown}  [{self.done}/{self.total} trials, "
                       f"{time.time() - self.started:.0f}s]")
+
+    def _on_steps(self, info: dict[str, Any]) -> None:
+        """A round whose epochs take seconds: its training steps so far and the rows trained per second
+        (`sweep`'s `steps` events); the bar's ETA is the round's if every model trains every epoch."""
+        if "steps" in self.tasks and info["done"] < self.steps_done:  # the next batch of folds: a bar of its own
+            self._end_steps()
+        if "steps" not in self.tasks:
+            self.tasks["steps"] = self.bars.add_task("steps", total=info["total"])
+        self.steps_done = info["done"]
+        rate = f"steps ({info['rows_per_s']:,.0f} rows/s)"
+        self.bars.update(self.tasks["steps"], completed=info["done"], total=info["total"], description=rate)
+        now = time.time()
+        if self.live is None and now - self.steps_said >= PIPED_STEPS_EVERY_S:
+            self.steps_said = now
+            self._say(f"training: step {info['done']:,} of {info['total']:,} in this round, "
+                      f"{info['rows_per_s']:,.0f} rows/s [{now - self.started:.0f}s]")
+
+    def _end_steps(self) -> None:
+        """The round's training is over: its steps bar goes."""
+        if "steps" in self.tasks:
+            self.bars.remove_task(self.tasks.pop("steps"))
+        self.steps_done = 0
 
     def _on_phase(self, info: dict[str, Any]) -> None:
         """After the trials: `refits` (outer-fold bests on their outer-train rows), `report`, `done`."""

@@ -19,9 +19,13 @@ from foldsweep.spec import ModelSpec, TrainSpec
 
 # What one more batched group costs on a CPU, in parameters' worth of per-model work: its ~1 ms of fixed
 # work per step, times the ~2x more epochs a group runs (until its slowest model stops) than its average
-# model, over the ~10 ns one parameter of one model costs per step. Calibrated on sonar rounds of 48 and
-# 192 models (1e5 to 3e5 within noise of each other, 1.7x faster than no cut at 192); see group_jobs.
+# model, over the ~10 ns one parameter of one model costs per step of CPU_GROUP_BATCH rows. Calibrated on
+# sonar rounds of 48 and 192 models (1e5 to 3e5 within noise of each other, 1.7x faster than no cut at
+# 192); see group_jobs. A parameter's work per step grows with the rows of the step, so a group of
+# batch_size B weighs CPU_GROUP_STEP_PARAMS * CPU_GROUP_BATCH / B: with hundreds of rows per step, padding
+# a narrow model to a wide one costs more than a group of its own.
 CPU_GROUP_STEP_PARAMS = 200_000.0
+CPU_GROUP_BATCH = 16  # rows per step of that calibration (sonar's searched batch sizes: 8, 16, 32)
 
 
 @dataclass(frozen=True)
@@ -70,15 +74,17 @@ def group_jobs(jobs: list[FitJob], n_in: int = 0, n_out: int = 0, split_cost: fl
 
     A model padded to its group's widest one costs that one's arithmetic, while every extra group costs
     a fixed overhead per step (launches, Python). With `split_cost` (that overhead, in parameters'
-    worth of per-model work) each structure group is cut into width bands where the padding saved pays
-    for the extra group; without it (a GPU, where launches are the cost) nothing is cut.
+    worth of per-model work at CPU_GROUP_BATCH rows a step, scaled to each group's batch size) each
+    structure group is cut into width bands where the padding saved pays for the extra group; without
+    it (a GPU, where launches are the cost) nothing is cut.
     """
     groups: dict[tuple[object, ...], list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
         groups[structure_key(job)].append(i)
     if split_cost is None:
         return list(groups.values())
-    return [band for ids in groups.values() for band in _width_bands(jobs, ids, n_in, n_out, split_cost)]
+    scaled = {key: split_cost * CPU_GROUP_BATCH / jobs[ids[0]].train.batch_size for key, ids in groups.items()}
+    return [band for key, ids in groups.items() for band in _width_bands(jobs, ids, n_in, n_out, scaled[key])]
 
 
 def _width_bands(jobs: list[FitJob], ids: list[int], n_in: int, n_out: int, split_cost: float) -> list[list[int]]:

@@ -11,6 +11,8 @@ import torch
 from sklearn import metrics as skm
 from torch import Tensor
 
+__all__ = ["SUMMED", "auc", "metric_from_sums", "metric_sums", "score"]
+
 
 def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     """`pred` holds class probabilities (n, C) for classification, values (n,) for regression."""
@@ -29,39 +31,55 @@ def score(metric: str, y_true: np.ndarray, pred: np.ndarray) -> float:
     return float(skm.r2_score(y_true, pred))
 
 
-def device_metric(metric: str, pred: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Per-model metric, shape (M,). pred (M, V, C) probabilities or (M, V) values; mask (M, V)."""
-    n = mask.sum(1).clamp(min=1)
-    if metric in ("accuracy", "f1_macro", "roc_auc", "log_loss"):
-        return _classification_metric(metric, pred, y, mask, n)
+# metrics that are sums over rows: computed chunk by chunk (`metric_sums`), never over (M, V) at once;
+# roc_auc, a rank statistic, is computed over every row (`auc`)
+SUMMED = ("accuracy", "f1_macro", "log_loss", "rmse", "mae", "r2")
+
+
+def metric_sums(metric: str, pred: Tensor, y: Tensor, mask: Tensor, center: Tensor | None = None) -> Tensor:
+    """Per-model sums over some rows (M, K), to add up over chunks of the validation rows (`SUMMED`).
+
+    pred (M, R, C) probabilities or (M, R) values, y and mask (M, R). `center` (M, 1) (r2 only): a value
+    near each model's mean target (the train rows' mean), so the spread is a sum of small squares.
+    """
+    n = mask.sum(1, keepdim=True)
+    if metric == "accuracy":
+        return torch.cat([((pred.argmax(-1) == y).float() * mask).sum(1, keepdim=True), n], 1)
+    if metric == "log_loss":
+        picked = pred.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp(min=1e-15)
+        return torch.cat([-(picked.log() * mask).sum(1, keepdim=True), n], 1)
+    if metric == "f1_macro":  # per class: true positives, predicted, true
+        n_classes = pred.shape[-1]
+        hit = torch.nn.functional.one_hot(pred.argmax(-1), n_classes).float() * mask.unsqueeze(-1)
+        true = torch.nn.functional.one_hot(y, n_classes).float() * mask.unsqueeze(-1)
+        return torch.cat([(hit * true).sum(1), hit.sum(1), true.sum(1)], 1)
     err = (pred - y) * mask
     if metric == "rmse":
-        return torch.sqrt((err**2).sum(1) / n)
+        return torch.cat([(err**2).sum(1, keepdim=True), n], 1)
     if metric == "mae":
-        return err.abs().sum(1) / n
-    mean = (y * mask).sum(1, keepdim=True) / n.unsqueeze(1)
-    total = (((y - mean) * mask) ** 2).sum(1).clamp(min=1e-12)
-    return 1 - (err**2).sum(1) / total
+        return torch.cat([err.abs().sum(1, keepdim=True), n], 1)
+    spread = (y - (0.0 if center is None else center)) * mask
+    return torch.cat([(err**2).sum(1, keepdim=True), spread.sum(1, keepdim=True), (spread**2).sum(1, keepdim=True),
+                      n], 1)
 
 
-def _classification_metric(metric: str, prob: Tensor, y: Tensor, mask: Tensor, n: Tensor) -> Tensor:
-    if metric == "accuracy":
-        return ((prob.argmax(-1) == y).float() * mask).sum(1) / n
-    if metric == "log_loss":
-        picked = prob.gather(-1, y.unsqueeze(-1)).squeeze(-1).clamp(min=1e-15)
-        return -(picked.log() * mask).sum(1) / n
-    if metric == "roc_auc":
-        return _auc(prob[..., 1], y, mask)
-    n_classes = prob.shape[-1]
-    hit = torch.nn.functional.one_hot(prob.argmax(-1), n_classes).float() * mask.unsqueeze(-1)
-    true = torch.nn.functional.one_hot(y, n_classes).float() * mask.unsqueeze(-1)
-    tp = (hit * true).sum(1)
-    f1 = 2 * tp / (hit.sum(1) + true.sum(1)).clamp(min=1e-12)
-    present = (hit.sum(1) + true.sum(1)) > 0
+def metric_from_sums(metric: str, sums: Tensor) -> Tensor:
+    """The metric (M,) from `metric_sums` added up over every validation row."""
+    n = sums[:, -1].clamp(min=1)
+    if metric in ("accuracy", "log_loss", "mae"):
+        return sums[:, 0] / n
+    if metric == "rmse":
+        return torch.sqrt(sums[:, 0] / n)
+    if metric == "r2":
+        total = (sums[:, 2] - sums[:, 1] ** 2 / n).clamp(min=1e-12)
+        return 1 - sums[:, 0] / total
+    tp, hit, true = sums.chunk(3, 1)  # f1_macro
+    f1 = 2 * tp / (hit + true).clamp(min=1e-12)
+    present = (hit + true) > 0
     return (f1 * present).sum(1) / present.sum(1).clamp(min=1)
 
 
-def _auc(score: Tensor, y: Tensor, mask: Tensor) -> Tensor:
+def auc(score: Tensor, y: Tensor, mask: Tensor) -> Tensor:
     """Mann-Whitney AUC per model; padded rows sink to the bottom and are not counted."""
     score = torch.where(mask.bool(), score, torch.full_like(score, -torch.inf))
     ranks = score.argsort(1).argsort(1).float() + 1  # 1-based ranks, padded rows lowest

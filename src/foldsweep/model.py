@@ -7,6 +7,7 @@ batch; it is initialised by stacking `MLP` instances, so both start from identic
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import cast
@@ -98,6 +99,7 @@ class StackedMLP:
         self.activation = first.activation
         self.batch_norm = isinstance(first.norms[0], nn.BatchNorm1d)
         self.depth = len(first.hidden)
+        self.n_out = first.head.out_features
         widths = [m.linears()[0].out_features for m in models]
         width = max(widths)
         n_in = first.linears()[0].in_features
@@ -157,6 +159,15 @@ class StackedMLP:
         if not self.batch_norm:
             self.bn_scale, self.bn_shift = self.bn_scale[keep], self.bn_shift[keep]
         self._link()
+
+    def subset(self, keep: Tensor, flat: Tensor, running_mean: Tensor, running_var: Tensor) -> StackedMLP:
+        """Models `keep` as a stack of their own holding other weights and statistics (M, ...) for
+        them (their best epoch's); this stack is left as it is."""
+        part = copy.copy(self)
+        part.select(keep)  # rebinds the copy's tensors, never this stack's
+        part.flat, part.running_mean, part.running_var = flat[keep], running_mean[keep], running_var[keep]
+        part._link()
+        return part
 
     def forward(self, x: Tensor, row_mask: Tensor | None, dropout: Dropout | None = None) -> Tensor:
         """x (M, B, F) -> logits (M, B, C). `row_mask` (M, B, 1) marks real rows (training only).

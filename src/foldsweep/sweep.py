@@ -35,7 +35,7 @@ from foldsweep.storage import LOST, Heartbeat, holder, retry
 from foldsweep.studies import FINISHED, IN_FLIGHT, StudyRef, study_done
 from foldsweep.tracking import NullTracker
 from foldsweep.tracking.tracker import TrialRun
-from foldsweep.train import FitJob, FitResult, fit_many
+from foldsweep.train import FitJob, FitResult, ProgressHook, fit_many
 
 Progress = Callable[[str, dict[str, Any]], None]
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's words
@@ -215,12 +215,13 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
         with profile.phase(profile.TRACKING):
             sweep.tracker.open_trial(ref.study.user_attrs.get("mlflow_run_id", ""), _run_name(ref, trial), started)
     members = [[i for i, o in enumerate(owners) if o == t] for t in range(len(asked))]
+    steps = _steps_hook(progress)
     with profile.phase(profile.TRAINING):
         if spec.optuna.pruner == "wilcoxon":
-            outcomes = _fit_fold_by_fold(sweep, asked, jobs, members)
+            outcomes = _fit_fold_by_fold(sweep, asked, jobs, members, steps)
         else:
             hook = Pruning([trial for _, trial in asked], owners, enabled=spec.optuna.pruner != "none")
-            fits = _fit_batch(sweep, jobs, members, hook)
+            fits = _fit_batch(sweep, jobs, members, hook, steps)
             outcomes = [_outcome(sweep, ref.folds, fit) for (ref, _), fit in zip(asked, fits)]
     wall = time.time() - started
     for (ref, trial), result in zip(asked, outcomes):
@@ -231,8 +232,29 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
                                "value": result.value, "worker": worker})
 
 
+def _steps_hook(progress: Progress | None) -> ProgressHook | None:
+    """The engine's progress through a long round (`fit_many(on_progress=...)`) as `steps` events."""
+    return None if progress is None else _Steps(progress)
+
+
+class _Steps:
+    """`fit_many`'s (done steps, planned steps, rows) as `steps` events with the rows trained per second
+    since the last event (the first: since the round began)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress, self.mark, self.rows, self.done = progress, time.monotonic(), 0, 0
+
+    def __call__(self, done: int, total: int, rows: int) -> None:
+        now = time.monotonic()
+        if done < self.done:  # the next `fit_many` call of the round (fold by fold): its rows count from 0
+            self.rows = 0
+        rate = (rows - self.rows) / max(now - self.mark, 1e-9)
+        self.mark, self.rows, self.done = now, rows, done
+        self.progress("steps", {"done": done, "total": total, "rows": rows, "rows_per_s": rate})
+
+
 def _fit_fold_by_fold(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], jobs: list[FitJob],
-                      members: list[list[int]]) -> list[TrialOutcome]:
+                      members: list[list[int]], steps: ProgressHook | None) -> list[TrialOutcome]:
     """Wilcoxon pruning: a trial's inner folds are its pruning steps.
 
     Fold s of every trial still in the running trains as one batch; each trial then reports that fold's
@@ -243,7 +265,7 @@ def _fit_fold_by_fold(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Tri
     settled: dict[int, TrialOutcome] = {}
     for s in range(max(len(rows) for rows in members)):
         alive = [t for t in range(len(asked)) if t not in settled and s < len(members[t])]
-        stage = _fit_batch(sweep, [jobs[members[t][s]] for t in alive], [[n] for n in range(len(alive))], None)
+        stage = _fit_batch(sweep, [jobs[members[t][s]] for t in alive], [[n] for n in range(len(alive))], None, steps)
         for t, fit in zip(alive, stage):
             ref, trial = asked[t]
             if isinstance(fit, TrialOutcome):
@@ -266,14 +288,15 @@ def _outcome(sweep: Sweep, folds: list[Fold], fit: list[FitResult] | TrialOutcom
     return fit if isinstance(fit, TrialOutcome) else outcome(fit, folds, sweep.data.y, sweep.data.metric)
 
 
-def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook: Pruning | None
-               ) -> list[list[FitResult] | TrialOutcome]:
+def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook: Pruning | None,
+               steps: ProgressHook | None) -> list[list[FitResult] | TrialOutcome]:
     """Each member's fits, all trained as one batch; if the batch raises, each member alone, so only the
     member at fault fails (with its reason as a TrialOutcome)."""
     try:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
                            report_every=sweep.spec.optuna.report_every, on_report=hook,
-                           memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs)
+                           memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs,
+                           on_progress=steps)
         return [[results[i] for i in rows] for rows in members]
     except Exception as err:
         failed = _failure(err, sweep.device)

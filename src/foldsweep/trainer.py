@@ -15,6 +15,7 @@ what a captured CUDA graph (`graphs`) needs, and what keeps a GPU busy.
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Callable
@@ -26,17 +27,18 @@ from torch.nn import functional as F
 
 from foldsweep import rng
 from foldsweep.jobs import FitJob, FitResult
-from foldsweep.memory import valid_chunk
-from foldsweep.metrics import device_metric
+from foldsweep.memory import SORT_ROWS, valid_chunk
 from foldsweep.model import Dropout, StackedMLP, build_mlp
 from foldsweep.preprocess import fit_targets, fit_transform, share_rows
 from foldsweep.spec import TrainSpec
+from foldsweep.validation import predictions, valid_targets, validate
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 PROGRESS_EVERY_S = 1.0
 SORT_LAST = 2**33  # a shuffle key above every 32-bit hash: padded positions sort after real ones
 
-# on_progress(done_steps, total_steps, rows_done): rows_done counts (row, model) pairs gathered this epoch
+# on_progress(done_steps, total_steps, rows_done) over a batch's epochs so far: steps as planned (total_epochs
+# x steps per epoch: models that stop end it sooner) and (row, model) pairs gathered, padding included
 ProgressHook = Callable[[int, int, int], None]
 
 
@@ -58,6 +60,7 @@ class BatchTrainer:
         self.cfg = first = jobs[0].train
         self.M = M = len(jobs)
         self.keep_models, self.on_progress = keep_models, on_progress
+        self.rows_done = 0  # (row, model) pairs of the epochs done, for `on_progress` (host count)
         self.slots = torch.arange(M, device=self.device)
         self.finished: dict[int, FitResult] = {}
         self.keys = torch.tensor([j.seed for j in jobs], dtype=torch.int64, device=self.device)
@@ -70,9 +73,9 @@ class BatchTrainer:
         n_in = X.shape[1] if features is None else features.shape[1]
         self.templates = [build_mlp(n_in, max(n_classes, 1), j.model, j.seed, self.dtype) for j in jobs]
         self.net = StackedMLP(self.templates, self.device)
-        self.best_kept = [t.clone() for t in self._kept()]  # an exported model's best-epoch weights and statistics
         self._hyperparameters(jobs)
-        self._valid_targets()
+        self.targets = valid_targets(y, self.valid_rows, self.regression, self.dtype)
+        self._remember_best()
         M_shape = (M,)
         self.flat_state = torch.zeros_like(self.net.flat)  # (M, P): momentum / Adam's first moment
         self.flat_state2 = torch.zeros_like(self.net.flat)  # Adam's second moment
@@ -87,7 +90,6 @@ class BatchTrainer:
                                              for _ in range(2))
         self.bad_epochs, self.epochs_run = self._vec([0.0] * M), self._vec([0.0] * M)
         self.total_epochs = max(j.fixed_epochs or j.train.epochs for j in jobs)
-        self.best_pred = torch.zeros_like(self._predict()[0])
         self.history = torch.full((M, self.total_epochs, 3), math.nan, dtype=self.dtype, device=self.device)
         self.schedule = self._vec([schedule_factor(first, e) for e in range(self.total_epochs)])
         self.epoch = 0  # host copy, for the loop; the device's own is `epoch_t`
@@ -96,6 +98,17 @@ class BatchTrainer:
 
     def _vec(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=self.dtype, device=self.device)
+
+    def _remember_best(self) -> None:
+        """How each model's best epoch is remembered: by its weights (`best_kept`, made again into
+        predictions when the fit ends) where they are fewer numbers than its validation predictions, or
+        an exported model needs them; else by the predictions themselves (`best_pred`, (M, V[, C]); a
+        copy of the weights every epoch would cost more than the epoch of a small table)."""
+        n_out, V = max(self.n_classes, 1), self.valid_rows.width
+        self.best_by_weights = self.keep_models or V * n_out > self.net.flat.shape[1]
+        self.best_kept = [t.clone() for t in self._kept()] if self.best_by_weights else []
+        shape = (self.M, 0 if self.best_by_weights else V) + (() if self.regression else (n_out,))
+        self.best_pred = torch.zeros(shape, dtype=self.dtype, device=self.device)
 
     def _hyperparameters(self, jobs: list[FitJob]) -> None:
         """Per-model knobs as tensors, and which optional terms any model uses (decided once, on the host)."""
@@ -115,19 +128,11 @@ class BatchTrainer:
                      "mixup": any(j.train.mixup > 0 for j in jobs),
                      "smoothing": any(j.train.label_smoothing > 0 for j in jobs)}
 
-    def _valid_targets(self) -> None:
-        """Each model's validation labels (or unscaled values) (M, V) and its mask of real rows."""
-        V = self.valid_rows.width
-        positions = torch.arange(V, device=self.device)
-        self.valid_mask = (positions < self.valid_rows.n[self.valid_rows.of].unsqueeze(1)).to(self.dtype)
-        y_valid = self.y[self.valid_rows.model_rows(positions.expand(self.M, -1))]
-        self.y_valid = y_valid.to(self.dtype) if self.regression else y_valid
-
     # every tensor with a leading model dimension over the models in the batch, for `retire`
-    PER_MODEL = ("slots", "keys", "n_train", "y_shift", "y_scale", "valid_mask", "y_valid", "lr", "wd", "l1",
-                 "drop", "clip", "noise", "smoothing", "mixup", "max_epochs", "select_latest", "flat_state",
-                 "flat_state2", "grad_buf", "scratch", "steps", "plateau", "plateau_bad", "active", "stopped",
-                 "best_loss", "best_epoch", "bad_epochs", "epochs_run", "diverged_at", "best_pred")
+    PER_MODEL = ("slots", "keys", "n_train", "y_shift", "y_scale", "lr", "wd", "l1", "drop", "clip", "noise",
+                 "smoothing", "mixup", "max_epochs", "select_latest", "flat_state", "flat_state2", "grad_buf",
+                 "scratch", "steps", "plateau", "plateau_bad", "active", "stopped", "best_loss", "best_epoch",
+                 "bad_epochs", "epochs_run", "diverged_at", "best_pred")
 
     @property
     def params(self) -> list[Tensor]:
@@ -139,7 +144,8 @@ class BatchTrainer:
         return self.net.views(self.flat_state)
 
     def _kept(self) -> list[Tensor]:
-        return [self.net.flat, self.net.running_mean, self.net.running_var] if self.keep_models else []
+        """What a model's best epoch is remembered by: its weights and batch-norm statistics (M, ...)."""
+        return [self.net.flat, self.net.running_mean, self.net.running_var]
 
     # -- the loop: no host sync from here to `settle` ------------------------------------------------
     def run_epochs(self, n: int) -> None:
@@ -159,7 +165,10 @@ class BatchTrainer:
         running = self.active.clone()
         order = self.order()[:, : self.train_width]
         lr = self.lr * self.plateau * self.schedule.index_select(0, self.epoch_t.view(1))
-        losses, takes = [], []
+        # (steps, M), made before the steps: a small tensor kept from each step would sit above that step's
+        # large freed blocks in the C heap and pin them (the process's memory grew with every step)
+        loss = torch.empty((len(self.batches), self.M), dtype=self.dtype, device=self.device)
+        taken = torch.empty((len(self.batches), self.M), dtype=torch.bool, device=self.device)
         streams = self._streams()
         self._next_progress = time.monotonic() + PROGRESS_EVERY_S
         for step, (start, real, has_rows) in enumerate(self.batches):
@@ -171,23 +180,30 @@ class BatchTrainer:
             # finite is flagged as diverged at the end of the epoch, its results from its best epoch before
             grads = torch.autograd.grad(data_loss.sum(), self.params)
             self._step(grads, lr, take)
-            losses.append(data_loss.detach())
-            takes.append(take)
+            loss[step], taken[step] = data_loss.detach(), take
             self._progress(step + 1)
-        loss, taken = torch.stack(losses), torch.stack(takes)  # (steps, M)
+        if self.on_progress is not None:  # (host code: not run by a captured epoch's replays, which report nothing)
+            self.rows_done += len(self.batches) * self.cfg.batch_size * self.M
         loss_sum = (torch.where(taken, loss, 0.0) * self.batch_rows).sum(0)
         self._end_epoch(running, loss_sum / self.rows_used, (taken & ~torch.isfinite(loss)).any(0))
 
     def order(self) -> Tensor:
-        """This epoch's shuffle: (M, N) positions into each model's rows, its own rows first.
+        """This epoch's shuffle: (M, N) int32 positions into each model's rows, its own rows first.
 
         A hash of (model key, epoch, position) sorted: a model's order is its own whatever its batch
-        (stable sort on integers: ties, and padding, cannot move it).
+        (stable sort on integers: ties, and padding, cannot move it). Made for a few models at a time
+        (the int64 keys and the sort's buffers cost ~40 bytes a row while they live) into one int32
+        tensor: 4 bytes per training row and model is what stays, for the epoch only.
         """
-        keys = rng.bits(rng.stream(self.keys, rng.SHUFFLE, self.epoch_t), self.train_rows.width)
-        position = torch.arange(self.train_rows.width, device=self.device)
-        keys = torch.where(position < self.n_train.unsqueeze(1), keys, SORT_LAST)
-        return keys.argsort(dim=1, stable=True)
+        width = self.train_rows.width
+        out = torch.empty((self.M, width), dtype=torch.int32, device=self.device)
+        position = torch.arange(width, device=self.device)
+        step = max(1, SORT_ROWS // width)
+        for a in range(0, self.M, step):
+            keys = rng.bits(rng.stream(self.keys[a : a + step], rng.SHUFFLE, self.epoch_t), width)
+            keys = torch.where(position < self.n_train[a : a + step].unsqueeze(1), keys, SORT_LAST)
+            out[a : a + step] = keys.argsort(dim=1, stable=True)
+        return out
 
     def _streams(self) -> dict[int, Tensor]:
         """This epoch's random stream bases per kind of draw: (M, steps), dropout (M, steps, depth).
@@ -211,21 +227,29 @@ class BatchTrainer:
         With batch norm, a batch holding one row of a model is no batch for it (its variance is 0: the
         running variance would be pulled toward 0, and torch refuses such a batch in training): that row
         sits out the step, like `drop_last` for that one batch; the shuffle moves which row it is.
+        Steps where every model has a full batch share one mask: only the last steps, where folds of
+        different sizes run out, hold their own (masks for every step would cost 4 bytes a row and model).
         """
         self.train_width = width = max(self.train_rows.sizes)
+        B, full_up_to = self.cfg.batch_size, min(self.train_rows.sizes)
         position = torch.arange(width, device=self.device)
         self.batches = []
-        for start in range(0, width, self.cfg.batch_size):
-            real = (position[start : start + self.cfg.batch_size].unsqueeze(0) < self.n_train.unsqueeze(1))
-            real = real.to(self.dtype)
+        full: tuple[Tensor, Tensor] | None = None
+        for start in range(0, width, B):
+            if start + B <= full_up_to and full is not None:
+                self.batches.append((start, *full))
+                continue
+            real = (position[start : start + B].unsqueeze(0) < self.n_train.unsqueeze(1)).to(self.dtype)
             if self.net.batch_norm:
                 real = real * (real.sum(1, keepdim=True) != 1)
             self.batches.append((start, real, real.sum(1) > 0))
+            if start + B <= full_up_to:
+                full = real, self.batches[-1][2]
         self.batch_rows = torch.stack([real.sum(1) for _, real, _ in self.batches])  # (steps, M)
         self.rows_used = self.batch_rows.sum(0).clamp(min=1)  # (M,) rows one epoch trains on
         self._row_hashes = rng.row_hashes(self.cfg.batch_size, self.device)
         self._drop_constants = rng.dropout_threshold(self.drop), 1 / (1 - self.drop)
-        self.valid_chunk = valid_chunk(self.net.unit_mask.shape[-1], self.M)
+        self.valid_chunk = valid_chunk(self.X.shape[1], self.net.unit_mask.shape[-1], self.M, self.X.element_size())
 
     def _targets(self, rows: Tensor) -> Tensor:
         if not self.regression:
@@ -272,7 +296,9 @@ class BatchTrainer:
             return
         now = time.monotonic()
         if now >= self._next_progress:
-            self.on_progress(done, len(self.batches), done * self.cfg.batch_size * self.M)
+            steps = len(self.batches)
+            self.on_progress(self.epoch * steps + done, self.total_epochs * steps,
+                             self.rows_done + done * self.cfg.batch_size * self.M)
             self._next_progress = now + PROGRESS_EVERY_S
 
     @torch.no_grad()
@@ -315,16 +341,19 @@ class BatchTrainer:
     @torch.no_grad()
     def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor) -> None:
         """Evaluate on validation rows, then early stopping and divergence, all on the device."""
-        pred, val_loss = self._predict()
-        metric = device_metric(self.metric, pred, self.y_valid, self.valid_mask)
+        pred = None if self.best_by_weights else torch.empty_like(self.best_pred)
+        val_loss, metric = validate(self.net, self.transform, self.X, self.valid_rows, self.targets, self.metric,
+                                    self.y_shift, self.y_scale, regression=self.regression, chunk=self.valid_chunk,
+                                    into=pred)
         values = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)  # (3, M)
         self.history.index_put_((self.slots, self.epoch_t.expand(self.M)), values.T)
         improved = running & ((val_loss < self.best_loss) | self.select_latest)
         self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
         self.best_epoch.copy_(torch.where(improved, self.epoch_t + 1, self.best_epoch))
-        self.best_pred.copy_(torch.where(_per_model(improved, pred), pred, self.best_pred))
+        if pred is not None:
+            torch.where(_per_model(improved, pred), pred, self.best_pred, out=self.best_pred)
         for best, p in zip(self.best_kept, self._kept()):
-            best.copy_(torch.where(_per_model(improved, p), p, best))
+            torch.where(_per_model(improved, p), p, best, out=best)  # in place: one pass, nothing allocated
         self.bad_epochs.copy_(torch.where(improved, 0.0, self.bad_epochs + 1))
         self._plateau(improved, running)
         diverged = running & (nonfinite | ~torch.isfinite(val_loss))
@@ -341,28 +370,6 @@ class BatchTrainer:
         cut = self.plateau_bad >= max(1, self.cfg.patience // 2)
         self.plateau.copy_(torch.where(cut, self.plateau * self.cfg.gamma, self.plateau))
         self.plateau_bad.copy_(torch.where(cut, 0.0, self.plateau_bad))
-
-    @torch.no_grad()
-    def _predict(self) -> tuple[Tensor, Tensor]:
-        """Validation predictions (probabilities or unscaled values) and loss per model, in row chunks:
-        (M, chunk, width) activations at a time, never (M, V, width)."""
-        V = self.valid_rows.width
-        positions = torch.arange(V, device=self.device)
-        shape = (self.M, V) if self.regression else (self.M, V, max(self.n_classes, 1))
-        pred = torch.empty(shape, dtype=self.dtype, device=self.device)
-        loss = torch.zeros(self.M, dtype=self.dtype, device=self.device)
-        for a in range(0, V, self.valid_chunk):
-            rows = self.valid_rows.model_rows(positions[a : a + self.valid_chunk].expand(self.M, -1))
-            out = self.net.forward(self.transform.apply(self.X, rows), None)
-            target, mask = self.y_valid[:, a : a + self.valid_chunk], self.valid_mask[:, a : a + self.valid_chunk]
-            if self.regression:
-                loss += (((out[..., 0] - (target - self.y_shift) / self.y_scale) ** 2) * mask).sum(1)
-                pred[:, a : a + self.valid_chunk] = out[..., 0] * self.y_scale + self.y_shift
-            else:
-                logp = F.log_softmax(out, -1)
-                loss += (-logp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask).sum(1)
-                pred[:, a : a + self.valid_chunk] = logp.exp()
-        return pred, loss / self.valid_mask.sum(1).clamp(min=1)
 
     # -- report boundaries: here the host reads back ------------------------------------------------
     def settle(self) -> None:
@@ -419,7 +426,7 @@ class BatchTrainer:
         epochs_run = self.epochs_run.long().cpu().tolist()
         best_epoch, diverged = self.best_epoch.cpu().tolist(), self.diverged_at.cpu().tolist()
         stopped = self.stopped.cpu().tolist()
-        pred = self.best_pred.cpu().numpy()
+        pred = self._best_predictions(models)
         y_shift, y_scale = self.y_shift[:, 0].cpu().tolist(), self.y_scale[:, 0].cpu().tolist()
         if self.keep_models and models:  # their best epoch's weights back into the batch, for `export` to read
             index = torch.tensor(models, device=self.device)  # (only theirs: the others may still be training)
@@ -427,16 +434,31 @@ class BatchTrainer:
                 for p, best in zip(self._kept(), self.best_kept):
                     p[index] = best[index]
         out = []
-        for m in models:
+        for i, m in enumerate(models):
             job = int(self.slots[m])
             n = epochs_run[m]
             out.append(FitResult(
                 train_loss=history[job, :n, 0], val_loss=history[job, :n, 1], val_metric=history[job, :n, 2],
-                best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[m, : len(self.jobs[job].valid_rows)],
+                best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[i, : len(self.jobs[job].valid_rows)],
                 diverged_at=diverged[m] or None, stopped=bool(stopped[m]),
                 model=self.net.export(m, self.templates[job]) if self.keep_models else None,
                 preprocess=self.transform.stats(m), y_shift=y_shift[m], y_scale=y_scale[m]))
         return out
+
+    def _best_predictions(self, models: list[int]) -> np.ndarray:
+        """Validation predictions of batch positions `models` at their best epoch (host, (len, V[, C])):
+        kept, or computed again from the weights kept at that epoch as `validate` computed them then."""
+        if not models:
+            return np.zeros((0, self.valid_rows.width))
+        index = torch.tensor(models, device=self.device)
+        if not self.best_by_weights:
+            return self.best_pred[index].cpu().numpy()
+        net = self.net.subset(index, *self.best_kept)
+        transform, rows = copy.copy(self.transform), copy.copy(self.valid_rows)
+        transform.select(index)
+        rows.select(index, models)
+        return predictions(net, transform, self.X, rows, self.y_shift[index], self.y_scale[index],
+                           regression=self.regression, chunk=self.valid_chunk).cpu().numpy()
 
 
 def schedule_factor(cfg: TrainSpec, epoch: int) -> float:

@@ -94,3 +94,35 @@ def test_the_quickstart_prints_the_same_estimate_on_every_run(tmp_path: Path, mo
     first, second = summaries
     assert first["workers"] == second["workers"] == 1
     assert first["nested"] == second["nested"] and first["final"] == second["final"]
+
+
+def test_a_round_with_long_epochs_shows_its_steps_in_the_live_display(write_spec, workdir, monkeypatch) -> None:
+    """The engine's progress reaches the display through a real sweep. Every step counts as "long"
+    here (the engine reports after PROGRESS_EVERY_S, set to 0), so sonar stands in for a big table."""
+    import io
+
+    from rich.console import Console
+
+    from foldsweep import trainer
+    from foldsweep.console import Display
+    from foldsweep.workers import run_sweep
+
+    monkeypatch.setattr(trainer, "PROGRESS_EVERY_S", 0.0)
+    display = Display(quiet=False, console=Console(file=io.StringIO(), force_terminal=True, width=150))
+    steps, seen = [], []
+
+    def event(kind: str, info: dict) -> None:
+        display.event(kind, info)
+        if kind == "steps":
+            steps.append(info)
+            view = Console(file=io.StringIO(), force_terminal=True, width=150, color_system=None)
+            view.print(display._view())
+            seen.append(next(line for line in view.file.getvalue().splitlines() if "rows/s" in line))
+
+    with display:
+        run_sweep(load_spec(write_spec(tracking={"enabled": False})), progress=event)
+    assert steps and all(0 < s["done"] <= s["total"] and s["rows"] > 0 and s["rows_per_s"] > 0 for s in steps)
+    assert any(b["done"] > a["done"] for a, b in zip(steps, steps[1:]))  # it moves within a round
+    for s, line in zip(steps, seen):  # the bar as it stood after each event: steps, rows/s, ETA
+        assert line.lstrip().startswith("steps (") and f"{s['done']}/{s['total']}" in line and "ETA" in line
+    assert not any(t.description.startswith("steps") for t in display.bars.tasks)  # gone once the trials land
