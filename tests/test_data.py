@@ -16,11 +16,10 @@ from foldsweep.data import (
     dataset_from_frame,
     hash_rows,
     load_dataset,
-    read_header,
-    read_table,
 )
 from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.spec import DataSpec
+from foldsweep.tables import read_header, read_table
 
 
 def csv(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
