@@ -7,7 +7,7 @@ Every path (a bundled set, a CSV or Parquet file, an in-memory DataFrame) ends i
 so the same table gives the same fingerprint whichever way it came in. The row-major float32 matrix is
 filled straight from Arrow record batches (a Parquet file one row group at a time, so no whole Arrow
 table sits beside the matrix), one-hot and label codes come from `pyarrow.compute.dictionary_encode`,
-pandas is not imported on the file path, and nothing visits rows one by one in Python: every check
+no pandas frame is built on the file path, and nothing visits rows one by one in Python: every check
 is one vectorised pass over the rows or the columns.
 """
 
@@ -286,8 +286,7 @@ def _levels(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
         ordered = False
     chunks = encoded.chunks
     values = [str(v) for v in chunks[0].dictionary.to_pylist()] if chunks else []
-    codes = np.concatenate([pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
-                            for chunk in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    codes = np.concatenate([_codes(chunk.indices) for chunk in chunks]) if chunks else np.zeros(0, dtype=np.int64)
     if ordered or len(values) > MAX_COLUMNS:
         return codes, values
     order = sorted(range(len(values)), key=values.__getitem__)
@@ -295,6 +294,12 @@ def _levels(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
     rank[order] = np.arange(len(values))
     rank[-1] = -1  # code -1 (empty) stays -1
     return rank[codes], [values[i] for i in order]
+
+
+def _codes(indices: pa.Array) -> np.ndarray:
+    """Dictionary indices as int64, -1 where empty (numpy reads an integer array with nulls as floats with NaN)."""
+    values = indices.to_numpy(zero_copy_only=False)
+    return np.nan_to_num(values, nan=-1).astype(np.int64) if indices.null_count else values.astype(np.int64)
 
 
 def _handle_missing(X: np.ndarray, names: list[str], policy: str) -> tuple[np.ndarray, np.ndarray | None]:

@@ -187,8 +187,8 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     plan = make_plan(data, config.split)
     notes = list(plan.notes)
     if record is not None:
-        resealed = data.row_hex(plan.test)
-        if resealed != record.meta["test_hashes"]:
+        resealed = np.asarray(data.row_hashes)[plan.test]
+        if not np.array_equal(resealed, record.test_hashes):
             raise SealError(f"data differs from what sweep `{record.name}` sealed, and sealing it again gives other "
                             "test rows: the final model could train on sealed test rows; use the sweep's data")
     elif provenance.get("data_fingerprint") not in (None, data.fingerprint):

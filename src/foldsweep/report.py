@@ -197,10 +197,11 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
             "report.md": markdown,
             "spec.yaml": yaml.safe_dump(sweep.spec.model_dump(mode="json"), sort_keys=False),
             "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
+            "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
         }
         for name, text in files.items():
             (folder / name).write_text(text)
-        logged = [(folder / name, "") for name in files] + [(record.folder / "plan.json", "")]
+        logged = [(folder / name, "") for name in files]
         logged += [(path, "plots") for path in _plots(sweep, summary, tracker, folder / "plots")]
         tracker.log_files(ids["sweep"], logged)
 

@@ -2,8 +2,8 @@
 
 `open_table` is the loader's entry: a Parquet file stays a `pq.ParquetFile`, so its numeric columns
 can be read one row group at a time straight into the float32 matrix (no whole Arrow table beside the
-matrix); a CSV file is parsed whole (multi-threaded) into an Arrow table. Neither needs pandas;
-`read_table` (the prediction path) hands back a DataFrame.
+matrix); a CSV file is parsed whole (multi-threaded) into an Arrow table. Neither builds a pandas
+frame; `read_table` (the prediction path) hands back a DataFrame.
 """
 
 from __future__ import annotations
