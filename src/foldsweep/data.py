@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -45,7 +44,8 @@ SONAR_ATTRIBUTION = (
     "T. Sejnowski and R. P. Gorman; Gorman & Sejnowski (1988), Neural Networks 1, 75-89."
 )
 FINGERPRINT_VERSION = b"foldsweep/data-fingerprint/v2\0"
-BATCH_ROWS = 1 << 16  # rows copied into the matrix at a time: a (65,536, F) float64 block at most
+BATCH_ROWS = 1 << 16  # rows of an Arrow table copied into the matrix at a time: a (65,536, F) block
+PIECE_VALUES = 1 << 23  # values of a Parquet row group decoded at a time: a few of its columns, ~32 MB
 
 
 @dataclass(frozen=True)
@@ -217,20 +217,12 @@ def _read_columns(source: Source, names: list[str]) -> pa.Table:
     return source.select(names)
 
 
-def _row_batches(source: Source, names: list[str]) -> Iterator[pa.RecordBatch]:
-    """The numeric feature columns, BATCH_ROWS rows at a time (a Parquet file is decoded a row group at a time)."""
-    if isinstance(source, pq.ParquetFile):
-        return source.iter_batches(batch_size=BATCH_ROWS, columns=names, use_threads=True)
-    return iter(source.select(names).to_batches(max_chunksize=BATCH_ROWS))
-
-
 def _feature_matrix(source: Source, n_rows: int, numeric: list[str], text: dict[str, pa.ChunkedArray]
                     ) -> tuple[np.ndarray, list[str]]:
     """Numeric columns first (in file order), then one-hot columns; one C-ordered (N, F) float32 array.
 
-    Row-major because training gathers rows (3-5x slower from a column-major array). Each record batch
-    is stacked into a (rows, F) block and copied into its rows of the matrix: contiguous writes, and
-    no float64 copy of the whole table is ever made.
+    Row-major because training gathers rows (3-5x slower from a column-major array). No float64 copy
+    of the whole table is ever made, and a Parquet file never exists whole as an Arrow table.
     """
     levels = {name: _levels(column) for name, column in text.items()}
     n_levels = sum(len(names) for _, names in levels.values())
@@ -242,7 +234,7 @@ def _feature_matrix(source: Source, n_rows: int, numeric: list[str], text: dict[
         raise DataError("no feature columns left besides the target")
     X = np.zeros((n_rows, width), dtype=np.float32) if text else np.empty((n_rows, width), dtype=np.float32)
     if numeric:
-        _fill_numeric(X, _row_batches(source, numeric))
+        _fill_numeric(X, source, numeric)
     names = list(numeric)
     offset = len(numeric)
     rows = np.arange(n_rows)
@@ -254,15 +246,33 @@ def _feature_matrix(source: Source, n_rows: int, numeric: list[str], text: dict[
     return X, names
 
 
-def _fill_numeric(X: np.ndarray, batches: Iterator[pa.RecordBatch]) -> None:
+def _fill_numeric(X: np.ndarray, source: Source, names: list[str]) -> None:
+    """Copy the numeric columns into X[:, :len(names)] in blocks of rows (a table) or of columns (Parquet).
+
+    A Parquet row group is decoded a few columns at a time (PIECE_VALUES values), so the peak is the
+    matrix plus one such piece; an Arrow table is copied BATCH_ROWS rows at a time (contiguous writes).
+    """
+    if isinstance(source, pq.ParquetFile):
+        start = 0
+        for group in range(source.num_row_groups):
+            rows = source.metadata.row_group(group).num_rows
+            step = max(1, PIECE_VALUES // max(rows, 1))
+            for first in range(0, len(names), step):
+                piece = source.read_row_group(group, columns=names[first:first + step], use_threads=True)
+                X[start:start + rows, first:first + piece.num_columns] = _block(piece.columns)
+            start += rows
+        return
     start = 0
-    for batch in batches:
-        block = np.column_stack([_as_floats(column) for column in batch.columns])
-        X[start:start + batch.num_rows, :block.shape[1]] = block
+    for batch in source.select(names).to_batches(max_chunksize=BATCH_ROWS):
+        X[start:start + batch.num_rows, :len(names)] = _block(batch.columns)
         start += batch.num_rows
 
 
-def _as_floats(column: pa.Array) -> np.ndarray:
+def _block(columns: list[pa.Array] | list[pa.ChunkedArray]) -> np.ndarray:
+    return np.column_stack([_as_floats(column) for column in columns])
+
+
+def _as_floats(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """One column as floats, an empty cell as NaN (integers and booleans are cast in Arrow first)."""
     if not pa.types.is_floating(column.type):
         column = pc.cast(column, pa.float32())

@@ -44,7 +44,7 @@ def open_table(path: Path) -> Source:
     with arrow_errors(path):
         if _is_parquet(path):
             _check_parquet_width(path)
-            source: Source = pq.ParquetFile(path)
+            source: Source = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)  # read what is decoded
             schema = source.schema_arrow
         else:
             source = _read_csv(path)
