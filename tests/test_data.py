@@ -292,8 +292,8 @@ def test_row_hashes_are_pinned_across_runs_and_machines() -> None:
     y = np.array([0, 1])
     data = Dataset(name="t", X=X, y=y, feature_names=["a", "b", "c"], task="classification", metric="accuracy",
                    classes=["p", "q"], row_hashes=hash_rows(X, y), target="y")
-    assert data.row_hex([0, 1]) == ["e9e06743c4518ffd", "9778b471e8a0a9b8"]
-    assert data.row_hex([0, 1]) == [f"{_reference_hash(row, label):016x}" for row, label in zip(X, y)]
+    assert [f"{h:016x}" for h in data.row_hashes[:2]] == ["e9e06743c4518ffd", "9778b471e8a0a9b8"]
+    assert data.row_hashes[:2].tolist() == [_reference_hash(row, label) for row, label in zip(X, y)]
     assert data.fingerprint == "d6dbf23eb38e46d5"
 
 

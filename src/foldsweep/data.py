@@ -34,8 +34,7 @@ from foldsweep.tables import MAX_COLUMNS, Source, arrow_errors, check_names, ope
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["MAX_COLUMNS", "Dataset", "dataset_from_arrow", "dataset_from_frame", "hash_rows", "load_dataset",
-           "row_hex"]
+__all__ = ["MAX_COLUMNS", "Dataset", "dataset_from_arrow", "dataset_from_frame", "hash_rows", "load_dataset"]
 
 MAXIMIZE = {"accuracy": True, "roc_auc": True, "f1_macro": True, "r2": True,
             "log_loss": False, "rmse": False, "mae": False}
@@ -52,8 +51,8 @@ PIECE_VALUES = 1 << 23  # values of a Parquet row group decoded at a time: a few
 class Dataset:
     """Features as float32, labels as class codes (classification) or float32 (regression).
 
-    `row_hashes` holds one uint64 per row (`hash_rows`); `row_hex` turns some of them into the hex
-    strings reports print.
+    `row_hashes` holds one uint64 per row (`hash_rows`); the sweep's record keeps those of the sealed
+    test rows.
     """
 
     name: str
@@ -89,10 +88,6 @@ class Dataset:
         digest = hashlib.sha256(FINGERPRINT_VERSION + header + b"\0")
         digest.update(np.ascontiguousarray(self.row_hashes, dtype="<u8").tobytes())
         return digest.hexdigest()[:16]
-
-    def row_hex(self, rows: np.ndarray | list[int]) -> list[str]:
-        """The hashes of `rows` as 16-digit hex strings."""
-        return row_hex(np.asarray(self.row_hashes)[np.asarray(rows, dtype=np.int64)])
 
 
 def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
@@ -435,15 +430,3 @@ def _label_words(y: np.ndarray, n: int) -> np.ndarray:
     words = values.view("<u8").astype(np.uint64) ^ _LABEL_KEY
     with np.errstate(over="ignore"):
         return _mix(words)
-
-
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
-def row_hex(hashes: np.ndarray) -> list[str]:
-    """uint64 hashes as 16-digit big-endian hex strings, built by table lookup rather than a loop of `format`."""
-    raw = np.ascontiguousarray(np.asarray(hashes, dtype=">u8")).view(np.uint8).reshape(-1, 8)
-    digits = np.empty((len(raw), 16), dtype=np.uint8)
-    digits[:, 0::2] = _HEX[raw >> 4]
-    digits[:, 1::2] = _HEX[raw & 15]
-    return digits.view("S16").ravel().astype(str).tolist()
