@@ -473,3 +473,17 @@ def test_a_nan_label_in_a_parquet_float_column_is_an_empty_row(tmp_path: Path) -
     with pytest.raises(DataError, match=r"^target column `y` has 1 empty rows$"):
         load_dataset(DataSpec(path=str(tmp_path / "t.parquet"), target="y"))
 
+
+
+@pytest.mark.parametrize("source", ["csv", "parquet", "bundled"])
+def test_regression_labels_are_a_writable_array(tmp_path: Path, source: str) -> None:
+    """A zero-copy view of Arrow's buffer is read-only: torch.from_numpy warned on it (found by the diabetes sweep)."""
+    if source == "bundled":
+        data = load_dataset(DataSpec(dataset="diabetes"))
+    else:
+        frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 1.5, 2.25, 3.0]})
+        path = tmp_path / f"t.{source}"
+        frame.to_csv(path, index=False) if source == "csv" else frame.to_parquet(path)
+        data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.task == "regression" and data.y.dtype == np.float32 and data.y.flags.writeable
+    assert data.X.flags.writeable

@@ -361,7 +361,7 @@ def _encode_target(labels: pa.ChunkedArray, task: str, name: str) -> tuple[np.nd
     if task == "regression":
         if not (_is_number(labels.type) or pa.types.is_boolean(labels.type)):
             raise DataError(f"target column `{name}` is not numeric; set data.task: classification")
-        return pc.cast(labels, pa.float32()).to_numpy(), None
+        return np.array(pc.cast(labels, pa.float32()).to_numpy(), dtype=np.float32), None  # a writable copy
     encoded = pc.dictionary_encode(labels.dictionary_decode() if pa.types.is_dictionary(labels.type) else labels)
     texts = [str(u) for u in encoded.chunks[0].dictionary.to_pylist()]
     classes = sorted(set(texts))
