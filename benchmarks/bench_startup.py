@@ -142,6 +142,7 @@ class Found:
     validate_cpu: list[float] = field(default_factory=list)
     quick: dict[str, list[dict[str, float]]] = field(default_factory=lambda: {"on": [], "off": []})
     budget: list[float] = field(default_factory=list)
+    budget_warm: list[float] = field(default_factory=list)  # fits/s with start-up and imports left out
 
 
 def measure(found: Found, spec: Path, src: str) -> None:
@@ -150,8 +151,11 @@ def measure(found: Found, spec: Path, src: str) -> None:
     for mode in ("off", "on"):
         wall, times, _ = run_sweep_process(QUICKSTART, [f"tracking.enabled={mode == 'on'}".lower()], src)
         found.quick[mode].append(times | {"process wall": wall, "process cpu": CPU[0]})
-    wall, _, summary = run_sweep_process(spec, [], src)
-    found.budget.append(float(summary["fold_fits"]) / wall)  # type: ignore[arg-type]
+    wall, times, summary = run_sweep_process(spec, [], src)
+    fits = float(summary["fold_fits"])  # type: ignore[arg-type]
+    found.budget.append(fits / wall)
+    if "wall" in times:
+        found.budget_warm.append(fits / (times["wall"] - times["start-up and imports"]))
 
 
 def report(found: Found, plain: list[float]) -> None:
@@ -161,7 +165,8 @@ def report(found: Found, plain: list[float]) -> None:
         return statistics.median(t.get(key, 0.0) for t in quick[mode])
 
     on, off = median("on", "process wall"), median("off", "process wall")
-    end = statistics.median(t.get("plots and report", 0) + t.get("shutdown", 0) for t in quick["on"])
+    end = statistics.median(t.get("plots and report", 0) + t.get("shutdown", 0)  # and the process's own exit:
+                            + max(0.0, t["process wall"] - t.get("wall", t["process wall"])) for t in quick["on"])
     budget = statistics.median(found.budget)
     print("| measure | median | target |")
     print("|---|---|---|")
@@ -175,10 +180,14 @@ def report(found: Found, plain: list[float]) -> None:
     if "wall" in quick["on"][0]:
         print(f"| `run` to the first training step (tracking on) | {median('on', 'to first training step'):.2f} s "
               "| <= 2 s |")
-        print(f"| end of the sweep, refits excluded (plots and report + shutdown) | {end:.2f} s | <= 1 s |")
+        print(f"| end of the sweep, refits excluded (plots and report + shutdown + exit) | {end:.2f} s | <= 1 s |")
     print(f"| 3x3x8x30 budget: foldsweep (full tracking, whole process) vs plain loop | "
           f"{budget:.2f} vs {statistics.median(plain):.2f} fits/s = {budget / statistics.median(plain):.2f}x "
           "| >= 4x |")
+    if found.budget_warm:  # the plain loop runs in this process: its imports are paid before it is timed
+        warm = statistics.median(found.budget_warm)
+        print(f"| the same, foldsweep's start-up and imports left out as the plain loop's are | {warm:.2f} vs "
+              f"{statistics.median(plain):.2f} fits/s = {warm / statistics.median(plain):.2f}x | >= 4x |")
     if "wall" in quick["on"][0]:
         print("quickstart phases, tracking on (median s): " + ", ".join(
             f"{name} {median('on', name):.2f}" for name in quick["on"][0] if not name.startswith("process")))

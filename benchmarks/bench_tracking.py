@@ -37,7 +37,7 @@ from foldsweep.workers import run_sweep
 
 QUICKSTART = Path(__file__).resolve().parent.parent / "sweeps" / "quickstart.yaml"
 TRACKER_CALLS = ("__init__", "sweep_run", "study_run", "log_trial", "log_values", "log_files", "metric_histories",
-                 "finish", "fail_running")
+                 "finish", "close")
 
 
 class Stopwatch:

@@ -59,6 +59,23 @@ def test_commands_that_read_a_sweep_import_neither_torch_nor_mlflow(swept: Path,
     assert _probe(swept, *command) == {"code": 0, "loaded": ["optuna"]}
 
 
+def test_a_tracked_run_imports_neither_mlflow_nor_matplotlib(tmp_path: Path) -> None:
+    """Issue 14: the sweep process paid MLflow's import (~2.5 s) before its first training step, and
+    matplotlib's at its end; now the writer process imports both (on the other core) and logs the runs."""
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(optuna={"n_trials": 1, "trials_per_batch": 1}),
+                                                       sort_keys=False))
+    assert _probe(tmp_path, "run", "tiny.yaml", "--json") == {"code": 0, "loaded": ["torch", "optuna"]}
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id])
+    studies = [run for run in runs if "foldsweep.study" in run.data.tags]
+    assert len(runs) == 1 + 2 * len(studies) and {run.info.status for run in runs} == {"FINISHED"}
+    sweep = next(run for run in runs if run.info.run_name == "tiny")
+    assert {a.path for a in client.list_artifacts(sweep.info.run_id, "plots")} >= {"plots/outer_scores.png",
+                                                                                    "plots/learning_curves.png"}
+
+
 def test_run_profile_names_every_phase_and_they_add_up_to_the_wall_time(swept: Path) -> None:
     rows = {}
     for line in (swept / "profile.txt").read_text().splitlines():

@@ -221,15 +221,35 @@ def test_the_writer_process_ends_quietly_when_its_parent_dies_before_a_reply(tmp
     from multiprocessing.connection import Connection
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    create_store(uri)
     ours, theirs = socket.socketpair()
     command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
-               str(theirs.fileno()), uri]
+               str(theirs.fileno())]
     child = subprocess.Popen(command, pass_fds=[theirs.fileno()], stderr=subprocess.PIPE, text=True)
     theirs.close()
     conn = Connection(ours.detach())
-    conn.send(("experiment", "0", None))
-    conn.send(("open", ("parent-run", "outer-0/trial-0"), time.time()))  # creating the run takes a while
+    conn.send(("post", None, ("open", (uri, "gone", str(tmp_path / "artifacts"), False))))
+    conn.send(("call", 0, ("open_trial", ("parent-run", "outer-0/trial-0", time.time()))))  # takes a while
     conn.close()  # ... and the parent is gone before the writer answers
     _, err = child.communicate(timeout=120)
     assert child.returncode == 0 and "Traceback" not in err, err
+
+
+def test_a_failure_in_the_writer_process_reaches_the_sweep_as_its_own_one_line_error(tmp_path: Path) -> None:
+    """Runs are written in another process now: what fails there must still end as the one line it would be
+    here (a store that cannot be opened, a refused write), never as a traceback or a silent loss."""
+    from foldsweep.errors import FoldsweepError, MachineError
+
+    (tmp_path / "blocker").write_text("a file where the store's folder should be")
+    spec = TrackingSpec(uri=f"sqlite:///{tmp_path / 'blocker' / 'mlflow.db'}",
+                        artifact_location=str(tmp_path / "artifacts"))
+    with pytest.raises(MachineError, match=r"^File exists: `.*blocker`$"):
+        MlflowTracker(spec, "refused")
+
+    tracker = MlflowTracker(TrackingSpec(uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                         artifact_location=str(tmp_path / "artifacts")), "posted")
+    tracker.log_values("no-such-run", {"x": 1.0})  # sent without waiting: the failure comes with the flush
+    with pytest.raises(FoldsweepError, match=r"^the MLflow writer failed 1 time\(s\); first: log_values: "
+                                             r"MLflow failed: MlflowException: Run with id=no-such-run not found"):
+        tracker.flush()
+    tracker.flush()  # reported once
+    tracker.close()

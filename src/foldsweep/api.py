@@ -67,18 +67,23 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
         FoldsweepError: bad spec or data, a refused resume (other settings or other rows), or a sweep whose
             every trial failed. KeyboardInterrupt passes through; finished trials are kept.
     """
-    from foldsweep.console import Display
-    from foldsweep.workers import run_sweep
+    from foldsweep import profile
+    from foldsweep.tracking.writer import discard_early, start_early
 
     if data is not None and isinstance(spec, dict) and "data" not in spec:  # the rows come from Python alone
         spec = spec | {"data": {"frame": FRAME_LABEL, "target": target or ARRAY_TARGET}}
     sweep_spec = _spec(spec, overrides)
-    dataset = None
-    if data is not None:
-        sweep_spec, dataset = _in_memory(sweep_spec, data, target)
-    elif target is not None:
-        sweep_spec = _with_data(sweep_spec, {"target": target})
+    if sweep_spec.tracking.enabled:
+        start_early(sweep_spec.tracking.uri)  # MLflow's import in the writer process overlaps torch's here
     try:
+        with profile.phase(profile.STARTUP):
+            from foldsweep.console import Display
+            from foldsweep.workers import run_sweep
+        dataset = None
+        if data is not None:
+            sweep_spec, dataset = _in_memory(sweep_spec, data, target)
+        elif target is not None:
+            sweep_spec = _with_data(sweep_spec, {"target": target})
         with _optuna_quiet(), Display(quiet=not progress) as display:
             summary = run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event, data=dataset)
     except KeyboardInterrupt as stop:
@@ -86,6 +91,8 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
             stop.add_note(f"foldsweep: finished trials of `{sweep_spec.name}` are kept; run the same spec (and "
                           "data) again to resume")
         raise
+    finally:
+        discard_early()
     return SweepResult(str(summary["sweep"]), data=dataset, summary=summary)
 
 

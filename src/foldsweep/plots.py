@@ -9,9 +9,10 @@ drawing them neither needs nor changes the caller's matplotlib backend (a notebo
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast, overload
+from typing import Any, cast, overload
 
 import matplotlib
 import numpy as np
@@ -22,8 +23,10 @@ from matplotlib.lines import Line2D
 from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 from optuna.trial import FrozenTrial, TrialState
 
-if TYPE_CHECKING:
-    from foldsweep.sweep import Sweep
+from foldsweep.pictures import BestTrial, SweepPictures
+
+__all__ = ["TrialCurves", "curves_of", "draw_study_pictures", "figures", "learning_curves", "outer_scores",
+           "parallel_coordinates", "param_importances"]
 
 Curve = tuple[np.ndarray, np.ndarray]  # (epochs, values)
 
@@ -38,10 +41,35 @@ class TrialCurves:
     best_epochs: list[int]
 
 
-def sweep_plots(sweep: Sweep, summary: dict[str, Any], folder: Path, best: list[TrialCurves]) -> list[Path]:
-    studies = [(ref.key, ref.study) for ref in sweep.studies]
-    drawn = figures(studies, list(sweep.spec.search), sweep.data.metric, summary, best)
-    return [_save(fig, folder / f"{name}.png") for name, fig in drawn.items()]
+Histories = Callable[[str, list[str]], dict[str, Curve]]  # (run id, metric keys) -> logged curves
+
+
+def draw_study_pictures(pictures: SweepPictures, histories: Histories, folder: Path) -> list[Path]:
+    """The pictures that need only the studies (all but the outer scores), as PNG files in `folder`."""
+    studies = [(key, _as_study(key, direction, trials)) for key, direction, trials in pictures.studies]
+    best = [curves_of(trial, histories) for trial in pictures.best]
+    drawn = {"optimization_history": _history(studies, pictures.metric),
+             "param_importances": _importances(studies, pictures.knobs),
+             "parallel_coordinates": _parallel(studies, pictures.knobs, pictures.metric),
+             "learning_curves": _curves(best)}
+    folder.mkdir(parents=True, exist_ok=True)
+    return [_save(fig, folder / f"{name}.png") for name, fig in drawn.items() if fig is not None]
+
+
+def curves_of(trial: BestTrial, histories: Histories) -> TrialCurves:
+    """A best trial's per-fold loss curves, read back from its run."""
+    folds = range(trial.folds)
+    curves = histories(trial.run_id, [f"fold_{i}/{name}" for i in folds for name in ("train_loss", "val_loss")])
+    return TrialCurves(trial.title, [curves[f"fold_{i}/train_loss"] for i in folds if f"fold_{i}/train_loss" in curves],
+                       [curves[f"fold_{i}/val_loss"] for i in folds if f"fold_{i}/val_loss" in curves],
+                       trial.best_epochs)
+
+
+def _as_study(key: str, direction: str, trials: list[FrozenTrial]) -> optuna.Study:
+    """An in-memory copy of a study's trials: what Optuna's importance evaluators read."""
+    study = optuna.create_study(study_name=key, direction=optuna.study.StudyDirection[direction.upper()])
+    study.add_trials(trials)
+    return study
 
 
 def figures(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str, summary: dict[str, Any],

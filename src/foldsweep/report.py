@@ -7,7 +7,6 @@ sweep run as artifacts and headline metrics, so the collapsed run tree already a
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -17,6 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from foldsweep.errors import FoldsweepError
+from foldsweep.pictures import sweep_pictures
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec
 from foldsweep.studies import StudyRef
@@ -179,6 +179,12 @@ def _stability_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
+def draw_pictures_early(sweep: Sweep, tracker: NullTracker) -> None:
+    """Have the MLflow writer process draw the study pictures now, while this process refits."""
+    if tracker.enabled:
+        tracker.draw_pictures(sweep_pictures(sweep.studies, list(sweep.spec.search), sweep.data.metric))
+
+
 def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
                         summary: dict[str, Any]) -> None:
     """Headline metrics on the sweep and study runs, files on the sweep run, a copy in the record."""
@@ -190,20 +196,14 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
                        params={f"best.{k}": v for k, v in summary["final"]["best_params"].items()})
     for ref in sweep.studies:
         tracker.log_values(ids[ref.key], study_metrics(ref.study))
-    with tempfile.TemporaryDirectory() as tmp:
-        folder = Path(tmp)
-        files = {
-            "summary.json": json.dumps(summary, indent=1, default=str),
-            "report.md": markdown,
-            "spec.yaml": yaml.safe_dump(sweep.spec.model_dump(mode="json"), sort_keys=False),
-            "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
-            "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
-        }
-        for name, text in files.items():
-            (folder / name).write_text(text)
-        logged = [(folder / name, "") for name in files]
-        logged += [(path, "plots") for path in _plots(sweep, summary, tracker, folder / "plots")]
-        tracker.log_files(ids["sweep"], logged)
+    texts = {
+        "summary.json": json.dumps(summary, indent=1, default=str),
+        "report.md": markdown,
+        "spec.yaml": yaml.safe_dump(sweep.spec.model_dump(mode="json"), sort_keys=False),
+        "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
+        "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
+    }
+    tracker.log_report(ids["sweep"], texts, [], summary)
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:
@@ -218,30 +218,8 @@ def study_metrics(study: optuna.Study) -> dict[str, float]:
     return metrics
 
 
-def _plots(sweep: Sweep, summary: dict[str, Any], tracker: NullTracker, folder: Path) -> list[Path]:
-    from foldsweep.plots import sweep_plots
-
-    folder.mkdir(parents=True, exist_ok=True)
-    return sweep_plots(sweep, summary, folder, best_curves(sweep.studies, sweep.data.metric, tracker))
-
-
 def best_curves(studies: list[StudyRef], metric: str, tracker: NullTracker) -> list[TrialCurves]:
     """Each study's best trial's per-fold loss curves, read back from its MLflow run."""
-    from foldsweep.plots import TrialCurves
+    from foldsweep.plots import curves_of
 
-    out = []
-    for ref in studies:
-        if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
-            continue
-        best = ref.study.best_trial
-        run_id = best.user_attrs.get("mlflow_run_id")
-        if not run_id:
-            continue
-        folds = range(len(ref.folds))
-        curves = tracker.metric_histories(run_id, [f"fold_{i}/{name}" for i in folds
-                                                   for name in ("train_loss", "val_loss")])
-        train = [curves[f"fold_{i}/train_loss"] for i in folds if f"fold_{i}/train_loss" in curves]
-        valid = [curves[f"fold_{i}/val_loss"] for i in folds if f"fold_{i}/val_loss" in curves]
-        out.append(TrialCurves(f"{ref.key}: trial {best.number} ({metric} {best.value:.4f})", train, valid,
-                               list(best.user_attrs.get("best_epochs", []))))
-    return out
+    return [curves_of(best, tracker.metric_histories) for best in sweep_pictures(studies, [], metric).best]

@@ -97,6 +97,7 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
         optuna_storage = preflight(url, len(slots))
         record, plan, resumed = create_or_resume(spec, data, url)
     helpers = Helpers(record.folder / "spec.yaml", url, slots, record.folder)  # they start up while MLflow opens
+    tracker: NullTracker = NullTracker()
     try:
         with profile.phase(profile.STORE):
             tracker = make_tracker(spec.tracking, spec.name)
@@ -105,6 +106,7 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
     except BaseException:
         helpers.interrupt()
         helpers.stop()
+        tracker.close()
         raise
     if progress is not None:
         progress("start", {"sweep": spec.name, "resumed": resumed, "workers": slots, "storage": redact(url),
@@ -138,6 +140,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         with profile.phase(profile.SHUTDOWN):
             sweep.heartbeat.close()
             _report_failed(helpers.stop(), progress)
+            tracker.close()
 
 
 def _report_failed(failed: list[dict[str, Any]], progress: Progress | None) -> None:
@@ -175,6 +178,7 @@ def join_sweep(spec: SweepSpec, *, storage: str, base_dir: Path | None = None, d
     finally:
         sweep.heartbeat.close()
     sweep.tracker.flush()  # trial runs are written in the background; land them before the process ends
+    sweep.tracker.close()
     return ran
 
 
@@ -300,14 +304,15 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         if progress is not None:  # with the studies' rows: after the refits they hold the outer-test scores
             progress("phase", {"phase": name, "total": total, "rows": study_status(sweep.studies, sweep.n_trials)})
 
+    from foldsweep.report import draw_pictures_early, log_sweep_artifacts
+
     phase("refits", len(sweep.studies) - 1)
+    draw_pictures_early(sweep, tracker)
     with profile.phase(profile.REFITS):
         refits = refit_outer(sweep)
     with profile.phase(profile.REPORT):
         summary = summarize(sweep, refits)
         record.update(summary=summary)
-        from foldsweep.report import log_sweep_artifacts
-
         phase("report")
         log_sweep_artifacts(sweep, record, tracker, ids, summary)
     with profile.phase(profile.SHUTDOWN):

@@ -1,15 +1,12 @@
 """The tracker the sweep talks to: `MlflowTracker` when tracking is on, `NullTracker` when it is off.
 
-Both have the same methods, so callers never test whether tracking is enabled. The sweep run and
-study runs are written here, in the calling process; trial runs go through the writer process.
+Both have the same methods, so callers never test whether tracking is enabled. Every run is written by
+the writer process (`writer`, serving a `runs.RunStore`); this process never imports MLflow.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -18,22 +15,16 @@ import numpy as np
 from foldsweep.crash import crash_point
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
-from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
-from foldsweep.tracking.store import _absolute_sqlite, _retry, _write_ahead_log, create_store, open_experiment
-from foldsweep.tracking.writer import PARENT, _short, _TrialWriter, _write_rows
+from foldsweep.tracking.runs import TrialRun
+from foldsweep.tracking.store import _absolute_sqlite
+from foldsweep.tracking.writer import WriterProcess, take_writer
 
 if TYPE_CHECKING:
     import torch  # imported where a model is logged: the MLflow writer process must start light
 
+    from foldsweep.pictures import SweepPictures
 
-@dataclass(frozen=True)
-class TrialRun:
-    """What a trial's run must say, taken from Optuna (the record of truth): its status and headline rows."""
-
-    status: str  # FINISHED | KILLED | FAILED
-    metrics: dict[str, float]
-    params: dict[str, Any]
-    tags: dict[str, str]
+__all__ = ["MlflowTracker", "NullTracker", "TrialRun", "make_tracker"]
 
 
 class NullTracker:
@@ -67,6 +58,13 @@ class NullTracker:
     def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {}
 
+    def draw_pictures(self, pictures: SweepPictures) -> None:
+        return None
+
+    def log_report(self, run_id: str, texts: dict[str, str], files: list[tuple[Path, str]],
+                   summary: dict[str, Any]) -> None:
+        return None
+
     def flush(self) -> None:
         return None
 
@@ -74,6 +72,9 @@ class NullTracker:
         return None
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
+        return None
+
+    def close(self) -> None:
         return None
 
     def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
@@ -88,59 +89,54 @@ class NullTracker:
 
 
 class MlflowTracker(NullTracker):
+    """Tracking on: every run is written by the writer process (see `writer`), so this process never imports
+    MLflow; only `log_model` (a fitted network, which must not cross a pipe) opens a store here."""
+
     enabled = True
 
     def __init__(self, spec: TrackingSpec, sweep_name: str) -> None:
-        self.tracking_uri = _absolute_sqlite(spec.uri)
-        self._writer: _TrialWriter | None = _TrialWriter(self.tracking_uri)  # imports MLflow while we do
-        from mlflow import MlflowClient
+        self._spec = spec
+        self._experiment = spec.experiment or sweep_name
+        self._writer: WriterProcess | None = take_writer()
+        described = self._writer.call("open", _absolute_sqlite(spec.uri), self._experiment, spec.artifact_location,
+                                      spec.system_metrics)
+        self.tracking_uri: str = described["tracking_uri"]
+        self.experiment_id: str = described["experiment_id"]
+        self._opened: dict[tuple[str, str], int] = {}  # trial runs asked for, by (parent, name): their tokens
+        self._refused: list[str] = []  # trial runs the writer could not create, reported at the next flush
 
-        # after the import: importing mlflow configures its loggers at INFO
-        logging.getLogger("alembic").setLevel(logging.WARNING)
-        logging.getLogger("mlflow").setLevel(logging.WARNING)
-        _quiet_reraised_errors()
-
-        self.system_metrics = spec.system_metrics
-        self._monitors: dict[str, Any] = {}
-        self._sweep_run = ""
-        self.recreated: list[str] = []  # runs the store had lost (deleted or replaced), made again
-        create_store(self.tracking_uri)  # under a lock: two sweeps starting at once must not both migrate it
-        self.client = MlflowClient(tracking_uri=self.tracking_uri)
-        _write_ahead_log(self.tracking_uri)
-        self.experiment_id = open_experiment(self.client, spec.experiment or sweep_name, spec.artifact_location)
-        self._writer.experiment(self.experiment_id)
+    @property
+    def recreated(self) -> list[str]:  # type: ignore[override]
+        """Runs the store had lost (deleted or replaced) and the sweep made again."""
+        described: dict[str, Any] = self._live().call("describe")
+        return list(described["recreated"])
 
     def sweep_run(self, name: str, tags: dict[str, str], run_id: str | None) -> str:
         """The sweep's run (created with provenance tags, or reopened on resume), watched by system metrics."""
-        resumed = bool(run_id) and self._reopen(run_id or "", name)
-        if not resumed or not run_id:
-            run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name,
-                                                        tags={**provenance_tags(), **tags}))
-            run_id = str(run.info.run_id)
-        self._sweep_run = run_id
-        if self.system_metrics:
-            self._monitors[run_id] = _start_monitor(run_id, self.tracking_uri, resumed)
-        return run_id
+        return str(self._live().call("sweep_run", name, tags, run_id))
 
     def study_run(self, sweep_run_id: str, study: str, run_id: str | None) -> str:
-        if run_id and self._reopen(run_id, study):
-            return run_id
-        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=study,
-                                                    tags={PARENT: sweep_run_id, "foldsweep.study": study}))
-        return run.info.run_id
+        return str(self._live().call("study_run", sweep_run_id, study, run_id))
 
     def open_trial(self, parent: str, name: str, start: float) -> None:
-        """Create a trial's run in the writer process while the trial trains (RUNNING in the UI until told)."""
+        """Create a trial's run while the trial trains (RUNNING in the UI until told)."""
         if parent:
-            self._trial_writer().open(parent, name, start)
+            self._opened[(parent, name)] = self._live().ask("open_trial", parent, name, start)
 
     def log_trial(self, parent: str, name: str, params: dict[str, Any], metrics: dict[str, float],
                   curves: dict[str, np.ndarray], tags: dict[str, str], status: str, start: float) -> str:
         """The run id at once (the Optuna trial must name it before it is told); the rows follow in the background."""
-        writer = self._trial_writer()
-        run_id = writer.run_id(parent, name, start)
+        writer = self._live()
+        token = self._opened.pop((parent, name), None)
+        try:
+            run_id = str(writer.answer(writer.ask("open_trial", parent, name, start) if token is None else token))
+        except FoldsweepError as err:
+            if not writer.alive():
+                raise
+            self._refused.append(f"open_trial {name}: {err}")
+            run_id = ""
         if run_id:
-            writer.fill(run_id, metrics, params, tags, curves, status)
+            writer.post("fill_trial", run_id, metrics, params, tags, curves, status)
         crash_point("mlflow")  # the run is written, Optuna not yet told: where a kill hurts most
         return run_id
 
@@ -159,169 +155,81 @@ class MlflowTracker(NullTracker):
         if self._writer is None:
             return
         try:
-            errors = self._writer.flush(close_unlogged)
+            failures = self._refused + self._writer.flush(close_unlogged)
         except FoldsweepError as err:  # the writer process is gone
-            errors = [str(err)]
-        self._report(errors, strict)
-
-    def _trial_writer(self) -> _TrialWriter:
-        if self._writer is None:
-            self._writer = _TrialWriter(self.tracking_uri)
-            self._writer.experiment(self.experiment_id)
-        return self._writer
-
-    def _report(self, errors: list[str], strict: bool) -> None:
-        if errors and strict:
-            raise FoldsweepError(f"MLflow could not write {len(errors)} trial run(s); first: {errors[0]}")
-        for error in errors:
-            logging.getLogger(__name__).warning("a trial run was not fully written to MLflow: %s", error)
+            failures = [str(err)]
+        self._refused = []
+        if failures and strict:
+            raise FoldsweepError(f"the MLflow writer failed {len(failures)} time(s); first: {failures[0]}")
+        for failure in failures:
+            logging.getLogger(__name__).warning("a trial run was not fully written to MLflow: %s", failure)
 
     def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                    tags: dict[str, str] | None = None) -> None:
-        """Rows on a run. MLflow never changes a param: one whose value moved (an extended sweep's new best)
-        is written as a tag of the same name instead, which the run page shows beside the first value."""
-        params = params or {}
-        logged = _retry(lambda: self.client.get_run(run_id)).data.params if params else {}
-        moved = {k: _short(v) for k, v in params.items() if k in logged and logged[k] != _short(v)}
-        self._write(run_id, metrics, {k: v for k, v in params.items() if k not in moved}, {**(tags or {}), **moved}, {})
+        """Rows on a run (a param whose value moved is written as a tag: see `RunStore.log_values`).
+
+        Sent without waiting (a failure is raised by the next `flush`), so a refit is not held up by the
+        pictures the writer is drawing meanwhile."""
+        self._live().post("log_values", run_id, metrics, params, tags)
 
     def log_files(self, run_id: str, files: list[tuple[Path, str]]) -> None:
         """Each (file, folder inside the run's artifacts; "" for the top)."""
-        for path, folder in files:
-            _retry(partial(self.client.log_artifact, run_id, str(path), artifact_path=folder or None))
+        self._live().call("log_files", run_id, files)
 
     def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(steps, values) of each logged curve, read back so plots need not keep every curve in memory."""
         self.flush()
-        out = {}
-        for key in keys:
-            history = sorted(_retry(partial(self.client.get_metric_history, run_id, key)), key=lambda m: m.step)
-            if history:
-                out[key] = (np.array([m.step for m in history]), np.array([m.value for m in history]))
-        return out
+        histories: dict[str, tuple[np.ndarray, np.ndarray]] = self._live().call("metric_histories", run_id, keys)
+        return histories
+
+    def draw_pictures(self, pictures: SweepPictures) -> None:
+        """Start drawing the study pictures in the writer process (they wait there for `log_report`)."""
+        self._live().post("draw_pictures", pictures)
+
+    def log_report(self, run_id: str, texts: dict[str, str], files: list[tuple[Path, str]],
+                   summary: dict[str, Any]) -> None:
+        """The sweep's report on its run: `texts` as files of those names, `files` (path, artifact folder), and
+        the pictures (those drawn early, and the outer scores from `summary`) under plots/."""
+        self.flush()  # a picture that failed to draw is reported here, before the report is logged without it
+        self._live().call("log_report", run_id, texts, files, summary)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """Stop the run's system-metrics monitor (if any) with a last sample, then close the run."""
-        if not run_id:
+        """Land the trial runs sent so far, then close the run (its system metrics end with a last sample)."""
+        if not run_id or self._writer is None:
             return
         if status == "FINISHED":
             self.flush()
         else:  # after a failure, trials asked but never told end with the sweep's status
             self.abandon(status)
-        if run_id == self._sweep_run and self._writer is not None:
+        self._writer.call("finish", run_id, status)
+
+    def close(self) -> None:
+        """End the writer process once it has written everything it was sent."""
+        if self._writer is not None:
             self._writer.close()
             self._writer = None
-        monitor = self._monitors.pop(run_id, None)
-        if monitor is not None:
-            _stop_monitor(monitor)
-        _retry(lambda: self.client.set_terminated(run_id, status))
 
     def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
-        """Make the trial runs under `parent` agree with Optuna; returns how many runs were created.
-
-        A killed process can leave a run RUNNING, end one FAILED whose trial Optuna recorded as
-        complete (or the reverse), or never write it. Each run named in `want` gets Optuna's status
-        and, where missing, its headline metrics; a missing run of a finished trial is created from them
-        (tagged `foldsweep.backfilled`: its per-epoch curves are gone); any other run still RUNNING is FAILED.
-        """
+        """Make the trial runs under `parent` agree with Optuna (see `RunStore.reconcile`); returns runs created."""
         self.flush()
-        runs: dict[str, list[Any]] = {}
-        for run in self._runs_under(parent):
-            runs.setdefault(run.info.run_name, []).append(run)
-        created = 0
-        for name, trial in want.items():
-            found = runs.pop(name, [])
-            if not found and trial.status != "FAILED":  # a failed trial that never got a run needs none
-                run_id = str(_retry(lambda: self.client.create_run(self.experiment_id, run_name=name,  # noqa: B023
-                                                                   tags={PARENT: parent})).info.run_id)
-                self._write(run_id, trial.metrics, trial.params, {**trial.tags, "foldsweep.backfilled": "true"}, {})
-                _retry(partial(self.client.set_terminated, run_id, trial.status))
-                created += 1
-            for run in found:
-                self._agree(run, trial)
-        for left in runs.values():
-            for run in left:
-                if run.info.status == "RUNNING":
-                    _retry(partial(self.client.set_terminated, run.info.run_id, "FAILED"))
-        return created
-
-    def _agree(self, run: Any, trial: TrialRun) -> None:
-        if run.info.status == trial.status and all(k in run.data.metrics for k in trial.metrics):
-            return
-        missing = {k: v for k, v in trial.metrics.items() if k not in run.data.metrics}
-        params = {} if run.data.params else trial.params  # never written: the process died before the fill
-        self._write(run.info.run_id, missing, params, {"foldsweep.state": trial.tags["foldsweep.state"]}, {})
-        _retry(partial(self.client.set_terminated, run.info.run_id, trial.status))
-
-    def _runs_under(self, parent: str) -> list[Any]:
-        """Every run whose parent is `parent`, page by page (a study can have thousands of trials)."""
-        found: list[Any] = []
-        token = None
-        while True:
-            page = _retry(partial(self.client.search_runs, [self.experiment_id], f"tags.`{PARENT}` = '{parent}'",
-                                  max_results=5000, page_token=token))
-            found += list(page)
-            token = page.token
-            if not token:
-                return found
+        return int(self._live().call("reconcile", parent, want))
 
     def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         """Metrics at an explicit step (a test look's number), so every look stays in the metric's history."""
-        from mlflow.entities import Metric, RunTag
-
-        now = int(time.time() * 1000)
-        rows = [Metric(k, float(v), now, step) for k, v in metrics.items()]
-        _retry(lambda: self.client.log_batch(run_id, metrics=rows, tags=[RunTag(k, v) for k, v in tags.items()]))
+        self._live().call("log_step", run_id, metrics, step, tags)
 
     def log_model(self, parent: str, name: str, model: torch.nn.Module, n_inputs: int, params: dict[str, Any],
                   tags: dict[str, str]) -> dict[str, str]:
-        """A run of its own (a child of `parent` when given) holding the network as an MLflow PyTorch model.
+        """A run of its own holding the network as an MLflow PyTorch model (see `RunStore.log_model`)."""
+        from foldsweep.tracking.runs import RunStore
 
-        Saved in MLflow's "pt2" format (torch.export: loading runs no pickle). The network takes
-        preprocessed features, so the input example is all-zero rows: the training mean (two rows, so
-        that torch.export keeps the batch dimension free).
-        """
-        import mlflow.pytorch
-        import torch
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # fluent log_model reads the global URI
+        here = RunStore(self.tracking_uri, self._experiment, self._spec.artifact_location, system_metrics=False)
+        return here.log_model(parent, name, model, n_inputs, params, tags)
 
-        run_tags = {**provenance_tags(), **tags, **({PARENT: parent} if parent else {})}
-        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=run_tags))
-        run_id = str(run.info.run_id)
-        self._write(run_id, {}, params, {}, {})
-        example = np.zeros((2, n_inputs), dtype=np.float32)
-        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
-            info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
-                                            pip_requirements=[f"torch=={torch.__version__}"])
-        return {"run_id": run_id, "model_uri": info.model_uri, "tracking_uri": self.tracking_uri}
-
-    def _reopen(self, run_id: str, name: str) -> bool:
-        """Mark a known run RUNNING again; False if this store has no such run (it was deleted or replaced)."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            run = _retry(lambda: self.client.get_run(run_id))
-        except MlflowException as err:
-            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
-                raise
-            self.recreated.append(name)
-            return False
-        if run.info.experiment_id != self.experiment_id:  # a replaced store reusing the id: not ours
-            self.recreated.append(name)
-            return False
-        _retry(lambda: self.client.update_run(run_id, status="RUNNING"))
-        return True
-
-    def _write(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
-               curves: dict[str, np.ndarray]) -> None:
-        _write_rows(self.client, run_id, metrics, params, tags, curves)
-
-
-def _quiet_reraised_errors() -> None:
-    """MLflow logs each database error it re-raises with a full traceback (a full disk gave 24); the error
-    itself still reaches us and ends as one line, so these loggers only speak when it is critical."""
-    for name in ("mlflow.store.db.utils", "mlflow.system_metrics"):
-        logging.getLogger(name).setLevel(logging.CRITICAL)
+    def _live(self) -> WriterProcess:
+        if self._writer is None:
+            raise FoldsweepError("the MLflow tracker was closed; nothing more can be written with it")
+        return self._writer
 
 
 def make_tracker(spec: TrackingSpec, sweep_name: str) -> NullTracker:

@@ -1,130 +1,99 @@
-"""Trial runs written by a child process, so MLflow's per-row Python cost stays off the training core.
+"""The MLflow writer process: the sweep's `RunStore` lives in a child, and the sweep sends it requests.
 
-The parent sends requests over a socket (the experiment, open a run, fill it, flush); the child answers
-with run ids and, at each flush, the errors since the last one. The child is started before the parent
-imports MLflow, so the two imports (seconds each) overlap on two cores; it touches the store only once
-told the experiment, so never before the parent has created the store (under its lock). The child is started as
-`python -c "from foldsweep.tracking.writer import _writer_main; ..."`, so nothing this module imports
-at the top may be heavy (no torch): the first trial waits for the writer to start.
+Why a process: importing MLflow costs seconds, and MLflow spends 0.1-0.2 ms of Python per metric row. In
+the training process the import would delay the first training step, and in a thread the rows would
+share the GIL with training (which drops and retakes it on every tensor op, and so waits out each of
+the thread's slices: measured slower than writing inline). The child starts before the sweep imports
+torch (`start_early`), imports MLflow on the other core meanwhile, and writes every run from then on;
+the training process never imports MLflow.
+
+Requests run in the order sent. A `call` waits for its answer (run ids, counts, curves: plain values);
+a `post` (a trial's rows) does not, and its errors come back at the next `flush`. The child is a plain
+subprocess (not multiprocessing, so it never re-runs the caller's script) in its own session, so Ctrl-C
+on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone. It is
+started as `python -c "from foldsweep.tracking.writer import _writer_main; ..."`, so nothing this module
+imports at the top may be heavy (no torch, no MLflow).
 """
 
 from __future__ import annotations
 
 import contextlib
 import itertools
-import json
-import logging
+import os
 import socket
 import subprocess
 import sys
-import time
-from functools import partial
+import weakref
 from multiprocessing.connection import Connection
-from typing import Any
+from typing import Any, NoReturn
 
-import numpy as np
+from foldsweep import errors
+from foldsweep.errors import DiskFull, FoldsweepError
+from foldsweep.tracking.store import _absolute_sqlite
 
-from foldsweep.errors import FoldsweepError
-from foldsweep.tracking.store import _retry
+__all__ = ["WriterProcess", "discard_early", "start_early", "take_writer"]
 
-MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's limits per `log_batch` call
-PARENT = "mlflow.parentRunId"
-
-
-def _write_rows(client: Any, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
-                curves: dict[str, np.ndarray]) -> None:
-    """Everything in as few `log_batch` calls as MLflow's per-call limits allow."""
-    from mlflow.entities import Metric, Param, RunTag
-
-    now = int(time.time() * 1000)
-    rows = [Metric(k, float(v), now, 0) for k, v in metrics.items() if v is not None and np.isfinite(v)]
-    for key, values in curves.items():
-        rows += [Metric(key, float(v), now, step) for step, v in enumerate(values, start=1) if np.isfinite(v)]
-    param_rows = [Param(k, _short(v)) for k, v in params.items()]
-    tag_rows = [RunTag(k, _short(v, 5000)) for k, v in tags.items()]
-    batches = max(-(-len(rows) // MAX_METRICS), -(-len(param_rows) // MAX_PARAMS), -(-len(tag_rows) // MAX_TAGS))
-    for b in range(batches):
-        chunk = (rows[b * MAX_METRICS : (b + 1) * MAX_METRICS], param_rows[b * MAX_PARAMS : (b + 1) * MAX_PARAMS],
-                 tag_rows[b * MAX_TAGS : (b + 1) * MAX_TAGS])
-        _retry(partial(client.log_batch, run_id, metrics=chunk[0], params=chunk[1], tags=chunk[2]))
+DISK_FULL = ("disk full while writing the MLflow store: nothing finished is lost; free space and rerun the same "
+             "command to resume")
 
 
-class _TrialWriter:
-    """Creates and fills trial runs in a child process, in request order.
+class WriterProcess:
+    """The parent's end: send requests, match answers to them by token.
 
-    MLflow spends about 0.1-0.2 ms of Python per metric row. In a thread that time would share the GIL
-    with training, which drops and retakes it on every tensor op and so waits out each of the thread's
-    slices (measured: slower than writing inline); a process writes on another core instead. It is a
-    plain subprocess (not multiprocessing), so it never re-runs the caller's script, in its own session,
-    so Ctrl-C on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone.
+    Args:
+        warm_uri: the store the sweep will open, so the child pays MLflow's one-time costs before it is asked.
     """
 
-    def __init__(self, tracking_uri: str) -> None:
+    def __init__(self, warm_uri: str = "") -> None:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
-                   str(theirs.fileno()), tracking_uri]
+                   str(theirs.fileno()), warm_uri]
         self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
         theirs.close()
         self._conn = Connection(ours.detach())
-        self._used = False
-        self._opened: set[tuple[str, str]] = set()
-        self._run_ids: dict[tuple[str, str], str] = {}
-        self._flushed: dict[int, list[str]] = {}
+        self._answers: dict[int, tuple[bool, Any]] = {}
         self._tokens = itertools.count()
+        self._closer = weakref.finalize(self, _stop, self._process, self._conn)
 
-    def experiment(self, experiment_id: str) -> None:
-        """Where runs go; the child opens the store on this message (so after the store was created)."""
-        try:
-            self._conn.send(("experiment", experiment_id, None))
-        except OSError:
-            raise self._gone() from None
+    def alive(self) -> bool:
+        return self._process.poll() is None and not self._conn.closed
 
-    def open(self, parent: str, name: str, start: float) -> None:
-        self._opened.add((parent, name))
-        self._send(("open", (parent, name), start))
+    def ask(self, method: str, *args: Any) -> int:
+        """Send a request whose answer is wanted; returns the token to `answer` it by."""
+        token = next(self._tokens)
+        self._send(("call", token, (method, args)))
+        return token
 
-    def run_id(self, parent: str, name: str, start: float) -> str:
-        """The run opened for this trial ("" if MLflow refused it; `flush` then reports why)."""
-        key = (parent, name)
-        if key not in self._opened:
-            self.open(parent, name, start)
-        while key not in self._run_ids:
+    def answer(self, token: int) -> Any:
+        """Wait for the answer to `ask`'s request `token`; a failure there is raised here, as one line."""
+        while token not in self._answers:
             self._receive(timeout=1.0)
-        self._opened.discard(key)
-        return self._run_ids.pop(key)
+        ok, value = self._answers.pop(token)
+        if not ok:
+            raise _as_error(*value)
+        return value
 
-    def fill(self, run_id: str, metrics: dict[str, float], params: dict[str, Any], tags: dict[str, str],
-             curves: dict[str, np.ndarray], status: str) -> None:
-        self._send(("fill", run_id, (metrics, params, tags, curves, status)))
+    def call(self, method: str, *args: Any) -> Any:
+        return self.answer(self.ask(method, *args))
+
+    def post(self, method: str, *args: Any) -> None:
+        """Send a request and go on; a failure is reported by the next `flush`."""
+        self._send(("post", None, (method, args)))
 
     def flush(self, close_unlogged: str | None = None) -> list[str]:
-        """Wait for every request so far; returns the errors since the last flush."""
-        if not self._used:
-            return []
-        token = next(self._tokens)
-        self._send(("flush", token, close_unlogged))
-        while token not in self._flushed:
-            self._receive(timeout=1.0)
-        return self._flushed.pop(token)
+        """Wait for every request so far; returns the errors of posts since the last flush."""
+        errors_since: list[str] = self.call("flush", close_unlogged)
+        return errors_since
 
     def close(self) -> None:
-        if not self._used:  # nothing to write (a sweep resumed after its last trial): no need to wait for it
-            self._process.terminate()
-        with contextlib.suppress(OSError):
-            self._conn.send(None)
-        try:
-            self._process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._conn.close()
+        """Let the child finish what it was sent, then end it."""
+        self._closer()
 
-    def _send(self, request: tuple[str, Any, Any]) -> None:
+    def _send(self, request: tuple[str, int | None, tuple[str, tuple[Any, ...]]]) -> None:
         try:
             while self._conn.poll(0):  # take the answers first, so neither side ever blocks on a full socket
                 self._receive(timeout=0)
             self._conn.send(request)
-            self._used = True
         except OSError:
             raise self._gone() from None
 
@@ -138,53 +107,122 @@ class _TrialWriter:
             if self._process.poll() is not None:
                 raise self._gone()
             return
-        kind, key, value = answer
-        if kind == "opened":
-            self._run_ids[key] = value
-        else:
-            self._flushed[key] = value
+        token, ok, value = answer
+        self._answers[token] = (ok, value)
 
     def _gone(self) -> FoldsweepError:
-        return FoldsweepError(f"the MLflow writer process stopped (exit code {self._process.poll()}); trial "
-                              "runs from then on were not written")
+        return FoldsweepError(f"the MLflow writer process stopped (exit code {self._process.poll()}); runs from "
+                              "then on were not written")
 
 
+def _stop(process: subprocess.Popen[bytes], conn: Connection) -> None:
+    with contextlib.suppress(OSError):
+        conn.send(None)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+    conn.close()
+
+
+def _as_error(kind: str, message: str) -> FoldsweepError:
+    """The child's failure as the same one-line error the parent would have raised itself."""
+    cls = getattr(errors, kind, None)
+    if not (isinstance(cls, type) and issubclass(cls, FoldsweepError)):
+        cls = FoldsweepError
+    return cls(message)
+
+
+# -- started before the heavy imports ------------------------------------------------------------------
+_early: list[WriterProcess] = []
+
+
+def start_early(tracking_uri: str) -> None:
+    """Start a writer now, so its MLflow import overlaps the caller's torch import; `take_writer` takes it."""
+    if not _early:
+        _early.append(WriterProcess(_absolute_sqlite(tracking_uri)))
+
+
+def take_writer() -> WriterProcess:
+    """The writer `start_early` started (if still alive), else a new one."""
+    while _early:
+        writer = _early.pop()
+        if writer.alive():
+            return writer
+        writer.close()
+    return WriterProcess()
+
+
+def discard_early() -> None:
+    """End a writer started early that no tracker took (tracking off, or the sweep failed before it began)."""
+    while _early:
+        _early.pop().close()
+
+
+# -- the child ------------------------------------------------------------------------------------------
 def _writer_main() -> None:
-    """The writer process: open, fill and close runs until told to stop or the parent is gone."""
-    from mlflow import MlflowClient
+    """The writer process: serve requests until told to stop or the parent is gone."""
+    import logging
 
-    fd, tracking_uri = int(sys.argv[1]), sys.argv[2]
+    from foldsweep.tracking.runs import RunStore
+    from foldsweep.tracking.store import warm_up
+
     logging.getLogger("mlflow").setLevel(logging.WARNING)
     logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)  # errors re-raised: reported at flush
-    conn = Connection(fd)
-    client: Any = None
-    experiment_id = ""
-    errors: list[str] = []
-    unfilled: set[str] = set()
+    conn = Connection(int(sys.argv[1]))
+    if len(sys.argv) > 2 and sys.argv[2]:
+        warm_up(sys.argv[2])  # the seconds of MLflow's import and set-up, now, while the parent imports torch
+    store: Any = None
+    failures: list[str] = []
     while True:
         try:
             request = conn.recv()
         except (EOFError, ConnectionError):  # the parent died without saying stop (kill -9: a reset)
-            return
+            _exit_now(store)
         if request is None:
-            return
-        kind, key, value = request
-        if kind == "experiment":
-            experiment_id, client = key, MlflowClient(tracking_uri)
-            continue
-        answer = ""
+            _exit_now(store)
+        kind, token, (method, args) = request
         try:
-            answer = _serve(client, experiment_id, kind, key, value, unfilled)
-        except Exception as err:  # the sweep goes on; the parent hears of it at its next flush
-            errors.append(f"{kind} {key}: {err}")
-        reply = ("opened", key, answer) if kind == "open" else ("flushed", key, errors) if kind == "flush" else None
-        if reply is not None and not _answer(conn, reply):
-            return
-        if kind == "flush":
-            errors = []
+            if method == "open":
+                store = RunStore(*args)
+                value: Any = store.describe()
+            elif method == "flush":
+                if args[0] is not None:  # after a failure: trials asked but never told end with its status
+                    store.close_unfilled(args[0])
+                value, failures = failures, []
+            else:
+                value = getattr(store, method)(*args)
+            ok = True
+        except Exception as err:  # the sweep goes on; the parent hears of it (now, or at its next flush)
+            ok, value = False, _failure(err)
+            if kind == "post":
+                failures.append(f"{method}: {value[1]}")
+        if kind == "call" and not _answer(conn, (token, ok, value)):
+            _exit_now(store)
+        if method == "open" and ok:
+            _import_drawing()
 
 
-def _answer(conn: Connection, reply: tuple[str, Any, Any]) -> bool:
+def _exit_now(store: Any) -> NoReturn:
+    """End without tearing down MLflow's and SQLAlchemy's modules (about a second): every answer was
+    committed before it was sent, so only the store's connections are closed first."""
+    if store is not None:
+        store.close()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _import_drawing() -> None:
+    """matplotlib and Optuna, imported while the first trials train, so the sweep's end does not wait for them."""
+    import optuna
+
+    import foldsweep.plots  # noqa: F401
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # in-memory copies of the studies, made quietly
+
+
+def _answer(conn: Connection, reply: tuple[int | None, bool, Any]) -> bool:
     """Send a reply; False when the parent is gone (killed while we wrote: a broken pipe, not a bug)."""
     try:
         conn.send(reply)
@@ -193,25 +231,14 @@ def _answer(conn: Connection, reply: tuple[str, Any, Any]) -> bool:
     return True
 
 
-def _serve(client: Any, experiment_id: str, kind: str, key: Any, value: Any, unfilled: set[str]) -> str:
-    if kind == "open":
-        parent, name = key
-        run = _retry(lambda: client.create_run(experiment_id, run_name=name, start_time=int(value * 1000),
-                                               tags={PARENT: parent}))
-        unfilled.add(str(run.info.run_id))
-        return str(run.info.run_id)
-    if kind == "fill":
-        metrics, params, tags, curves, status = value
-        unfilled.discard(key)
-        _write_rows(client, key, metrics, params, tags, curves)
-        _retry(lambda: client.set_terminated(key, status))
-    elif value is not None:  # a flush after a failure: trials asked but never told end with the sweep's status
-        for run_id in sorted(unfilled):
-            _retry(partial(client.set_terminated, run_id, value))
-        unfilled.clear()
-    return ""
-
-
-def _short(value: Any, limit: int = 500) -> str:
-    text = value if isinstance(value, str) else json.dumps(value, default=str)
-    return text[:limit]
+def _failure(err: Exception) -> tuple[str, str]:
+    """(error class name, one line) for the parent to raise: a full disk, or what `errors.explain` makes of
+    it, else MLflow's own words."""
+    text = str(err)
+    if "disk is full" in text or "No space left" in text:
+        return DiskFull.__name__, DISK_FULL
+    explained = errors.explain(err)
+    if explained is not None:
+        return type(explained).__name__, str(explained)
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return FoldsweepError.__name__, f"MLflow failed: {type(err).__name__}: {first}"[:2000]
