@@ -73,14 +73,18 @@ def test_a_damaged_plan_is_refused_in_one_line(created: tuple[SweepRecord, Datas
     record, _ = created
     path = record.folder / PLAN_FILE
     with np.load(path) as arrays:
-        masks, hashes = arrays["masks"].copy(), arrays["test_hashes"]
-    masks[2, 0] ^= 1  # one row moved between sets of the first fold
-    with path.open("wb") as handle:
-        np.savez(handle, masks=masks, test_hashes=hashes)
+        masks, hashes = arrays["masks"].copy(), arrays["test_hashes"].copy()
+    moved = masks.copy()
+    moved[2, 0] ^= 1  # one row moved between sets of the first fold
+    edited = hashes.copy()
+    edited[0] ^= np.uint64(1)  # one sealed row's hash
     damaged = r"^the fold plan of sweep `tiny` \(.*plan.npz\) was changed or damaged"
-    with pytest.raises(SealError, match=damaged) as info:
-        SweepRecord(record.name, record.folder).plan  # noqa: B018 -- reading is what is tested
-    assert "\n" not in str(info.value) and "--fresh" in str(info.value)
+    for stored in ({"masks": moved, "test_hashes": hashes}, {"masks": masks, "test_hashes": edited}):
+        with path.open("wb") as handle:
+            np.savez(handle, **stored)
+        with pytest.raises(SealError, match=damaged) as info:
+            SweepRecord(record.name, record.folder).plan  # noqa: B018 -- reading is what is tested
+        assert "\n" not in str(info.value) and "--fresh" in str(info.value)
     path.write_bytes(b"not a zip")
     with pytest.raises(SealError, match=r"cannot be read: .*rerun with --fresh$"):
         SweepRecord(record.name, record.folder).plan  # noqa: B018
