@@ -3,7 +3,7 @@
 It lives under `mlruns/sweeps/<name>/` beside the Optuna and MLflow stores, is written before the
 work it describes starts, and is only ever appended to, so a crash or a rerun never loses it.
 `record.json` stays small (a few KB whatever the rows): the fold plan and the sealed test rows' hashes
-are arrays in `plan.npz` (bit masks, 2 + 2 x folds bits a row), checked against `plan_hash` on reading.
+are arrays in `plan.npz` (bit masks, 2 + 2 x folds bits a row), checked against record.json's hashes on reading.
 """
 
 from __future__ import annotations
