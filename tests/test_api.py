@@ -23,7 +23,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def sonar() -> pd.DataFrame:
-    return _bundled("sonar")[0]
+    return _bundled("sonar")[0].to_pandas()
 
 
 def untracked(**overrides: object) -> dict:

@@ -16,11 +16,10 @@ from foldsweep.data import (
     dataset_from_frame,
     hash_rows,
     load_dataset,
-    read_header,
-    read_table,
 )
 from foldsweep.errors import DataError, FoldsweepError
 from foldsweep.spec import DataSpec
+from foldsweep.tables import read_header, read_table
 
 
 def csv(tmp_path: Path, text: str, name: str = "data.csv") -> Path:
@@ -293,8 +292,8 @@ def test_row_hashes_are_pinned_across_runs_and_machines() -> None:
     y = np.array([0, 1])
     data = Dataset(name="t", X=X, y=y, feature_names=["a", "b", "c"], task="classification", metric="accuracy",
                    classes=["p", "q"], row_hashes=hash_rows(X, y), target="y")
-    assert data.row_hex([0, 1]) == ["e9e06743c4518ffd", "9778b471e8a0a9b8"]
-    assert data.row_hex([0, 1]) == [f"{_reference_hash(row, label):016x}" for row, label in zip(X, y)]
+    assert [f"{h:016x}" for h in data.row_hashes[:2]] == ["e9e06743c4518ffd", "9778b471e8a0a9b8"]
+    assert data.row_hashes[:2].tolist() == [_reference_hash(row, label) for row, label in zip(X, y)]
     assert data.fingerprint == "d6dbf23eb38e46d5"
 
 
@@ -426,3 +425,65 @@ def test_the_header_is_read_without_the_rows(tmp_path: Path, suffix: str) -> Non
     (tmp_path / "bad.parquet").write_text("b,a,y\n1,x,0\n")
     with pytest.raises(DataError, match=r"bad.parquet` cannot be read: .*magic bytes"):
         read_header(tmp_path / "bad.parquet")
+
+
+# --- Arrow path at scale --------------------------------------------------------------------------------
+
+
+def test_parquet_row_groups_nulls_and_text_load_as_pandas_encodes_them(tmp_path: Path) -> None:
+    """The matrix is filled batch by batch from several row groups; one-hot and labels match pandas'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rng = np.random.default_rng(3)
+    n = 200_000  # > BATCH_ROWS: several batches, and several row groups
+    a = rng.normal(size=n).astype(np.float32)
+    b = rng.integers(0, 9, size=n)
+    flag = rng.integers(0, 2, size=n).astype(bool)
+    color = rng.choice(["red", "blue", "green"], size=n).astype(object)
+    color[::7] = None
+    y = rng.choice(["u", "v", "w"], size=n)
+    table = pa.table({"a": a, "b": pa.array(b, mask=(np.arange(n) % 11 == 0)), "flag": flag,
+                      "color": color, "y": y})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=30_000)
+    data = load_dataset(DataSpec(path=str(tmp_path / "t.parquet"), target="y", categorical="onehot",
+                                 missing="impute"))
+    frame = table.to_pandas()
+    dummies = pd.get_dummies(frame[["color"]], columns=["color"], dtype=np.float32)
+    assert data.feature_names == ["a", "b", "flag", *dummies.columns]
+    expected = np.column_stack([frame["a"], frame["b"], frame["flag"], dummies]).astype(np.float32)
+    np.testing.assert_array_equal(data.X, expected)  # NaN where b is empty, in the same places
+    assert data.X.flags.c_contiguous and data.X.dtype == np.float32
+    assert data.classes == ["u", "v", "w"] and np.array_equal(data.y, pd.factorize(frame["y"], sort=True)[0])
+    in_memory = dataset_from_frame(frame, DataSpec(path="unused.csv", target="y", categorical="onehot",
+                                                   missing="impute"), name="t")
+    assert in_memory.fingerprint == data.fingerprint
+
+
+def test_a_categorical_frame_column_keeps_its_categories_order() -> None:
+    frame = pd.DataFrame({"size": pd.Categorical(["M", "S", "L", "M"], categories=["S", "M", "L"]),
+                          "y": ["a", "b", "a", "b"]})
+    data = dataset_from_frame(frame, DataSpec(path="unused.csv", target="y", categorical="onehot"), name="t")
+    assert data.feature_names == list(pd.get_dummies(frame[["size"]]).columns) == ["size_S", "size_M", "size_L"]
+    assert data.X.tolist() == [[0, 1, 0], [1, 0, 0], [0, 0, 1], [0, 1, 0]]
+
+
+def test_a_nan_label_in_a_parquet_float_column_is_an_empty_row(tmp_path: Path) -> None:
+    pd.DataFrame({"a": [1.0, 2.0, 3.0], "y": [0.5, np.nan, 1.5]}).to_parquet(tmp_path / "t.parquet")
+    with pytest.raises(DataError, match=r"^target column `y` has 1 empty rows$"):
+        load_dataset(DataSpec(path=str(tmp_path / "t.parquet"), target="y"))
+
+
+
+@pytest.mark.parametrize("source", ["csv", "parquet", "bundled"])
+def test_regression_labels_are_a_writable_array(tmp_path: Path, source: str) -> None:
+    """A zero-copy view of Arrow's buffer is read-only: torch.from_numpy warned on it (found by the diabetes sweep)."""
+    if source == "bundled":
+        data = load_dataset(DataSpec(dataset="diabetes"))
+    else:
+        frame = pd.DataFrame({"a": [1.0, 2.0, 3.0, 4.0], "y": [0.5, 1.5, 2.25, 3.0]})
+        path = tmp_path / f"t.{source}"
+        frame.to_csv(path, index=False) if source == "csv" else frame.to_parquet(path)
+        data = load_dataset(DataSpec(path=str(path), target="y"))
+    assert data.task == "regression" and data.y.dtype == np.float32 and data.y.flags.writeable
+    assert data.X.flags.writeable

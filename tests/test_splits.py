@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -123,7 +122,8 @@ def test_plan_invariants(counts: list[int], regression: bool, k_outer: int, k_in
             assert abs(np.sum(data.y[plan.test] == c) - counts[c] * len(plan.test) / len(y)) <= 1
 
     # seeded: the same inputs give the same plan
-    assert make_plan(data, spec).to_json() == plan.to_json()
+    again = make_plan(data, spec)
+    assert np.array_equal(again.to_masks(len(y)), plan.to_masks(len(y))) and again.layout == plan.layout
 
 
 def test_sonar_default_plan() -> None:
@@ -392,11 +392,13 @@ def test_duplicates_within_dev() -> None:
 # --- storage ----------------------------------------------------------------------------------------
 
 
-def test_plan_json_round_trip() -> None:
+def test_plan_mask_round_trip() -> None:
     data, _, _ = planted()
     plan = make_plan(data, split({"k": 3}, {"k": 2}))
-    back = FoldPlan.from_json(json.loads(json.dumps(plan.to_json())))
-    assert back.to_json() == plan.to_json() and back.notes == plan.notes
+    n = len(data.y)
+    back = FoldPlan.from_masks(plan.to_masks(n), n, plan.layout, plan.notes)
+    assert back.layout == plan.layout == [3, 2, 2, 2, 2] and back.notes == plan.notes
+    assert np.array_equal(back.to_masks(n), plan.to_masks(n))
     assert np.array_equal(back.dev, plan.dev) and back.dev.dtype == np.int64
     assert np.array_equal(back.test, plan.test)
     for a, b in zip(all_folds(back), all_folds(plan), strict=True):
@@ -415,3 +417,31 @@ def test_a_test_size_that_seals_every_time_row_is_refused() -> None:
     data = dataset(labels([2, 1], 0), times=np.arange(3))
     with pytest.raises(SplitError, match=r"seals all 3 rows"):
         seal_test_set(data, split(test_size=0.9))
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 12), min_size=4, max_size=60), st.integers(0, 2 ** 16))
+def test_the_duplicate_guard_matches_a_plain_set_reading(values: list[int], seed: int) -> None:
+    """The guard works on the rows whose hash repeats only; a row-by-row reading of the rule must agree."""
+    from foldsweep.splits import _guard_duplicates
+
+    hashes = np.asarray(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    data = Dataset(name="h", X=np.zeros((len(values), 1), np.float32), y=np.zeros(len(values), np.int64),
+                   feature_names=["a"], task="classification", metric="accuracy", classes=["a", "b"],
+                   row_hashes=hashes)
+    rows = np.random.default_rng(seed).permutation(len(values))
+    test, dev = np.sort(rows[: len(values) // 4]), np.sort(rows[len(values) // 4:])
+    in_test = {int(hashes[t]) for t in test}
+    seen: set[int] = set()
+    crossing, repeated = [], []
+    for r in dev:
+        crossing.append(int(hashes[r]) in in_test)
+        repeated.append(int(hashes[r]) in seen)
+        seen.add(int(hashes[r]))
+    kept, notes = _guard_duplicates(data, dev, test, "drop")
+    expected = dev[~(np.array(crossing) | np.array(repeated))]
+    assert np.array_equal(kept, expected)
+    assert notes == ([] if len(expected) == len(dev) else
+                     [f"{sum(crossing)} development rows duplicate a sealed test row and {sum(repeated)} development "
+                      "rows duplicate another development row (split.duplicates): dropped"])
+    assert sealed_rows_seen(data, dev, test)["test_rows_in_dev"] == sum(int(hashes[t]) in seen for t in test)

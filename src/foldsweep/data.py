@@ -3,24 +3,25 @@
 The fingerprint and per-row hashes let a later command prove it sees exactly the rows the sweep saw:
 the sealed test set is only meaningful if nobody can swap rows (or column names) under it.
 
-Every path (a bundled set, a CSV or Parquet file, an in-memory DataFrame) ends in `dataset_from_frame`,
-so the same table gives the same fingerprint whichever way it came in. Files are read by pyarrow
-(multi-threaded, columnar), feature columns become float32 before pandas sees them, and nothing on the
-way visits rows one by one in Python: every check is one vectorised pass over the rows or the columns.
+Every path (a bundled set, a CSV or Parquet file, an in-memory DataFrame) ends in `dataset_from_arrow`,
+so the same table gives the same fingerprint whichever way it came in. The row-major float32 matrix is
+filled straight from Arrow record batches (a Parquet file one row group at a time, so no whole Arrow
+table sits beside the matrix), one-hot and label codes come from `pyarrow.compute.dictionary_encode`,
+no pandas frame is built on the file path, and nothing visits rows one by one in Python: every check
+is one vectorised pass over the rows or the columns.
 """
 
 from __future__ import annotations
 
-import csv
-import difflib
 import hashlib
+import io
 import json
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
@@ -28,6 +29,12 @@ import pyarrow.parquet as pq
 
 from foldsweep.errors import DataError
 from foldsweep.spec import CLASSIFICATION_METRICS, DataSpec
+from foldsweep.tables import MAX_COLUMNS, Source, arrow_errors, check_names, open_table, require_columns
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+__all__ = ["MAX_COLUMNS", "Dataset", "dataset_from_arrow", "dataset_from_frame", "hash_rows", "load_dataset"]
 
 MAXIMIZE = {"accuracy": True, "roc_auc": True, "f1_macro": True, "r2": True,
             "log_loss": False, "rmse": False, "mae": False}
@@ -35,18 +42,17 @@ SONAR_ATTRIBUTION = (
     "Sonar, Mines vs. Rocks (UCI Machine Learning Repository, CC BY 4.0), contributed by "
     "T. Sejnowski and R. P. Gorman; Gorman & Sejnowski (1988), Neural Networks 1, 75-89."
 )
-MAX_COLUMNS = 10_000  # columns of a table, and features after one-hot encoding: an MLP input, not a text corpus
-MAX_HEADER_BYTES = 4 << 20  # a header line longer than this cannot be MAX_COLUMNS names of sane length
-PARQUET_SUFFIXES = (".parquet", ".pq")
 FINGERPRINT_VERSION = b"foldsweep/data-fingerprint/v2\0"
+BATCH_ROWS = 1 << 16  # rows of an Arrow table copied into the matrix at a time: a (65,536, F) block
+PIECE_VALUES = 1 << 23  # values of a Parquet row group decoded at a time: a few of its columns, ~32 MB
 
 
 @dataclass(frozen=True)
 class Dataset:
     """Features as float32, labels as class codes (classification) or float32 (regression).
 
-    `row_hashes` holds one uint64 per row (`hash_rows`); `row_hex` turns some of them into the hex
-    strings the sweep's record stores.
+    `row_hashes` holds one uint64 per row (`hash_rows`); the sweep's record keeps those of the sealed
+    test rows.
     """
 
     name: str
@@ -83,10 +89,6 @@ class Dataset:
         digest.update(np.ascontiguousarray(self.row_hashes, dtype="<u8").tobytes())
         return digest.hexdigest()[:16]
 
-    def row_hex(self, rows: np.ndarray | list[int]) -> list[str]:
-        """The hashes of `rows` as 16-digit hex strings, the form the sweep's record keeps."""
-        return row_hex(np.asarray(self.row_hashes)[np.asarray(rows, dtype=np.int64)])
-
 
 def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
     """Load the spec's data set; relative paths are resolved against `base_dir` (the spec's folder)."""
@@ -94,38 +96,65 @@ def load_dataset(spec: DataSpec, base_dir: Path | None = None) -> Dataset:
         raise DataError(f"data.frame `{spec.frame}` is an in-memory table, not a file: pass it again from Python, "
                         "e.g. foldsweep.open(NAME, data=frame)")
     if spec.dataset is not None:
-        frame, target = _bundled(spec.dataset)
-        return dataset_from_frame(frame, spec, name=spec.dataset, target=target)
+        table, target = _bundled(spec.dataset)
+        return dataset_from_arrow(table, spec, name=spec.dataset, target=target)
     path = _resolve(spec.path or "", base_dir)
-    keep = {c for c in (spec.target, spec.group, spec.time) if c}
-    return dataset_from_frame(read_table(path, exact=keep), spec, name=path.stem)
+    source = open_table(path)
+    with arrow_errors(path):
+        return dataset_from_arrow(source, spec, name=path.stem)
 
 
 def dataset_from_frame(frame: pd.DataFrame, spec: DataSpec, *, name: str, target: str | None = None) -> Dataset:
-    """A Dataset from a table in memory: the one path every loader takes (the frame is not modified).
+    """A Dataset from a pandas DataFrame (the Python API): converted to Arrow, then `dataset_from_arrow`.
 
-    `target` defaults to `spec.target` (bundled sets name their own label column).
+    The caller's frame is not modified. `target` defaults to `spec.target`.
+    """
+    columns = [str(c) for c in frame.columns]  # names as a file's header reads them back
+    check_names(columns, name)
+    try:
+        table = pa.Table.from_pandas(frame.set_axis(columns, axis=1), preserve_index=False)
+    except (pa.ArrowException, ValueError) as err:
+        raise DataError(f"`{name}`: a column cannot be read as one type: {str(err).splitlines()[0]}") from None
+    return dataset_from_arrow(table, spec, name=name, target=target)
+
+
+def dataset_from_arrow(source: Source, spec: DataSpec, *, name: str, target: str | None = None) -> Dataset:
+    """A Dataset from an Arrow table or an open Parquet file: the one path every loader takes.
+
+    Args:
+        source: N rows; its numeric feature columns are copied into the (N, F) float32 matrix batch by
+            batch, its target, group, time and text columns are read whole.
+        spec: the `data` section (target, group, time, categorical and missing policies, task, metric).
+        name: how messages name the table.
+        target: the label column, when not `spec.target` (bundled sets name their own).
     """
     target = target or spec.target
-    if not all(isinstance(c, str) for c in frame.columns):  # names as a file's header reads them back
-        frame = frame.rename(columns=str)  # a renamed copy: the caller's frame stays as it is
     if not target:
         raise DataError(f"`{name}`: no target column given (data.target)")
-    _check_columns(frame, name)
-    if frame.shape[0] == 0:
+    schema = source.schema_arrow if isinstance(source, pq.ParquetFile) else source.schema
+    columns = list(schema.names)
+    check_names(columns, name)
+    n_rows = source.metadata.num_rows if isinstance(source, pq.ParquetFile) else source.num_rows
+    if n_rows == 0:
         raise DataError(f"`{name}` has a header but no rows")
-    _require_columns(frame, [c for c in (target, spec.group, spec.time) if c], name)
-    groups = frame[spec.group].to_numpy() if spec.group else None
-    times = frame[spec.time].to_numpy() if spec.time else None
-    labels = frame[target]
-    if labels.isna().any():
-        raise DataError(f"target column `{target}` has {int(labels.isna().sum())} empty rows")
-    features = [c for c in frame.columns if c not in (target, spec.group, spec.time)]
-    X, names = _feature_matrix(frame, features, spec.categorical)
+    roles = [c for c in (target, spec.group, spec.time) if c]
+    require_columns(columns, roles, name)
+    features = [c for c in columns if c not in roles]
+    numeric = [c for c in features if _is_numeric(schema.field(c).type)]
+    text = [c for c in features if not _is_numeric(schema.field(c).type)]
+    if text and spec.categorical == "error":
+        raise DataError(f"feature column `{text[0]}` is not numeric "
+                        f"({len(text)} such column(s)); set data.categorical: onehot to encode them")
+    side = _read_columns(source, roles + text)
+    labels = side.column(target)
+    _refuse_empty_labels(labels, target)
+    X, names = _feature_matrix(source, n_rows, numeric, {c: side.column(c) for c in text})
     X, keep = _handle_missing(X, names, spec.missing)
+    groups = side.column(spec.group).to_numpy() if spec.group else None
+    times = side.column(spec.time).to_numpy() if spec.time else None
     if keep is not None:
-        labels, groups = labels[keep], groups[keep] if groups is not None else None
-        times = times[keep] if times is not None else None
+        labels = labels.filter(pa.array(keep))
+        groups, times = (v[keep] if v is not None else None for v in (groups, times))
     task = _infer_task(labels) if spec.task == "auto" else spec.task
     y, classes = _encode_target(labels, task, target)
     metric = _metric(spec, task, target, classes)
@@ -154,175 +183,128 @@ def _resolve(path: str, base_dir: Path | None) -> Path:
     return candidate
 
 
-def _bundled(name: str) -> tuple[pd.DataFrame, str]:
+def _bundled(name: str) -> tuple[pa.Table, str]:
     if name == "sonar":
-        text = resources.files("foldsweep.datasets").joinpath("sonar.csv").read_text()
-        rows = [line.split(",") for line in text.strip().splitlines()]
-        frame = pd.DataFrame([r[:-1] for r in rows], columns=[f"band_{i:02d}" for i in range(60)]).astype(float)
-        frame["label"] = [r[-1] for r in rows]
-        return frame, "label"
+        raw = resources.files("foldsweep.datasets").joinpath("sonar.csv").read_bytes()
+        names = [f"band_{i:02d}" for i in range(60)] + ["label"]
+        return pacsv.read_csv(io.BytesIO(raw), read_options=pacsv.ReadOptions(column_names=names)), "label"
     from sklearn import datasets
 
     loader = getattr(datasets, f"load_{name}")
     bunch = loader(as_frame=True)
-    frame = bunch.frame.copy()
+    table = pa.Table.from_pandas(bunch.frame, preserve_index=False)
     if name != "diabetes":
-        frame["target"] = np.asarray(bunch.target_names).astype(str)[bunch.target.to_numpy()]
-    return frame, "target"
-
-
-# -- files -------------------------------------------------------------------------------------------------
-def read_table(path: Path, *, exact: set[str] | frozenset[str] = frozenset()) -> pd.DataFrame:
-    """A CSV or Parquet file as a DataFrame; numeric columns not in `exact` arrive as float32.
-
-    Whatever the file holds, the answer is a DataFrame or a one-line DataError naming the file.
-    """
-    try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            table = _read_parquet(path)
-        else:
-            table = _read_csv(path)
-        names = table.column_names  # decoding a name that is not UTF-8 fails here
-    except (pa.ArrowException, UnicodeError, OSError) as err:
-        kind = "Parquet" if path.suffix.lower() in PARQUET_SUFFIXES else "CSV"
-        raise DataError(f"data file `{path}` cannot be read as {kind}: {_arrow_message(err)}") from None
-    _check_names(names, str(path))
-    _refuse_binary(table, path)
-    table = _float32_features(table, exact)
-    return table.to_pandas(split_blocks=True, self_destruct=True)
-
-
-def read_header(path: Path) -> list[str]:
-    """A file's column names without reading its rows (the schema, or the CSV's first block)."""
-    try:
-        if path.suffix.lower() in PARQUET_SUFFIXES:
-            return list(pq.read_schema(path).names)
-        _check_header_width(path)
-        with pacsv.open_csv(path) as reader:
-            return list(reader.schema.names)
-    except (pa.ArrowException, UnicodeError, OSError) as err:
-        raise DataError(f"data file `{path}` cannot be read: {_arrow_message(err)}") from None
-
-
-def _read_parquet(path: Path) -> pa.Table:
-    width = len(pq.read_schema(path).names)
-    if width > MAX_COLUMNS:
-        raise DataError(f"data file `{path}` has {width:,} columns; foldsweep reads at most {MAX_COLUMNS:,}")
-    return pq.read_table(path)
-
-
-def _read_csv(path: Path) -> pa.Table:
-    _check_header_width(path)
-    try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(strings_can_be_null=True))
-    except pa.ArrowInvalid as err:
-        if str(err).startswith("Empty CSV file"):
-            raise DataError(f"data file `{path}` is empty") from None
-        raise
-
-
-def _check_header_width(path: Path) -> None:
-    """Count the header's fields before pyarrow infers a type for each: a 10^5-column file is refused in ms."""
-    with path.open("rb") as handle:
-        line = handle.readline(MAX_HEADER_BYTES + 1)
-    if not line.strip():
-        raise DataError(f"data file `{path}` is empty")
-    if len(line) > MAX_HEADER_BYTES:
-        raise DataError(f"data file `{path}` has a first line longer than {MAX_HEADER_BYTES >> 20} MiB; foldsweep "
-                        f"reads CSV files with a header of at most {MAX_COLUMNS:,} columns")
-    fields = next(csv.reader([line.decode("utf-8", errors="replace")]), [])
-    if len(fields) > MAX_COLUMNS:
-        raise DataError(f"data file `{path}` has {len(fields):,} columns; foldsweep reads at most {MAX_COLUMNS:,}")
-
-
-def _arrow_message(err: BaseException) -> str:
-    if isinstance(err, UnicodeError):
-        return "it is not UTF-8 text"
-    return (str(err).strip().splitlines() or [type(err).__name__])[0]
-
-
-def _refuse_binary(table: pa.Table, path: Path) -> None:
-    """pyarrow reads a column that is not UTF-8 as bytes; as labels or categories they would print as b'...'."""
-    for name, column in zip(table.column_names, table.columns):
-        if pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type):
-            raise DataError(f"column `{name}` of data file `{path}` is not UTF-8 text; save the file as UTF-8")
-
-
-def _float32_features(table: pa.Table, exact: set[str] | frozenset[str]) -> pa.Table:
-    """Cast numeric columns to float32 in Arrow: a 10^7 x 50 table never exists as float64 in pandas.
-
-    The table is built once from its columns (a `set_column` per column would copy the schema each time).
-    """
-    columns = []
-    for name, column in zip(table.column_names, table.columns):
-        kind = column.type
-        numeric = pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_null(kind)  # null: all empty
-        cast = numeric and name not in exact and kind != pa.float32()
-        columns.append(pc.cast(column, pa.float32(), safe=False) if cast else column)
-    return pa.Table.from_arrays(columns, names=table.column_names)
+        names = np.asarray(bunch.target_names).astype(str)[bunch.target.to_numpy()]
+        table = table.set_column(table.schema.get_field_index("target"), "target", pa.array(names))
+    return table, "target"
 
 
 # -- columns -----------------------------------------------------------------------------------------------
-def _check_names(names: list[str], source: str) -> None:
-    """Duplicate names (one hashed pass) and a sane width; pandas would rename a repeated column silently."""
-    if len(names) > MAX_COLUMNS:
-        raise DataError(f"`{source}` has {len(names):,} columns; foldsweep reads at most {MAX_COLUMNS:,}")
-    index = pd.Index([str(n) for n in names])
-    if index.has_duplicates:
-        dupes = sorted(set(index[index.duplicated()]))
-        raise DataError(f"data file `{source}` has duplicate column names: {', '.join(dupes[:12])}"
-                        + (f" and {len(dupes) - 12} more" if len(dupes) > 12 else ""))
+def _is_numeric(kind: pa.DataType) -> bool:
+    """Integers, floats, booleans and all-empty columns become features as they are; the rest is text."""
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind) or pa.types.is_boolean(kind) \
+        or pa.types.is_null(kind)
 
 
-def _check_columns(frame: pd.DataFrame, source: str) -> None:
-    _check_names(list(frame.columns), source)
+def _read_columns(source: Source, names: list[str]) -> pa.Table:
+    if isinstance(source, pq.ParquetFile):
+        return source.read(columns=names, use_threads=True)
+    return source.select(names)
 
 
-def _require_columns(frame: pd.DataFrame, names: list[str], source: str) -> None:
-    columns = [str(c) for c in frame.columns]
-    present = set(columns)
-    for name in names:
-        if name not in present:
-            close = difflib.get_close_matches(name, columns[:MAX_COLUMNS], n=1)
-            hint = f" (did you mean `{close[0]}`?)" if close else ""
-            raise DataError(f"column `{name}` not found in `{source}`{hint}; columns: {', '.join(columns[:12])}"
-                            + (" ..." if len(columns) > 12 else ""))
+def _feature_matrix(source: Source, n_rows: int, numeric: list[str], text: dict[str, pa.ChunkedArray]
+                    ) -> tuple[np.ndarray, list[str]]:
+    """Numeric columns first (in file order), then one-hot columns; one C-ordered (N, F) float32 array.
 
-
-def _feature_matrix(frame: pd.DataFrame, columns: list[str], categorical: str) -> tuple[np.ndarray, list[str]]:
-    """Numeric columns first (in file order), then one-hot columns; one C-ordered float32 array.
-
-    Row-major because training gathers rows (3-5x slower from a column-major array); filled column by
-    column, so no float64 copy of the table is ever made.
+    Row-major because training gathers rows (3-5x slower from a column-major array). No float64 copy
+    of the whole table is ever made, and a Parquet file never exists whole as an Arrow table.
     """
-    dtypes = frame.dtypes
-    is_text = {c: not pd.api.types.is_numeric_dtype(dtypes[c]) and not pd.api.types.is_bool_dtype(dtypes[c])
-               for c in columns}
-    text = [c for c in columns if is_text[c]]
-    numeric = [c for c in columns if not is_text[c]]
-    if text and categorical == "error":
-        raise DataError(f"feature column `{text[0]}` is not numeric "
-                        f"({len(text)} such column(s)); set data.categorical: onehot to encode them")
-    dummies = _one_hot(frame, text) if text else None
-    width = len(numeric) + (dummies.shape[1] if dummies is not None else 0)
+    levels = {name: _levels(column) for name, column in text.items()}
+    n_levels = sum(len(names) for _, names in levels.values())
+    if n_levels > MAX_COLUMNS:
+        raise DataError(f"one-hot encoding of {len(text)} text column(s) would make {n_levels:,} features (more "
+                        f"than {MAX_COLUMNS:,}); drop identifier-like columns such as `{next(iter(text))}`")
+    width = len(numeric) + n_levels
     if width == 0:
         raise DataError("no feature columns left besides the target")
-    X = np.empty((len(frame), width), dtype=np.float32)
-    for j, column in enumerate(numeric):
-        X[:, j] = frame[column].to_numpy(dtype=np.float32, na_value=np.nan)
-    if dummies is not None:
-        X[:, len(numeric):] = dummies.to_numpy(dtype=np.float32)
-    names = [str(c) for c in numeric] + ([str(c) for c in dummies.columns] if dummies is not None else [])
+    X = np.zeros((n_rows, width), dtype=np.float32) if text else np.empty((n_rows, width), dtype=np.float32)
+    if numeric:
+        _fill_numeric(X, source, numeric)
+    names = list(numeric)
+    offset = len(numeric)
+    rows = np.arange(n_rows)
+    for name, (codes, values) in levels.items():
+        present = codes >= 0  # an empty cell is all zeros, as pandas.get_dummies leaves it
+        X[rows[present], offset + codes[present]] = 1.0
+        names += [f"{name}_{value}" for value in values]
+        offset += len(values)
     return X, names
 
 
-def _one_hot(frame: pd.DataFrame, text: list[str]) -> pd.DataFrame:
-    """Refuse before encoding when the categories would make the table wider than MAX_COLUMNS."""
-    levels = sum(int(frame[c].nunique()) for c in text)
-    if levels > MAX_COLUMNS:
-        raise DataError(f"one-hot encoding of {len(text)} text column(s) would make {levels:,} features (more "
-                        f"than {MAX_COLUMNS:,}); drop identifier-like columns such as `{text[0]}`")
-    return pd.get_dummies(frame[text], columns=text, dtype=np.float32)
+def _fill_numeric(X: np.ndarray, source: Source, names: list[str]) -> None:
+    """Copy the numeric columns into X[:, :len(names)] in blocks of rows (a table) or of columns (Parquet).
+
+    A Parquet row group is decoded a few columns at a time (PIECE_VALUES values), so the peak is the
+    matrix plus one such piece; an Arrow table is copied BATCH_ROWS rows at a time (contiguous writes).
+    """
+    if isinstance(source, pq.ParquetFile):
+        start = 0
+        for group in range(source.num_row_groups):
+            rows = source.metadata.row_group(group).num_rows
+            step = max(1, PIECE_VALUES // max(rows, 1))
+            for first in range(0, len(names), step):
+                piece = source.read_row_group(group, columns=names[first:first + step], use_threads=True)
+                X[start:start + rows, first:first + piece.num_columns] = _block(piece.columns)
+            start += rows
+        return
+    start = 0
+    for batch in source.select(names).to_batches(max_chunksize=BATCH_ROWS):
+        X[start:start + batch.num_rows, :len(names)] = _block(batch.columns)
+        start += batch.num_rows
+
+
+def _block(columns: list[pa.Array] | list[pa.ChunkedArray]) -> np.ndarray:
+    return np.column_stack([_as_floats(column) for column in columns])
+
+
+def _as_floats(column: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """One column as floats, an empty cell as NaN (integers and booleans are cast in Arrow first)."""
+    if not pa.types.is_floating(column.type):
+        column = pc.cast(column, pa.float32())
+    return column.to_numpy(zero_copy_only=False)
+
+
+def _levels(column: pa.ChunkedArray) -> tuple[np.ndarray, list[str]]:
+    """Codes per row (-1 where empty) and the level names, in pandas.get_dummies' order.
+
+    A text column's levels are sorted (as `sorted` orders str); a categorical column from a DataFrame
+    keeps its categories' order. One hashed pass (`dictionary_encode`) over the rows; the sort is over
+    the levels only.
+    """
+    if pa.types.is_dictionary(column.type):
+        encoded = column.unify_dictionaries() if column.num_chunks > 1 else column
+        ordered = True
+    else:
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            column = pc.cast(column, pa.string())
+        encoded = pc.dictionary_encode(column)
+        ordered = False
+    chunks = encoded.chunks
+    values = [str(v) for v in chunks[0].dictionary.to_pylist()] if chunks else []
+    codes = np.concatenate([_codes(chunk.indices) for chunk in chunks]) if chunks else np.zeros(0, dtype=np.int64)
+    if ordered or len(values) > MAX_COLUMNS:
+        return codes, values
+    order = sorted(range(len(values)), key=values.__getitem__)
+    rank = np.empty(len(values) + 1, dtype=np.int64)
+    rank[order] = np.arange(len(values))
+    rank[-1] = -1  # code -1 (empty) stays -1
+    return rank[codes], [values[i] for i in order]
+
+
+def _codes(indices: pa.Array) -> np.ndarray:
+    """Dictionary indices as int64, -1 where empty (numpy reads an integer array with nulls as floats with NaN)."""
+    values = indices.to_numpy(zero_copy_only=False)
+    return np.nan_to_num(values, nan=-1).astype(np.int64) if indices.null_count else values.astype(np.int64)
 
 
 def _handle_missing(X: np.ndarray, names: list[str], policy: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -351,28 +333,44 @@ def _handle_missing(X: np.ndarray, names: list[str], policy: str) -> tuple[np.nd
     return X, None
 
 
-def _infer_task(labels: pd.Series) -> str:
-    if not pd.api.types.is_numeric_dtype(labels) or pd.api.types.is_bool_dtype(labels):
+# -- labels ------------------------------------------------------------------------------------------------
+def _refuse_empty_labels(labels: pa.ChunkedArray, name: str) -> None:
+    """An empty cell (null) or a NaN in a float column: the row has no label to learn."""
+    empty = labels.null_count
+    if pa.types.is_floating(labels.type):
+        empty += int(pc.sum(pc.is_nan(labels)).as_py() or 0)
+    if empty:
+        raise DataError(f"target column `{name}` has {empty} empty rows")
+
+
+def _is_number(kind: pa.DataType) -> bool:
+    return pa.types.is_integer(kind) or pa.types.is_floating(kind)
+
+
+def _infer_task(labels: pa.ChunkedArray) -> str:
+    """Text or booleans are classes; numbers are classes when they are whole and at most 20 distinct."""
+    if not _is_number(labels.type):
         return "classification"
-    values = labels.to_numpy(dtype=float)
-    integral = np.all(np.mod(values, 1) == 0)
-    return "classification" if integral and labels.nunique() <= 20 else "regression"
+    values = labels.to_numpy().astype(np.float64, copy=False)
+    integral = bool(np.all(np.mod(values, 1) == 0))
+    return "classification" if integral and pc.count_distinct(labels).as_py() <= 20 else "regression"
 
 
-def _encode_target(labels: pd.Series, task: str, name: str) -> tuple[np.ndarray, list[str] | None]:
+def _encode_target(labels: pa.ChunkedArray, task: str, name: str) -> tuple[np.ndarray, list[str] | None]:
     """Class codes in the sorted order of the classes' text (as `str` writes them), by hashing, not sorting rows."""
     if task == "regression":
-        if not pd.api.types.is_numeric_dtype(labels):
+        if not (_is_number(labels.type) or pa.types.is_boolean(labels.type)):
             raise DataError(f"target column `{name}` is not numeric; set data.task: classification")
-        return labels.to_numpy(dtype=np.float32), None
-    codes, uniques = pd.factorize(labels, sort=False)
-    texts = [str(u) for u in uniques]
+        return np.array(pc.cast(labels, pa.float32()).to_numpy(), dtype=np.float32), None  # a writable copy
+    encoded = pc.dictionary_encode(labels.dictionary_decode() if pa.types.is_dictionary(labels.type) else labels)
+    texts = [str(u) for u in encoded.chunks[0].dictionary.to_pylist()]
     classes = sorted(set(texts))
     if len(classes) < 2:
         raise DataError(f"target column `{name}` has one class only ({classes[0]!r}); need at least 2")
     position = {text: i for i, text in enumerate(classes)}
     remap = np.asarray([position[t] for t in texts], dtype=np.int64)
-    return remap[codes], classes
+    codes = np.concatenate([chunk.indices.to_numpy(zero_copy_only=False) for chunk in encoded.chunks])
+    return remap[codes.astype(np.int64, copy=False)], classes
 
 
 # -- row hashes --------------------------------------------------------------------------------------------
@@ -432,15 +430,3 @@ def _label_words(y: np.ndarray, n: int) -> np.ndarray:
     words = values.view("<u8").astype(np.uint64) ^ _LABEL_KEY
     with np.errstate(over="ignore"):
         return _mix(words)
-
-
-_HEX = np.frombuffer(b"0123456789abcdef", dtype=np.uint8)
-
-
-def row_hex(hashes: np.ndarray) -> list[str]:
-    """uint64 hashes as 16-digit big-endian hex strings, built by table lookup rather than a loop of `format`."""
-    raw = np.ascontiguousarray(np.asarray(hashes, dtype=">u8")).view(np.uint8).reshape(-1, 8)
-    digits = np.empty((len(raw), 16), dtype=np.uint8)
-    digits[:, 0::2] = _HEX[raw >> 4]
-    digits[:, 1::2] = _HEX[raw & 15]
-    return digits.view("S16").ravel().astype(str).tolist()

@@ -27,7 +27,7 @@ import torch
 import yaml
 
 from foldsweep import __version__
-from foldsweep.data import Dataset, load_dataset, read_header, read_table
+from foldsweep.data import Dataset, load_dataset
 from foldsweep.errors import DataError, FoldsweepError, ModelFolderError, SealError, SpecError, SweepFailed
 from foldsweep.metrics import score
 from foldsweep.model import MLP
@@ -35,6 +35,7 @@ from foldsweep.objective import job_seed
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec, load_spec, parse_spec, read_yaml
 from foldsweep.splits import make_plan, sealed_rows_seen, seen_note
+from foldsweep.tables import read_header, read_table
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
@@ -186,8 +187,8 @@ def development_rows(config: SweepSpec, data: Dataset, record: SweepRecord | Non
     plan = make_plan(data, config.split)
     notes = list(plan.notes)
     if record is not None:
-        resealed = data.row_hex(plan.test)
-        if resealed != record.meta["test_hashes"]:
+        resealed = np.asarray(data.row_hashes)[plan.test]
+        if not np.array_equal(resealed, record.test_hashes):
             raise SealError(f"data differs from what sweep `{record.name}` sealed, and sealing it again gives other "
                             "test rows: the final model could train on sealed test rows; use the sweep's data")
     elif provenance.get("data_fingerprint") not in (None, data.fingerprint):

@@ -2,6 +2,8 @@
 
 It lives under `mlruns/sweeps/<name>/` beside the Optuna and MLflow stores, is written before the
 work it describes starts, and is only ever appended to, so a crash or a rerun never loses it.
+`record.json` stays small (a few KB whatever the rows): the fold plan and the sealed test rows' hashes
+are arrays in `plan.npz` (bit masks, 2 + 2 x folds bits a row), checked against record.json's hashes on reading.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +28,10 @@ from foldsweep.errors import FoldsweepError, SealError, SplitError
 from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
+__all__ = ["SweepRecord", "create_or_resume", "fresh_name", "home", "plan_hash"]
+
 ROOT_ENV = "FOLDSWEEP_HOME"
+PLAN_FILE = "plan.npz"
 _log = logging.getLogger("foldsweep")
 
 
@@ -37,8 +42,11 @@ def home() -> Path:
 
 @dataclass(frozen=True)
 class SweepRecord:
+    """One sweep's record folder; `meta` and `plan` are read once and kept (meta again when the file changes)."""
+
     name: str
     folder: Path
+    _cache: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def open(cls, name: str) -> SweepRecord:
@@ -52,7 +60,15 @@ class SweepRecord:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return json.loads((self.folder / "record.json").read_text())
+        """record.json as a (shallow) copy, read again only when the file was replaced since."""
+        path = self.folder / "record.json"
+        stat = path.stat()
+        key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
+        if self._cache.get("meta_key") != key:
+            meta = json.loads(path.read_text())
+            _refuse_old_format(self.name, meta)
+            self._cache.update(meta_key=key, meta=meta)
+        return dict(self._cache["meta"])
 
     def update(self, **values: Any) -> None:
         meta = self.meta | values
@@ -65,7 +81,36 @@ class SweepRecord:
 
     @property
     def plan(self) -> FoldPlan:
-        return FoldPlan.from_json(json.loads((self.folder / "plan.json").read_text()))
+        """The stored fold plan (plan.npz, checked against the record's plan_hash)."""
+        if "plan" not in self._cache:
+            self._read_plan()
+        plan: FoldPlan = self._cache["plan"]
+        return plan
+
+    @property
+    def test_hashes(self) -> np.ndarray:
+        """The sealed test rows' hashes (uint64, in the order of `plan.test`) as they were when sealed."""
+        if "test_hashes" not in self._cache:
+            self._read_plan()
+        hashes: np.ndarray = self._cache["test_hashes"]
+        return hashes
+
+    def _read_plan(self) -> None:
+        meta = self.meta
+        path = self.folder / PLAN_FILE
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                masks, test_hashes = arrays["masks"], arrays["test_hashes"]
+        except (OSError, ValueError, KeyError) as err:
+            raise SealError(f"the fold plan of sweep `{self.name}` ({path}) cannot be read: {err}; the sealed "
+                            "test rows are no longer known: rerun with --fresh") from None
+        layout = meta["plan"]["layout"]
+        if _digest(masks, layout) != meta["plan_hash"] or _sealed_digest(test_hashes) != meta["plan"]["sealed_hash"]:
+            raise SealError(f"the fold plan of sweep `{self.name}` ({path}) was changed or damaged (its hash is "
+                            f"no longer {meta['plan_hash']}); the sealed test rows are no longer known: rerun with "
+                            "--fresh")
+        plan = FoldPlan.from_masks(masks, meta["n_rows"], layout, meta["plan"]["notes"])
+        self._cache.update(plan=plan, test_hashes=test_hashes)
 
     # -- the sealed test look ------------------------------------------------------------------------
     @property
@@ -103,8 +148,7 @@ class SweepRecord:
         if len(data.row_hashes) != meta["n_rows"]:
             raise SealError(f"data of `{self.name}` changed: {len(data.row_hashes)} rows now, "
                             f"{meta['n_rows']} when the sweep was sealed")
-        test = meta["test_rows"]
-        changed = int(np.count_nonzero(np.asarray(data.row_hex(test)) != np.asarray(meta["test_hashes"])))
+        changed = int(np.count_nonzero(np.asarray(data.row_hashes)[self.plan.test] != self.test_hashes))
         what = "rows were edited or reordered" if changed else "columns were renamed, reordered or re-encoded"
         raise SealError(f"data of `{self.name}` changed since the sweep was sealed ({changed} sealed test rows "
                         f"differ, or {what}); the fingerprint no longer matches")
@@ -126,16 +170,42 @@ def create_or_resume(spec: SweepSpec, data: Dataset, storage: str) -> tuple[Swee
     check_batch_size(spec, plan)  # before anything is written: a corrected spec must start cleanly
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "spec.yaml").write_text(yaml.safe_dump(spec.model_dump(mode="json"), sort_keys=False))
-    plan_json = plan.to_json()
-    _write_json(folder / "plan.json", plan_json)
+    n_rows = len(data.row_hashes)
+    masks, test_hashes = plan.to_masks(n_rows), np.asarray(data.row_hashes)[plan.test]
+    _write_arrays(folder / PLAN_FILE, {"masks": masks, "test_hashes": test_hashes})
     meta = {
         "name": spec.name, "created": time.time(), "spec_hash": spec.spec_hash(), "fingerprint": data.fingerprint,
-        "plan_hash": hashlib.sha256(json.dumps(plan_json, sort_keys=True).encode()).hexdigest()[:16],
-        "n_rows": len(data.row_hashes), "storage": storage, "test_rows": plan.test.tolist(),
-        "test_hashes": data.row_hex(plan.test),
+        "plan_hash": _digest(masks, plan.layout), "n_rows": n_rows, "storage": storage,
+        "plan": {"file": PLAN_FILE, "layout": plan.layout, "notes": plan.notes,
+                 "sealed_hash": _sealed_digest(test_hashes)},
     }
     _write_json(folder / "record.json", meta)
     return SweepRecord(spec.name, folder), plan, False
+
+
+def plan_hash(plan: FoldPlan, n_rows: int) -> str:
+    """The hash a record stores for `plan` over `n_rows` rows: a worker elsewhere checks its own plan with it."""
+    return _digest(plan.to_masks(n_rows), plan.layout)
+
+
+def _digest(masks: np.ndarray, layout: list[int]) -> str:
+    """sha256 over the layout and the plan's bit masks (90 MB at 10^7 rows, 5 x 5 folds: ~0.1 s)."""
+    digest = hashlib.sha256(json.dumps({"plan": 2, "layout": layout}).encode())
+    digest.update(np.ascontiguousarray(masks, dtype=np.uint8).data)
+    return digest.hexdigest()[:16]
+
+
+def _sealed_digest(test_hashes: np.ndarray) -> str:
+    """sha256 over the sealed test rows' hashes as stored (little-endian uint64)."""
+    return hashlib.sha256(np.ascontiguousarray(test_hashes, dtype="<u8").data).hexdigest()[:16]
+
+
+def _refuse_old_format(name: str, meta: dict[str, Any]) -> None:
+    """Records written before plan.npz kept every fold's index list in plan.json: refused, not converted."""
+    if "plan" not in meta:
+        raise FoldsweepError(f"sweep `{name}` was recorded by an earlier foldsweep (its fold plan is in plan.json); "
+                             "this version cannot resume, report or test it: rerun with --fresh to start a new sweep "
+                             "beside it, or finish it with the foldsweep version that started it")
 
 
 def _accept_changes(record: SweepRecord, spec: SweepSpec) -> None:
@@ -180,6 +250,18 @@ def fresh_name(name: str) -> str:
     while (home() / "sweeps" / f"{name}-{n}").exists():
         n += 1
     return f"{name}-{n}"
+
+
+def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """np.savez to a temporary file, then rename: a crash never leaves half a plan."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    try:
+        with tmp.open("wb") as handle:
+            np.savez(handle, allow_pickle=False, **arrays)  # a handle: savez would add .npz to a path
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(path)
 
 
 def _write_json(path: Path, value: Any) -> None:

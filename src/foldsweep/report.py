@@ -201,8 +201,9 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
         "report.md": markdown,
         "spec.yaml": yaml.safe_dump(sweep.spec.model_dump(mode="json"), sort_keys=False),
         "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
+        "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
     }
-    tracker.log_report(ids["sweep"], texts, [(record.folder / "plan.json", "")], summary)
+    tracker.log_report(ids["sweep"], texts, [], summary)
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:

@@ -28,7 +28,7 @@ from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
 from foldsweep.errors import DataError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
-from foldsweep.record import SweepRecord, create_or_resume, fresh_name
+from foldsweep.record import SweepRecord, create_or_resume, fresh_name, plan_hash
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
 from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, notice, preflight, redact, write_error
@@ -267,15 +267,11 @@ def _relog_refits(sweep: Sweep, ids: dict[str, str]) -> None:
 
 
 def _check_same_sweep(sweep: Sweep, data: Dataset, plan: FoldPlan) -> None:
-    import hashlib
-    import json
-
     attrs = sweep.study("final").study.user_attrs
-    plan_hash = hashlib.sha256(json.dumps(plan.to_json(), sort_keys=True).encode()).hexdigest()[:16]
     if attrs.get("spec_hash") not in (None, sweep.spec.spec_hash()):
         raise FoldsweepError(f"this spec differs from the one sweep `{sweep.spec.name}` runs with "
                              f"(spec hash {sweep.spec.spec_hash()} vs {attrs['spec_hash']}); use the same file")
-    if attrs.get("plan_hash") not in (None, plan_hash):
+    if attrs.get("plan_hash") not in (None, plan_hash(plan, len(data.row_hashes))):
         raise FoldsweepError(f"the data here gives another fold plan than sweep `{sweep.spec.name}` uses "
                              f"(data fingerprint {data.fingerprint}); point the worker at the same data")
 

@@ -53,7 +53,7 @@ def same(cli_value: Any, api_value: Any, where: str = "") -> int:
 
 @pytest.mark.slow
 def test_python_on_a_frame_equals_the_cli_on_the_same_csv(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    frame = _bundled("sonar")[0]
+    frame = _bundled("sonar")[0].to_pandas()
     monkeypatch.delenv("FOLDSWEEP_HOME", raising=False)
 
     (tmp_path / "cli").mkdir()

@@ -192,7 +192,7 @@ def test_report_shows_overfitting_diagnostics_of_every_study(in_sweep: dict) -> 
 def test_an_edited_test_row_makes_the_look_refuse(in_sweep: dict) -> None:
     path = Path("sonar.csv")
     original = path.read_text()
-    test_row = SweepRecord.open("tiny").meta["test_rows"][0]
+    test_row = int(SweepRecord.open("tiny").plan.test[0])
     frame = pd.read_csv(path)
     frame.loc[test_row, "band_10"] += 0.001
     try:

@@ -12,6 +12,7 @@ from mlflow import MlflowClient
 from scipy import stats
 
 from foldsweep.cli import cli
+from foldsweep.record import SweepRecord
 from foldsweep.spec import load_spec
 
 
@@ -29,9 +30,9 @@ def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec
                             "wall_s"}
     assert summary["metric"] == "accuracy"
     assert len(summary["nested"]["outer"]) == 2
-    nested, plan = summary["nested"], json.loads((workdir / "mlruns/sweeps/tiny/plan.json").read_text())
+    nested, plan = summary["nested"], SweepRecord("tiny", workdir / "mlruns/sweeps/tiny").plan
     outer = np.array(nested["outer"])
-    ratio = np.mean([len(f["valid"]) for f in plan["outer"]]) / np.mean([len(f["train"]) for f in plan["outer"]])
+    ratio = np.mean([len(f.valid) for f in plan.outer]) / np.mean([len(f.train) for f in plan.outer])
     half = stats.t.ppf(0.975, len(outer) - 1) * np.sqrt((1 / len(outer) + ratio) * outer.var(ddof=1))
     assert nested["mean"] == pytest.approx(outer.mean())
     assert nested["ci95"] == pytest.approx([max(0.0, outer.mean() - half), min(1.0, outer.mean() + half)])
