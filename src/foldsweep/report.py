@@ -203,7 +203,7 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
         "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
         "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
     }
-    tracker.log_report(ids["sweep"], texts, [], summary)
+    tracker.log_report(ids["sweep"], texts, summary)
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:

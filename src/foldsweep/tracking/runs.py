@@ -152,8 +152,7 @@ class RunStore:
         self._pictures = Path(tempfile.mkdtemp(prefix="foldsweep-pictures-"))
         draw_study_pictures(pictures, self.metric_histories, self._pictures)
 
-    def log_report(self, run_id: str, texts: dict[str, str], files: list[tuple[Path, str]],
-                   summary: dict[str, Any]) -> None:
+    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
         """Report files, the early pictures and the outer-scores picture, on the sweep's run."""
         from foldsweep.plots import outer_scores
 
@@ -163,7 +162,7 @@ class RunStore:
                 (folder / name).write_text(text)
             drawn = sorted(self._pictures.glob("*.png")) if self._pictures is not None else []
             drawn.append(outer_scores(summary, folder / "outer_scores.png"))
-            self.log_files(run_id, [(folder / name, "") for name in texts] + files + [(p, "plots") for p in drawn])
+            self.log_files(run_id, [(folder / name, "") for name in texts] + [(p, "plots") for p in drawn])
         self._discard_pictures()
 
     def _discard_pictures(self) -> None:

@@ -61,8 +61,7 @@ class NullTracker:
     def draw_pictures(self, pictures: SweepPictures) -> None:
         return None
 
-    def log_report(self, run_id: str, texts: dict[str, str], files: list[tuple[Path, str]],
-                   summary: dict[str, Any]) -> None:
+    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
         return None
 
     def flush(self) -> None:
@@ -186,12 +185,11 @@ class MlflowTracker(NullTracker):
         """Start drawing the study pictures in the writer process (they wait there for `log_report`)."""
         self._live().post("draw_pictures", pictures)
 
-    def log_report(self, run_id: str, texts: dict[str, str], files: list[tuple[Path, str]],
-                   summary: dict[str, Any]) -> None:
-        """The sweep's report on its run: `texts` as files of those names, `files` (path, artifact folder), and
-        the pictures (those drawn early, and the outer scores from `summary`) under plots/."""
+    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
+        """The sweep's report on its run: `texts` as files of those names, and the pictures (those drawn
+        early, and the outer scores from `summary`) under plots/."""
         self.flush()  # a picture that failed to draw is reported here, before the report is logged without it
-        self._live().call("log_report", run_id, texts, files, summary)
+        self._live().call("log_report", run_id, texts, summary)
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Land the trial runs sent so far, then close the run (its system metrics end with a last sample)."""
