@@ -33,6 +33,7 @@ from foldsweep.tracking.store import _absolute_sqlite
 
 __all__ = ["WriterProcess", "discard_early", "start_early", "take_writer"]
 
+IDLE_S = 1.0  # a writer with no request for this long is idle: it prepares the pictures' imports then
 DISK_FULL = ("disk full while writing the MLflow store: nothing finished is lost; free space and rerun the same "
              "command to resume")
 
@@ -175,14 +176,22 @@ def _writer_main() -> None:
         warm_up(sys.argv[2])  # the seconds of MLflow's import and set-up, now, while the parent imports torch
     store: Any = None
     failures: list[str] = []
+    drawing = "not needed"  # until trials are written: a sweep, which will want its pictures drawn
     while True:
         try:
+            idle = drawing == "wanted" and not conn.poll(IDLE_S)
+            if idle:  # the first idle moment: the sweep is training, nothing waits on us
+                with contextlib.suppress(Exception):  # best effort: drawing for real reports what fails
+                    _import_drawing()
+                drawing = "ready"
             request = conn.recv()
         except (EOFError, ConnectionError):  # the parent died without saying stop (kill -9: a reset)
             _exit_now(store)
         if request is None:
             _exit_now(store)
         kind, token, (method, args) = request
+        if method == "open_trial" and drawing == "not needed":
+            drawing = "wanted"
         try:
             if method == "open":
                 store = RunStore(*args)
@@ -200,8 +209,6 @@ def _writer_main() -> None:
                 failures.append(f"{method}: {value[1]}")
         if kind == "call" and not _answer(conn, (token, ok, value)):
             _exit_now(store)
-        if method == "open" and ok:
-            _import_drawing()
 
 
 def _exit_now(store: Any) -> NoReturn:
@@ -214,12 +221,14 @@ def _exit_now(store: Any) -> NoReturn:
 
 
 def _import_drawing() -> None:
-    """matplotlib and Optuna, imported while the first trials train, so the sweep's end does not wait for them."""
+    """matplotlib and Optuna imported, and a first picture drawn, while the first trials train, so the sweep's
+    end does not wait for them."""
     import optuna
 
-    import foldsweep.plots  # noqa: F401
+    from foldsweep import plots
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # in-memory copies of the studies, made quietly
+    plots.warm_up()
 
 
 def _answer(conn: Connection, reply: tuple[int | None, bool, Any]) -> bool:
