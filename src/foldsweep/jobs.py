@@ -23,7 +23,9 @@ from foldsweep.spec import ModelSpec, TrainSpec
 # sonar rounds of 48 and 192 models (1e5 to 3e5 within noise of each other, 1.7x faster than no cut at
 # 192); see group_jobs. A parameter's work per step grows with the rows of the step, so a group of
 # batch_size B weighs CPU_GROUP_STEP_PARAMS * CPU_GROUP_BATCH / B: with hundreds of rows per step, padding
-# a narrow model to a wide one costs more than a group of its own.
+# a narrow model to a wide one costs more than a group of its own. Below CPU_GROUP_BATCH rows the weight
+# stays as calibrated: the optimizer's passes over a padded parameter do not shrink with the rows (twice
+# the weight at batch 8 cut sonar rounds into fewer bands and cost ~15% of the engine's time).
 CPU_GROUP_STEP_PARAMS = 200_000.0
 CPU_GROUP_BATCH = 16  # rows per step of that calibration (sonar's searched batch sizes: 8, 16, 32)
 
@@ -83,7 +85,8 @@ def group_jobs(jobs: list[FitJob], n_in: int = 0, n_out: int = 0, split_cost: fl
         groups[structure_key(job)].append(i)
     if split_cost is None:
         return list(groups.values())
-    scaled = {key: split_cost * CPU_GROUP_BATCH / jobs[ids[0]].train.batch_size for key, ids in groups.items()}
+    scaled = {key: split_cost * min(1.0, CPU_GROUP_BATCH / jobs[ids[0]].train.batch_size)
+              for key, ids in groups.items()}
     return [band for key, ids in groups.items() for band in _width_bands(jobs, ids, n_in, n_out, scaled[key])]
 
 
