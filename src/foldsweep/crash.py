@@ -12,6 +12,8 @@ import os
 import signal
 from collections import Counter
 
+__all__ = ["CRASH_ENV", "crash_point"]
+
 CRASH_ENV = "FOLDSWEEP_CRASH_AT"
 _seen: Counter[str] = Counter()
 

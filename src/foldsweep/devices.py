@@ -14,6 +14,8 @@ import sys
 from foldsweep.errors import DeviceError
 from foldsweep.spec import SweepSpec
 
+__all__ = ["DRIVER", "cuda_device_count", "refuse_graphs_off_cuda", "resolve_devices"]
+
 DRIVER = {"win32": "nvcuda.dll"}.get(sys.platform, "libcuda.so.1")
 
 

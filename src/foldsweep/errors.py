@@ -5,6 +5,9 @@ from __future__ import annotations
 import errno
 import json
 
+__all__ = ["DataError", "DeviceError", "DiskFull", "FoldsweepError", "MachineError", "ModelFolderError", "SealError",
+           "SpecError", "SplitError", "StorageError", "StoreError", "SweepFailed", "explain", "os_hint"]
+
 
 class FoldsweepError(Exception):
     """Root of every error foldsweep raises on purpose (bad input, refused actions)."""

@@ -39,6 +39,10 @@ from foldsweep.tables import read_header, read_table
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
 
+__all__ = ["FROM_RECORD", "HASHED_FILES", "MODEL_FILES", "FinalModel", "Preprocessing", "development_rows",
+           "final_job", "final_seed", "fit_config", "load_model", "look", "matching_record", "predict_file",
+           "prediction_table", "rows_hash", "save_model", "sweep_tracker", "train_final", "versions"]
+
 MODEL_FILES = ("model.pt", "config.yaml", "preprocess.json", "provenance.json")
 HASHED_FILES = MODEL_FILES[:3]  # everything that decides a prediction; provenance.json holds their hashes
 FROM_RECORD = "the sweep's plan"

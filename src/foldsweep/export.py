@@ -19,6 +19,8 @@ from foldsweep import __version__
 from foldsweep.errors import FoldsweepError
 from foldsweep.studies import open_existing, refit_epochs
 
+__all__ = ["export_best", "render"]
+
 
 def export_best(name: str) -> dict[str, Any]:
     record, refs = open_existing(name)

@@ -26,6 +26,8 @@ from foldsweep.devices import refuse_graphs_off_cuda
 from foldsweep.spec import CudaGraphs
 from foldsweep.trainer import BatchTrainer
 
+__all__ = ["CapturedEpochs", "Layout", "layout", "log", "wants_capture"]
+
 # (attribute, address, shape, strides) of every tensor the trainer holds
 Layout = tuple[tuple[str, int, tuple[int, ...], tuple[int, ...]], ...]
 

@@ -17,6 +17,8 @@ import numpy as np
 from foldsweep.model import MLP, n_parameters
 from foldsweep.spec import ModelSpec, TrainSpec
 
+__all__ = ["CPU_GROUP_BATCH", "CPU_GROUP_STEP_PARAMS", "FitJob", "FitResult", "group_jobs", "structure_key"]
+
 # What one more batched group costs on a CPU, in parameters' worth of per-model work: its ~1 ms of fixed
 # work per step, times the ~2x more epochs a group runs (until its slowest model stops) than its average
 # model, over the ~10 ns one parameter of one model costs per step of CPU_GROUP_BATCH rows. Calibrated on

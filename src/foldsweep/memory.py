@@ -21,6 +21,9 @@ import torch
 
 from foldsweep.errors import FoldsweepError
 
+__all__ = ["CPU_SAFE_FRACTION", "FIXED_BYTES", "GPU_SAFE_FRACTION", "SORT_BYTES", "SORT_ROWS", "VALID_CHUNK_BYTES",
+           "MemoryBudgetError", "Shape", "available", "bytes_per_model", "models_per_batch", "valid_chunk"]
+
 CPU_SAFE_FRACTION = 0.5  # of the RAM free when a batch starts: other workers and the MLflow writer share it
 GPU_SAFE_FRACTION = 0.8  # of the GPU's free memory: the caching allocator fragments
 VALID_CHUNK_BYTES = 64 * 2**20  # the inputs and activations of one validation chunk, all models together

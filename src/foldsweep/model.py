@@ -19,6 +19,8 @@ from torch.nn import functional as F
 from foldsweep import rng
 from foldsweep.spec import ModelSpec
 
+__all__ = ["ACTIVATIONS", "BN_EPS", "BN_MOMENTUM", "MLP", "Dropout", "StackedMLP", "build_mlp", "n_parameters"]
+
 ACTIVATIONS: dict[str, Callable[[Tensor], Tensor]] = {
     "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh, "leaky_relu": F.leaky_relu}
 BN_MOMENTUM, BN_EPS = 0.1, 1e-5

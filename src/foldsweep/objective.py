@@ -18,6 +18,8 @@ from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold
 from foldsweep.train import FitJob, FitResult
 
+__all__ = ["Pruning", "TrialOutcome", "job_seed", "outcome", "trial_jobs"]
+
 
 @dataclass
 class TrialOutcome:

@@ -23,6 +23,9 @@ from foldsweep.studies import StudyRef, best_trial, refit_epochs, slot_order, st
 from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, FitResult, fit_many
 
+__all__ = ["INTERVAL", "METRIC_RANGE", "fallback_note", "holdout_ratio", "nested_interval", "refit_job",
+           "refit_outer", "summarize", "warm_start_final", "within_range"]
+
 INTERVAL = "Nadeau-Bengio corrected resampled t, 95%"
 METRIC_RANGE = {"accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0), "f1_macro": (0.0, 1.0), "log_loss": (0.0, math.inf),
                 "rmse": (0.0, math.inf), "mae": (0.0, math.inf), "r2": (-math.inf, 1.0)}

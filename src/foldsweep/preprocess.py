@@ -21,6 +21,8 @@ from torch import Tensor
 
 from foldsweep.spec import TrainSpec
 
+__all__ = ["CHUNK_BYTES", "RowSets", "Transform", "fit_targets", "fit_transform", "select_features", "share_rows"]
+
 CHUNK_BYTES = 32 * 2**20  # rows per pass over a fold: about this much of X at a time
 
 

@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+__all__ = ["ASK_TELL", "DATA", "FIRST", "ORDER", "REFITS", "REPORT", "SHUTDOWN", "STARTUP", "STORE", "TRACKING",
+           "TRAINING", "enable", "phase", "render", "snapshot"]
+
 STARTUP = "start-up and imports"
 DATA = "data and plan"
 STORE = "store set-up"

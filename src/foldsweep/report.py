@@ -26,6 +26,10 @@ if TYPE_CHECKING:
     from foldsweep.plots import TrialCurves  # matplotlib loads only when plots are drawn
     from foldsweep.sweep import Sweep  # the training loop (torch): `report` only reads the studies
 
+__all__ = ["best_curves", "build_report", "diagnostics", "draw_pictures_early", "headline_metrics",
+           "log_sweep_artifacts", "optimism_wording", "refresh_report", "report_markdown", "stability",
+           "study_metrics", "summary_markdown"]
+
 
 def headline_metrics(summary: dict[str, Any]) -> dict[str, float]:
     nested = summary["nested"]

@@ -22,6 +22,10 @@ import math
 import torch
 from torch import Tensor
 
+__all__ = ["DROPOUT", "GAMMA_CANDIDATES", "MASK32", "MIXUP_GAMMA", "MIXUP_PARTNER", "NOISE", "NOISE_ANGLE",
+           "SHUFFLE", "beta", "bits", "column_hashes", "dropout_threshold", "gamma", "keep_mask", "mix", "normal",
+           "row_hashes", "steps", "stream", "uniform"]
+
 MASK32 = 0xFFFFFFFF
 _GOLDEN, _ROW, _COL = 0x9E3779B9, 0x85EBCA77, 0xC2B2AE3D
 # stream ids: one per kind of draw, so no two uses of a model's key ever see the same numbers

@@ -24,6 +24,8 @@ from foldsweep.objective import job_seed
 from foldsweep.storage import LOST, SLOT, holder
 from foldsweep.studies import slot_order
 
+__all__ = ["SlotSampler", "slot_of", "stored_slot"]
+
 
 def slot_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
     """The trial's slot: recorded when it was asked (or enqueued as a retry), else the next free one."""

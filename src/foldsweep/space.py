@@ -14,6 +14,8 @@ from optuna.distributions import BaseDistribution, CategoricalDistribution, Floa
 
 from foldsweep.spec import CategoricalParam, FloatParam, SweepSpec
 
+__all__ = ["distributions", "pruner", "sampler", "trial_spec"]
+
 
 def distributions(spec: SweepSpec) -> dict[str, BaseDistribution]:
     return {name: _distribution(param) for name, param in spec.search.items()}

@@ -19,6 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from foldsweep.errors import SpecError
 
+__all__ = ["CLASSIFICATION_METRICS", "MAX_YAML_BYTES", "MAX_YAML_DEPTH", "MAX_YAML_NODES", "MEMORY_UNITS",
+           "REGRESSION_METRICS", "SEARCHABLE", "Activation", "CategoricalParam", "CudaGraphs", "DataSpec", "Dataset",
+           "FloatParam", "FoldSpec", "Init", "IntParam", "Metric", "ModelSpec", "OptunaSpec", "Pruner",
+           "ResourcesSpec", "Sampler", "Schedule", "SearchParam", "SplitKind", "SplitSpec", "SweepSpec", "Task",
+           "TrackingSpec", "TrainSpec", "YamlLimitError", "build_spec", "load_spec", "parse_bytes", "parse_spec",
+           "read_yaml"]
+
 Task = Literal["auto", "classification", "regression"]
 Metric = Literal["auto", "accuracy", "roc_auc", "log_loss", "f1_macro", "rmse", "mae", "r2"]
 Dataset = Literal["sonar", "breast_cancer", "digits", "wine", "iris", "diabetes"]

@@ -17,6 +17,9 @@ from foldsweep.data import Dataset
 from foldsweep.errors import SplitError
 from foldsweep.spec import CategoricalParam, FoldSpec, SplitSpec, SweepSpec
 
+__all__ = ["Fold", "FoldPlan", "check_batch_size", "check_fold_kinds", "make_plan", "plan_folds", "seal_test_set",
+           "sealed_rows_seen", "seen_note"]
+
 
 @dataclass(frozen=True)
 class Fold:

@@ -35,6 +35,11 @@ from foldsweep.crash import crash_point
 from foldsweep.errors import DiskFull, StorageError, os_hint
 from foldsweep.record import home
 
+__all__ = ["GRACE_ENV", "GRACE_S", "HEARTBEAT_S", "LEASE", "LOST", "MAX_RETRIES", "SCHEMA_ATTEMPTS", "SLOT",
+           "TAIL_SCAN", "FlockLock", "Heartbeat", "RepairingJournal", "backend", "default_storage",
+           "fail_stale_trials", "grace_period", "heartbeat_interval", "holder", "is_journal", "notice", "preflight",
+           "redact", "retry", "write_error"]
+
 HEARTBEAT_S = 5
 GRACE_S = 30
 GRACE_ENV = "FOLDSWEEP_HEARTBEAT_GRACE_S"

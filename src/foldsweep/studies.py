@@ -18,6 +18,9 @@ from foldsweep.record import SweepRecord
 from foldsweep.splits import Fold
 from foldsweep.storage import LOST, SLOT, preflight
 
+__all__ = ["FINISHED", "IN_FLIGHT", "StudyRef", "best_trial", "holders", "open_existing", "refit_epochs",
+           "slot_order", "study_done", "study_status"]
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
 

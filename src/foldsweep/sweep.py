@@ -37,6 +37,9 @@ from foldsweep.tracking import NullTracker
 from foldsweep.tracking.tracker import TrialRun
 from foldsweep.train import FitJob, FitResult, ProgressHook, fit_many
 
+__all__ = ["MEMORY_CONSTRAINT", "OUT_OF_MEMORY", "Progress", "Sweep", "ask_round", "generalization_gap",
+           "open_studies", "reconcile_runs", "round_size", "run_round", "tell", "work"]
+
 Progress = Callable[[str, dict[str, Any]], None]
 OUT_OF_MEMORY = ("out of memory", "can't allocate memory")  # CUDA's and the CPU allocator's words
 MEMORY_CONSTRAINT = "fits_memory"  # > 0 on a trial whose configuration ran out of memory

@@ -33,6 +33,9 @@ from foldsweep.preprocess import fit_targets, fit_transform, share_rows
 from foldsweep.spec import TrainSpec
 from foldsweep.validation import predictions, valid_targets, validate
 
+__all__ = ["ADAM_BETAS", "ADAM_EPS", "PROGRESS_EVERY_S", "SORT_LAST", "BatchTrainer", "ProgressHook",
+           "schedule_factor"]
+
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 PROGRESS_EVERY_S = 1.0
 SORT_LAST = 2**33  # a shuffle key above every 32-bit hash: padded positions sort after real ones

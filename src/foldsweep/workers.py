@@ -36,6 +36,9 @@ from foldsweep.studies import holders, study_status
 from foldsweep.sweep import Progress, Sweep, open_studies, reconcile_runs, work
 from foldsweep.tracking import NullTracker, make_tracker
 
+__all__ = ["HELPER_WAIT_S", "INTERRUPT_GRACE_S", "PARENT_ENV", "STALE_CHECK_S", "Helpers", "disk_full_in_one_line",
+           "join_sweep", "run_sweep", "worker_slots"]
+
 STALE_CHECK_S = 10.0
 PARENT_ENV = "FOLDSWEEP_COORDINATOR_PID"
 INTERRUPT_GRACE_S = 5.0  # after Ctrl-C, helpers in the terminal's process group stop by themselves

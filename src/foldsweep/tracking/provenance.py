@@ -13,6 +13,8 @@ from typing import Any
 
 from foldsweep.tracking.store import _retry
 
+__all__ = ["SYSTEM_METRICS_INTERVAL_S", "VERSIONED", "provenance_tags"]
+
 SYSTEM_METRICS_INTERVAL_S = 5.0  # MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it
 VERSIONED = ("mlflow", "scikit-learn", "numpy", "psutil")
 

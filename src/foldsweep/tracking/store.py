@@ -29,6 +29,8 @@ from filelock import FileLock
 
 from foldsweep.errors import StoreError
 
+__all__ = ["CACHE_ENV", "LOCK_TIMEOUT_S", "create_store", "open_experiment", "warm_up"]
+
 T = TypeVar("T")
 CACHE_ENV = "FOLDSWEEP_CACHE"  # where the schema template is kept (default: ~/.cache/foldsweep)
 LOCK_TIMEOUT_S = 600.0  # a first creation that waits on MLflow's migrations under a busy machine

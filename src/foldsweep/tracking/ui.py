@@ -21,6 +21,8 @@ from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
 from foldsweep.tracking.store import _absolute_sqlite, _artifact_root
 
+__all__ = ["experiment_links", "serve_ui", "ui_command"]
+
 
 def ui_command(spec: TrackingSpec, host: str, port: int) -> list[str]:
     """`mlflow server` over the spec's store; artifacts it is sent through the server land in the spec's folder."""
