@@ -4,7 +4,7 @@ Measures what issue 14 sets targets for, alternating the compared runs (A, B, A,
 change in machine load hits both alike, and takes medians:
 - `foldsweep validate sweeps/quickstart.yaml`, wall seconds of the whole process;
 - `foldsweep run sweeps/quickstart.yaml --profile` with tracking on and off: wall, time to the first
-  training step, the end of the sweep (plots and report + shutdown; refits excluded) and every phase;
+  training step, the end of the sweep (report + shutdown; refits excluded) and every phase;
 - the 3 outer x 3 inner x 8 trials x 30 epochs budget on sonar (99 fold fits), `foldsweep run` with full
   tracking in a fresh folder (fresh MLflow store: interpreter start, imports and all), against the plain
   loop of bench_sweep.py without logging (Optuna + StratifiedKFold + DataLoader), run in this process
@@ -165,7 +165,7 @@ def report(found: Found, plain: list[float]) -> None:
         return statistics.median(t.get(key, 0.0) for t in quick[mode])
 
     on, off = median("on", "process wall"), median("off", "process wall")
-    end = statistics.median(t.get("plots and report", 0) + t.get("shutdown", 0)  # and the process's own exit:
+    end = statistics.median(t.get("report", 0) + t.get("shutdown", 0)  # and the process's own exit:
                             + max(0.0, t["process wall"] - t.get("wall", t["process wall"])) for t in quick["on"])
     budget = statistics.median(found.budget)
     print("| measure | median | target |")
@@ -180,7 +180,7 @@ def report(found: Found, plain: list[float]) -> None:
     if "wall" in quick["on"][0]:
         print(f"| `run` to the first training step (tracking on) | {median('on', 'to first training step'):.2f} s "
               "| <= 2 s |")
-        print(f"| end of the sweep, refits excluded (plots and report + shutdown + exit) | {end:.2f} s | <= 1 s |")
+        print(f"| end of the sweep, refits excluded (report + shutdown + exit) | {end:.2f} s | <= 1 s |")
     print(f"| 3x3x8x30 budget: foldsweep (full tracking, whole process) vs plain loop | "
           f"{budget:.2f} vs {statistics.median(plain):.2f} fits/s = {budget / statistics.median(plain):.2f}x "
           "| >= 4x |")

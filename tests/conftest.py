@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,17 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
         else:
             spec[key] = value
     return spec
+
+
+def wait_for_pictures(record_folder: Path, timeout: float = 120.0) -> None:
+    """Wait until the MLflow writer has logged the sweep's pictures: it draws them after the sweep returns."""
+    from foldsweep.pictures import pictures_note
+
+    deadline = time.monotonic() + timeout
+    while note := pictures_note(record_folder):
+        assert "still being drawn" in note, note
+        assert time.monotonic() < deadline, f"pictures not logged after {timeout} s"
+        time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)

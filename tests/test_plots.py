@@ -58,3 +58,15 @@ def test_learning_curves_draw_each_fold_of_each_best_trial(tmp_path: Path) -> No
     drawn = learning_curves([TrialCurves("outer-0: trial 3", folds, valid, [5, 4]),
                              TrialCurves("final: trial 1", folds, valid, [5, 4])], path)
     assert drawn == path and path.read_bytes().startswith(PNG)
+
+
+def test_a_study_whose_trials_all_scored_the_same_has_no_importances(tmp_path: Path) -> None:
+    """fANOVA raised "zero total variance" on trials of equal accuracy (up to the last bit: a tiny sweep's two
+    trials had fold means 0.6025641025641025 and ...26), and the sweep's pictures were lost."""
+    tied = optuna.create_study(direction="maximize")
+    for lr, value in ((1e-3, 0.6025641025641025), (1e-2, 0.6025641025641026), (3e-2, 0.6025641025641025)):
+        tied.add_trial(optuna.trial.create_trial(params={"lr": lr}, value=value, distributions={
+            "lr": optuna.distributions.FloatDistribution(1e-4, 1e-1, log=True)}))
+    path = tmp_path / "importances.png"
+    assert param_importances([("outer-0", tied)], ["lr"], path) is None
+    assert param_importances([("outer-0", tied), ("final", _study(6))], KNOBS, path) == path

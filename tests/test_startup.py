@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import tiny_spec
+from conftest import tiny_spec, wait_for_pictures
 
 from foldsweep import profile
 
@@ -65,6 +65,7 @@ def test_a_tracked_run_imports_neither_mlflow_nor_matplotlib(tmp_path: Path) -> 
     (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(optuna={"n_trials": 1, "trials_per_batch": 1}),
                                                        sort_keys=False))
     assert _probe(tmp_path, "run", "tiny.yaml", "--json") == {"code": 0, "loaded": ["torch", "optuna"]}
+    wait_for_pictures(tmp_path / "mlruns" / "sweeps" / "tiny")
     from mlflow import MlflowClient
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")

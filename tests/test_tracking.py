@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -13,11 +15,14 @@ from typing import Any
 
 import optuna
 import pytest
-from conftest import tiny_spec
+import yaml
+from conftest import tiny_spec, wait_for_pictures
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_procs import finish, start
 
+from foldsweep.pictures import PENDING, pictures_note
+from foldsweep.report import build_report
 from foldsweep.spec import TrackingSpec, parse_spec
 from foldsweep.storage import preflight
 from foldsweep.tracking import MlflowTracker, provenance_tags
@@ -41,6 +46,7 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         patch.delenv("FOLDSWEEP_HOME", raising=False)
         spec = parse_spec(tiny_spec(train={"epochs": 8, "patience": 8, "batch_size": 32}, optuna=PRUNING))
         summary = run_sweep(spec)
+        wait_for_pictures(folder / "mlruns" / "sweeps" / "tiny")
         storage = preflight(str(folder / summary["storage"]), 1)
         studies = {key: optuna.load_study(study_name=f"tiny/{key}", storage=storage)
                    for key in ("outer-0", "outer-1", "final")}
@@ -253,3 +259,53 @@ def test_a_failure_in_the_writer_process_reaches_the_sweep_as_its_own_one_line_e
         tracker.flush()
     tracker.flush()  # reported once
     tracker.close()
+
+
+def _plots(summary: dict[str, Any]) -> set[str]:
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    return {Path(a.path).name for a in client.list_artifacts(summary["mlflow"]["run_id"], "plots")}
+
+
+def test_the_sweep_returns_before_its_pictures_are_drawn_and_they_follow(workdir: Path) -> None:
+    """Issue 14: the end of a sweep waited ~2 s for matplotlib and fANOVA. Now every run is finished when
+    `run_sweep` returns, and the writer draws and logs the pictures after, noting so in the record."""
+    summary = run_sweep(parse_spec(tiny_spec()))
+    record = workdir / "mlruns" / "sweeps" / "tiny"
+    assert "still being drawn" in pictures_note(record)
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    runs = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=1000)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {a.path for a in client.list_artifacts(summary["mlflow"]["run_id"])} >= {"summary.json", "report.md"}
+    wait_for_pictures(record)
+    assert not (record / PENDING).exists() and _plots(summary) == PLOTS
+
+
+def test_pictures_a_stopped_writer_never_logged_are_reported_and_a_rerun_draws_them(workdir: Path) -> None:
+    spec = parse_spec(tiny_spec())
+    summary = run_sweep(spec)
+    record = workdir / "mlruns" / "sweeps" / "tiny"
+    pid = int(json.loads((record / PENDING).read_text())["pid"])
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while "still being drawn" in pictures_note(record) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    note = build_report("tiny")["pictures_note"]
+    assert f"the process drawing them (pid {pid}) stopped" in note and "rerun `foldsweep run`" in note
+    assert _plots(summary) < PLOTS  # killed at once: before it had drawn them all
+    again = run_sweep(spec)  # the sweep is complete: nothing is trained, the pictures are drawn again
+    assert again["nested"] == summary["nested"] and again["fold_fits"] == summary["fold_fits"]
+    wait_for_pictures(record)
+    assert _plots(summary) == PLOTS and build_report("tiny")["pictures_note"] == ""
+    assert "A new study created in memory" not in (record / "logs" / "pictures.log").read_text()
+
+
+def test_a_pipe_the_sweep_printed_into_closes_when_the_command_ends(workdir: Path) -> None:
+    """The writer inherited the command's output: `foldsweep run ... | tee log` (or a script reading the output)
+    would wait for its pictures. From the hand-over on, its output goes to the record's logs/pictures.log."""
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    done = subprocess.run([sys.executable, "-m", "foldsweep", "run", "tiny.yaml", "--json"], cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    record = workdir / "mlruns" / "sweeps" / "tiny"
+    assert "still being drawn" in pictures_note(record)
+    wait_for_pictures(record)

@@ -113,7 +113,8 @@ def report_view(rep: dict[str, Any]) -> Group:
     parts: list[RenderableType] = [Text.from_markup(_headline(rep)), Text(
         f"optimism: {optimism_wording(rep['direction'])} ({rep['direction']} {metric})")]
     parts += [Text.from_markup(f"[yellow]{escape(note)}[/yellow]") for note in
-              [*rep.get("refit_fallbacks", []), rep.get("sealed_test", {}).get("note")] if note]
+              [*rep.get("refit_fallbacks", []), rep.get("sealed_test", {}).get("note"), rep.get("pictures_note")]
+              if note]
     if rep.get("data"):
         parts.append(Text(f"data: {rep['data']}"))
     parts.append(_table("outer folds", ["fold", "best inner value", "outer-test", "optimism", "refit epochs"],
@@ -352,7 +353,7 @@ class Display:
         self.tasks[phase] = self.bars.add_task(phase, total=info.get("total") or 1)
         if self.live is None:
             what = {"refits": f"refitting {info.get('total')} outer-fold bests and scoring their outer-test rows",
-                    "report": "writing the report, plots and MLflow artifacts"}.get(phase, phase)
+                    "report": "writing the report and closing the MLflow runs (pictures follow)"}.get(phase, phase)
             self._say(f"{what} [{time.time() - self.started:.0f}s]")
 
     def _on_stale(self, info: dict[str, Any]) -> None:

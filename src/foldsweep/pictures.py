@@ -1,13 +1,20 @@
 """What a sweep's pictures are drawn from, as plain data that can cross to another process.
 
-The MLflow writer process draws the study pictures while the sweep refits (see `tracking.writer`), so
-the sweep never imports matplotlib and its end does not wait for the drawing. This module is what both
-sides share, and so imports nothing heavy: the trials are Optuna's own `FrozenTrial`s.
+The MLflow writer process draws and logs the pictures after the sweep has written everything else and
+returned (see `tracking.writer`), so the sweep never imports matplotlib and its end does not wait for
+the drawing. Until they are logged, a note in the sweep's record folder (`PENDING`) says which process
+draws them, or why it could not: pictures are drawn from what is already kept (the studies and the
+logged curves), so a rerun of `foldsweep run` draws them again and nothing is lost. This module is what
+both sides share, and so imports nothing heavy: the trials are Optuna's own `FrozenTrial`s.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from optuna.trial import TrialState
@@ -17,7 +24,9 @@ if TYPE_CHECKING:
 
     from foldsweep.studies import StudyRef
 
-__all__ = ["BestTrial", "SweepPictures", "sweep_pictures"]
+__all__ = ["PENDING", "BestTrial", "SweepPictures", "mark_pending", "pictures_drawn", "pictures_note", "sweep_pictures"]
+
+PENDING = "pictures.pending"  # in the record folder from the sweep's end until its pictures are logged
 
 
 @dataclass(frozen=True)
@@ -53,3 +62,67 @@ def sweep_pictures(studies: list[StudyRef], knobs: list[str], metric: str) -> Sw
                                   len(ref.folds), list(trial.user_attrs.get("best_epochs", []))))
     return SweepPictures([(ref.key, ref.study.direction.name.lower(), ref.study.get_trials(deepcopy=False))
                           for ref in studies], knobs, metric, best)
+
+
+def mark_pending(folder: Path, pid: int) -> Path:
+    """Note in the record folder that process `pid` will draw and log the sweep's pictures; returns the note."""
+    path = folder / PENDING
+    _write_note(path, {"pid": pid, "since": time.time()})
+    return path
+
+
+def pictures_drawn(note: Path, pid: int, failure: str | None = None) -> None:
+    """The writer's last word: remove the note (logged), or keep it with the reason they were not.
+
+    A note naming another process belongs to a later run of the same sweep and is left alone.
+    """
+    try:
+        found = json.loads(note.read_text())
+    except (OSError, ValueError):
+        return
+    if found.get("pid") != pid:
+        return
+    if failure is None:
+        note.unlink(missing_ok=True)
+    else:
+        _write_note(note, found | {"failed": failure})
+
+
+def pictures_note(folder: Path) -> str:
+    """One line for `report` while the sweep's MLflow pictures are not logged; empty once they are."""
+    try:
+        found = json.loads((folder / PENDING).read_text())
+    except (OSError, ValueError):
+        return ""
+    rerun = "rerun `foldsweep run` on the sweep's spec to draw them again (nothing else is redone)"
+    if "failed" in found:
+        return f"the sweep's MLflow pictures were not logged ({found['failed']}); {rerun}"
+    if _alive(int(found.get("pid", 0))):
+        return f"the sweep's MLflow pictures are still being drawn (process {found['pid']})"
+    return (f"the sweep's MLflow pictures were not logged: the process drawing them (pid {found.get('pid')}) "
+            f"stopped; {rerun}")
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` runs; one that ended and waits for its parent to reap it (a Python session that
+    ran the sweep through the API) does not."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):  # no /proc (macOS): an unreaped process counts as running
+        return True
+    return state != "Z"
+
+
+def _write_note(path: Path, value: dict[str, object]) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a note."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(value))
+    tmp.replace(path)

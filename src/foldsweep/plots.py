@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import io
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast, overload
@@ -70,7 +71,8 @@ def warm_up() -> None:
     """Pay the first picture's one-time costs before any picture is due: matplotlib's fonts and renderer
     (~0.4 s) and the import behind Optuna's importance evaluator (scikit-learn: 1.5 s in a process that
     has not loaded it, measured in the MLflow writer)."""
-    study = optuna.create_study()
+    with _quiet_optuna():
+        study = optuna.create_study()
     study.add_trials([optuna.trial.create_trial(params={"x": x}, distributions={"x": FloatDistribution(0, 1)},
                                                 value=x * x) for x in (0.1, 0.5, 0.9)])
     fig = _importances([("warm", study)], ["x"])
@@ -80,9 +82,21 @@ def warm_up() -> None:
 
 def _as_study(key: str, direction: str, trials: list[FrozenTrial]) -> optuna.Study:
     """An in-memory copy of a study's trials: what Optuna's importance evaluators read."""
-    study = optuna.create_study(study_name=key, direction=optuna.study.StudyDirection[direction.upper()])
+    with _quiet_optuna():
+        study = optuna.create_study(study_name=key, direction=optuna.study.StudyDirection[direction.upper()])
     study.add_trials(trials)
     return study
+
+
+@contextmanager
+def _quiet_optuna() -> Iterator[None]:
+    """Without Optuna's "A new study created in memory" line: these copies are ours, not the user's studies."""
+    verbosity = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(verbosity)
 
 
 def figures(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str, summary: dict[str, Any],
@@ -129,14 +143,15 @@ def _outer_scores(summary: dict[str, Any]) -> Figure:
 
 
 def param_importances(studies: list[tuple[str, optuna.Study]], knobs: list[str], path: Path) -> Path | None:
-    """Optuna's importance per knob and study; a study with fewer than 2 complete trials has none to give."""
+    """Optuna's importance per knob and study; a study with fewer than 2 complete trials, or whose trials all
+    scored the same, has none to give."""
     return _save(_importances(studies, knobs), path)
 
 
 def _importances(studies: list[tuple[str, optuna.Study]], knobs: list[str]) -> Figure | None:
     table: dict[str, dict[str, float]] = {}
     for key, study in studies:
-        if len(_complete(study)) >= 2 and knobs:
+        if knobs and _varies([_value(t) for t in _complete(study)]):
             table[key] = optuna.importance.get_param_importances(study, params=knobs)
     if not table:
         return None
@@ -154,6 +169,12 @@ def _importances(studies: list[tuple[str, optuna.Study]], knobs: list[str]) -> F
     ax.legend(fontsize=7)
     fig.tight_layout()
     return fig
+
+
+def _varies(values: list[float]) -> bool:
+    """Whether the values differ by more than rounding: fANOVA shares out their variance, and raised on ties
+    such as two folds' mean accuracies of 0.6025641025641025 and 0.6025641025641026."""
+    return len(values) >= 2 and max(values) - min(values) > 1e-9 * max(1.0, *map(abs, values))
 
 
 def parallel_coordinates(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str,

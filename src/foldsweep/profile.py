@@ -27,7 +27,7 @@ TRAINING = "training"
 ASK_TELL = "ask/tell"
 TRACKING = "tracking"
 REFITS = "refits"
-REPORT = "plots and report"
+REPORT = "report"
 SHUTDOWN = "shutdown"
 ORDER = (STARTUP, DATA, STORE, FIRST, TRAINING, ASK_TELL, TRACKING, REFITS, REPORT, SHUTDOWN)
 

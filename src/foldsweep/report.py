@@ -16,7 +16,7 @@ import yaml
 from optuna.trial import TrialState
 
 from foldsweep.errors import FoldsweepError
-from foldsweep.pictures import sweep_pictures
+from foldsweep.pictures import pictures_note, sweep_pictures
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec
 from foldsweep.studies import StudyRef
@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from foldsweep.plots import TrialCurves  # matplotlib loads only when plots are drawn
     from foldsweep.sweep import Sweep  # the training loop (torch): `report` only reads the studies
 
-__all__ = ["best_curves", "build_report", "diagnostics", "draw_pictures_early", "headline_metrics",
+__all__ = ["best_curves", "build_report", "diagnostics", "headline_metrics", "log_pictures_later",
            "log_sweep_artifacts", "optimism_wording", "refresh_report", "report_markdown", "stability",
            "study_metrics", "summary_markdown"]
 
@@ -144,7 +144,7 @@ def build_report(name: str) -> dict[str, Any]:
         raise FoldsweepError(f"sweep `{name}` has not finished yet; `foldsweep run` it to the end first")
     looks = record.ledger
     return summary | {"stability": stability(summary), "diagnostics": diagnostics(refs, record.spec),
-                      "test_looks": looks, "test_look_count": len(looks)}
+                      "test_looks": looks, "test_look_count": len(looks), "pictures_note": pictures_note(record.folder)}
 
 
 def report_markdown(report: dict[str, Any]) -> str:
@@ -183,12 +183,6 @@ def _stability_table(summary: dict[str, Any]) -> list[str]:
     return rows
 
 
-def draw_pictures_early(sweep: Sweep, tracker: NullTracker) -> None:
-    """Have the MLflow writer process draw the study pictures now, while this process refits."""
-    if tracker.enabled:
-        tracker.draw_pictures(sweep_pictures(sweep.studies, list(sweep.spec.search), sweep.data.metric))
-
-
 def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
                         summary: dict[str, Any]) -> None:
     """Headline metrics on the sweep and study runs, files on the sweep run, a copy in the record."""
@@ -207,7 +201,17 @@ def log_sweep_artifacts(sweep: Sweep, record: SweepRecord, tracker: NullTracker,
         "best_config.yaml": yaml.safe_dump(summary["final"]["best_params"], sort_keys=False),
         "plan.json": json.dumps(sweep.plan.summary() | {"plan_hash": record.meta["plan_hash"]}, indent=1),
     }
-    tracker.log_report(ids["sweep"], texts, summary)
+    tracker.log_report(ids["sweep"], texts)
+
+
+def log_pictures_later(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str],
+                       summary: dict[str, Any]) -> None:
+    """The sweep's last act: its pictures are drawn and logged by the MLflow writer after the sweep has
+    returned (a second or more of matplotlib and fANOVA that nothing else waits for); until they are, the
+    record folder holds a note that `foldsweep report` reads (see `pictures.PENDING`)."""
+    if tracker.enabled:
+        pictures = sweep_pictures(sweep.studies, list(sweep.spec.search), sweep.data.metric)
+        tracker.log_pictures_later(ids["sweep"], pictures, summary, record.folder)
 
 
 def study_metrics(study: optuna.Study) -> dict[str, float]:

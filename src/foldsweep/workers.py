@@ -307,10 +307,9 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         if progress is not None:  # with the studies' rows: after the refits they hold the outer-test scores
             progress("phase", {"phase": name, "total": total, "rows": study_status(sweep.studies, sweep.n_trials)})
 
-    from foldsweep.report import draw_pictures_early, log_sweep_artifacts
+    from foldsweep.report import log_pictures_later, log_sweep_artifacts
 
     phase("refits", len(sweep.studies) - 1)
-    draw_pictures_early(sweep, tracker)
     with profile.phase(profile.REFITS):
         refits = refit_outer(sweep)
     with profile.phase(profile.REPORT):
@@ -322,6 +321,7 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         reconcile_runs(sweep, ids)  # a trial run a killed helper or writer left behind ends as Optuna says
         for key in (*[ref.key for ref in sweep.studies], "sweep"):
             tracker.finish(ids[key])
+        log_pictures_later(sweep, record, tracker, ids, summary)
     phase("done")
     return summary
 

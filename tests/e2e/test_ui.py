@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from conftest import wait_for_pictures
 
 from foldsweep.cli import cli
 
@@ -47,6 +48,7 @@ def test_ui_serves_the_sweep_experiment_and_its_artifacts(write_spec, workdir: P
     run = CliRunner().invoke(cli, ["run", str(spec), "--json"], catch_exceptions=False)
     assert run.exit_code == 0
     sweep_run = json.loads(run.stdout.strip().splitlines()[-1])["mlflow"]["run_id"]
+    wait_for_pictures(workdir / "mlruns" / "sweeps" / "tiny")
     port, log = _free_port(), workdir / "ui.out"
     with log.open("wb") as stdout:
         proc = subprocess.Popen([sys.executable, "-m", "foldsweep", "ui", "--port", str(port)], cwd=workdir,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import shutil
+import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -69,12 +69,10 @@ class RunStore:
         self.recreated: list[str] = []  # runs the store had lost (deleted or replaced), made again
         self._monitors: dict[str, Any] = {}
         self._unfilled: set[str] = set()  # trial runs opened and not yet filled
-        self._pictures: Path | None = None  # the folder `draw_pictures` drew into
 
     def close(self) -> None:
         """Stop any system-metrics monitor still sampling and close the database connections (a SQLite store
         folds its write-ahead log back in), best effort: the process is about to end."""
-        self._discard_pictures()
         for run_id in list(self._monitors):
             with contextlib.suppress(Exception):
                 self._monitors.pop(run_id).finish()
@@ -144,31 +142,33 @@ class RunStore:
                 out[key] = (np.array([m.step for m in history]), np.array([m.value for m in history]))
         return out
 
-    def draw_pictures(self, pictures: SweepPictures) -> None:
-        """Draw the study pictures now (the sweep refits meanwhile); `log_report` logs them."""
-        from foldsweep.plots import draw_study_pictures
-
-        self._discard_pictures()
-        self._pictures = Path(tempfile.mkdtemp(prefix="foldsweep-pictures-"))
-        draw_study_pictures(pictures, self.metric_histories, self._pictures)
-
-    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
-        """Report files, the early pictures and the outer-scores picture, on the sweep's run."""
-        from foldsweep.plots import outer_scores
-
+    def log_report(self, run_id: str, texts: dict[str, str]) -> None:
+        """The report's files (`texts`: name -> content) at the top of the sweep's run."""
         with tempfile.TemporaryDirectory() as scratch:
             folder = Path(scratch)
             for name, text in texts.items():
                 (folder / name).write_text(text)
-            drawn = sorted(self._pictures.glob("*.png")) if self._pictures is not None else []
-            drawn.append(outer_scores(summary, folder / "outer_scores.png"))
-            self.log_files(run_id, [(folder / name, "") for name in texts] + [(p, "plots") for p in drawn])
-        self._discard_pictures()
+            self.log_files(run_id, [(folder / name, "") for name in texts])
 
-    def _discard_pictures(self) -> None:
-        if self._pictures is not None:
-            shutil.rmtree(self._pictures, ignore_errors=True)
-            self._pictures = None
+    def log_pictures(self, run_id: str, pictures: SweepPictures, summary: dict[str, Any], note: str) -> None:
+        """Draw every picture (the outer scores from `summary`) and log them under plots/ on the sweep's run.
+
+        The last request of a sweep, often served after the sweep's process has ended: the outcome goes to
+        the record's `note` (see `pictures.PENDING`), where `foldsweep report` finds it.
+        """
+        from foldsweep.pictures import pictures_drawn
+        from foldsweep.plots import draw_study_pictures, outer_scores
+
+        try:
+            with tempfile.TemporaryDirectory() as scratch:
+                folder = Path(scratch)
+                drawn = draw_study_pictures(pictures, self.metric_histories, folder)
+                drawn.append(outer_scores(summary, folder / "outer_scores.png"))
+                self.log_files(run_id, [(path, "plots") for path in drawn])
+        except Exception as err:
+            pictures_drawn(Path(note), os.getpid(), f"{type(err).__name__}: {str(err).strip()[:300]}")
+            raise
+        pictures_drawn(Path(note), os.getpid())
 
     def finish(self, run_id: str, status: str) -> None:
         """Stop the run's system-metrics monitor (if any) with a last sample, then close the run."""

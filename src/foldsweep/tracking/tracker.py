@@ -58,10 +58,10 @@ class NullTracker:
     def metric_histories(self, run_id: str, keys: list[str]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         return {}
 
-    def draw_pictures(self, pictures: SweepPictures) -> None:
+    def log_report(self, run_id: str, texts: dict[str, str]) -> None:
         return None
 
-    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
+    def log_pictures_later(self, run_id: str, pictures: SweepPictures, summary: dict[str, Any], folder: Path) -> None:
         return None
 
     def flush(self) -> None:
@@ -103,6 +103,7 @@ class MlflowTracker(NullTracker):
         self.experiment_id: str = described["experiment_id"]
         self._opened: dict[tuple[str, str], int] = {}  # trial runs asked for, by (parent, name): their tokens
         self._refused: list[str] = []  # trial runs the writer could not create, reported at the next flush
+        self._hand_over = False  # True once the writer has work that outlives this process (the pictures)
 
     @property
     def recreated(self) -> list[str]:  # type: ignore[override]
@@ -181,15 +182,21 @@ class MlflowTracker(NullTracker):
         histories: dict[str, tuple[np.ndarray, np.ndarray]] = self._live().call("metric_histories", run_id, keys)
         return histories
 
-    def draw_pictures(self, pictures: SweepPictures) -> None:
-        """Start drawing the study pictures in the writer process (they wait there for `log_report`)."""
-        self._live().post("draw_pictures", pictures)
+    def log_report(self, run_id: str, texts: dict[str, str]) -> None:
+        """The sweep's report on its run: `texts` as files of those names."""
+        self._live().call("log_report", run_id, texts)
 
-    def log_report(self, run_id: str, texts: dict[str, str], summary: dict[str, Any]) -> None:
-        """The sweep's report on its run: `texts` as files of those names, and the pictures (those drawn
-        early, and the outer scores from `summary`) under plots/."""
-        self.flush()  # a picture that failed to draw is reported here, before the report is logged without it
-        self._live().call("log_report", run_id, texts, summary)
+    def log_pictures_later(self, run_id: str, pictures: SweepPictures, summary: dict[str, Any], folder: Path) -> None:
+        """The sweep's last request: the writer draws the pictures and logs them on `run_id` after this process
+        has gone on (`close` then does not wait), with a note in the record folder `folder` until it has
+        (see `pictures.PENDING`). Every run must be finished before: nothing after this is waited for."""
+        from foldsweep.pictures import mark_pending
+
+        writer = self._live()
+        note = mark_pending(folder, writer.pid)
+        writer.post("write_output_to", str(folder / "logs" / "pictures.log"))  # no longer the terminal's or a pipe's
+        writer.post("log_pictures", run_id, pictures, summary, str(note))
+        self._hand_over = True
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
         """Land the trial runs sent so far, then close the run (its system metrics end with a last sample)."""
@@ -202,9 +209,10 @@ class MlflowTracker(NullTracker):
         self._writer.call("finish", run_id, status)
 
     def close(self) -> None:
-        """End the writer process once it has written everything it was sent."""
+        """End the writer process once it has written everything it was sent; after `log_pictures_later`,
+        let it finish on its own instead of waiting for it."""
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close(wait=not self._hand_over)
             self._writer = None
 
     def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:

@@ -10,7 +10,9 @@ the training process never imports MLflow.
 Requests run in the order sent. A `call` waits for its answer (run ids, counts, curves: plain values);
 a `post` (a trial's rows) does not, and its errors come back at the next `flush`. The child is a plain
 subprocess (not multiprocessing, so it never re-runs the caller's script) in its own session, so Ctrl-C
-on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone. It is
+on the terminal leaves it to the parent to flush and stop; it ends when the parent is gone, once it has
+served what the parent sent (a sweep's last request, its pictures, is served after the sweep has
+returned: `close(wait=False)`). It is
 started as `python -c "from foldsweep.tracking.writer import _writer_main; ..."`, so nothing this module
 imports at the top may be heavy (no torch, no MLflow).
 """
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import weakref
 from multiprocessing.connection import Connection
+from pathlib import Path
 from typing import Any, NoReturn
 
 from foldsweep import errors
@@ -49,12 +52,17 @@ class WriterProcess:
         ours, theirs = socket.socketpair()
         command = [sys.executable, "-c", "from foldsweep.tracking.writer import _writer_main; _writer_main()",
                    str(theirs.fileno()), warm_uri]
-        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True)
+        self._process = subprocess.Popen(command, pass_fds=[theirs.fileno()], start_new_session=True,
+                                         stdin=subprocess.DEVNULL)
         theirs.close()
         self._conn = Connection(ours.detach())
         self._answers: dict[int, tuple[bool, Any]] = {}
         self._tokens = itertools.count()
         self._closer = weakref.finalize(self, _stop, self._process, self._conn)
+
+    @property
+    def pid(self) -> int:
+        return self._process.pid
 
     def alive(self) -> bool:
         return self._process.poll() is None and not self._conn.closed
@@ -86,9 +94,19 @@ class WriterProcess:
         errors_since: list[str] = self.call("flush", close_unlogged)
         return errors_since
 
-    def close(self) -> None:
-        """Let the child finish what it was sent, then end it."""
-        self._closer()
+    def close(self, *, wait: bool = True) -> None:
+        """Let the child finish what it was sent, then end it; with `wait=False`, go on without waiting.
+
+        The requests sent are in the socket, and the child reads them all before it sees this end closed,
+        so it finishes them even after this process has exited.
+        """
+        if wait:
+            self._closer()
+        elif self._closer.detach() is not None:
+            with contextlib.suppress(OSError):
+                self._conn.send(None)
+            self._conn.close()
+            _finishing[:] = [p for p in _finishing if p.poll() is None] + [self._process]
 
     def _send(self, request: tuple[str, int | None, tuple[str, tuple[Any, ...]]]) -> None:
         try:
@@ -133,6 +151,9 @@ def _as_error(kind: str, message: str) -> FoldsweepError:
     if not (isinstance(cls, type) and issubclass(cls, FoldsweepError)):
         cls = FoldsweepError
     return cls(message)
+
+
+_finishing: list[subprocess.Popen[bytes]] = []  # writers left to finish on their own, reaped as they end
 
 
 # -- started before the heavy imports ------------------------------------------------------------------
@@ -196,6 +217,9 @@ def _writer_main() -> None:
             if method == "open":
                 store = RunStore(*args)
                 value: Any = store.describe()
+            elif method == "write_output_to":
+                _write_output_to(*args)
+                value = None
             elif method == "flush":
                 if args[0] is not None:  # after a failure: trials asked but never told end with its status
                     store.close_unfilled(args[0])
@@ -218,6 +242,18 @@ def _exit_now(store: Any) -> NoReturn:
         store.close()
     sys.stderr.flush()
     os._exit(0)
+
+
+def _write_output_to(path: str) -> None:
+    """Send this process's output to the file `path` from now on: the sweep's process may end before we do,
+    and a pipe it printed into (`foldsweep run ... | tee log`) must not stay open, waiting for us."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def _import_drawing() -> None:
