@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["PENDING", "BestTrial", "SweepPictures", "mark_pending", "pictures_drawn", "pictures_note", "sweep_pictures"]
 
 PENDING = "pictures.pending"  # in the record folder from the sweep's end until its pictures are logged
+WRITER_MAIN = "_writer_main"  # in the command line of the MLflow writer process (`tracking.writer`), which draws them
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,7 @@ def pictures_drawn(note: Path, pid: int, failure: str | None = None) -> None:
     if failure is None:
         note.unlink(missing_ok=True)
     else:
-        _write_note(note, found | {"failed": failure})
+        _write_note(note, found | {"failed": failure}, in_place=True)
 
 
 def pictures_note(folder: Path) -> str:
@@ -104,8 +105,9 @@ def pictures_note(folder: Path) -> str:
 
 
 def _alive(pid: int) -> bool:
-    """Whether process `pid` runs; one that ended and waits for its parent to reap it (a Python session that
-    ran the sweep through the API) does not."""
+    """Whether process `pid` runs and is an MLflow writer; one that ended and waits for its parent to reap it (a
+    Python session that ran the sweep through the API) does not, nor another program that got the pid of a
+    writer that was killed (after a reboot, or pids wrapping round)."""
     if pid <= 0:
         return False
     try:
@@ -116,13 +118,30 @@ def _alive(pid: int) -> bool:
         return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):  # no /proc (macOS): an unreaped process counts as running
         return True
-    return state != "Z"
+    return state != "Z" and WRITER_MAIN.encode() in command
 
 
-def _write_note(path: Path, value: dict[str, object]) -> None:
-    """Write to a temporary file and rename, so a reader never sees half a note."""
+def _write_note(path: Path, value: dict[str, object], in_place: bool = False) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a note.
+
+    With `in_place`, a note that cannot be written so (a full disk: the likely reason the pictures failed) is
+    written over the old one instead, in the space that one already holds, so that the reason is kept.
+    """
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+    try:
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if not in_place:
+            raise
+        text = json.dumps(value).encode()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text)
+            os.ftruncate(fd, len(text))
+        finally:
+            os.close(fd)
