@@ -376,3 +376,17 @@ def test_ctrl_c_after_the_pictures_were_handed_over_leaves_the_finished_runs_fin
     runs = client.search_runs([meta["experiment_id"]], max_results=1000)
     assert {run.info.status for run in runs} == {"FINISHED"}
     assert {Path(a.path).name for a in client.list_artifacts(meta["mlflow_runs"]["sweep"], "plots")} == PLOTS
+
+
+def test_a_sweep_stopped_between_its_summary_and_the_hand_over_says_its_pictures_were_not_logged(
+        workdir: Path) -> None:
+    """Stopped once its summary was recorded (so `report` shows it as finished) but before the pictures were handed
+    to the writer, the sweep left no note: its MLflow run had no report and no plots, and `report` said nothing."""
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "summary:1:INT"}))
+    assert code == 130, err
+    note = build_report("tiny")["pictures_note"]
+    assert "the sweep (pid" in note and "stopped before it handed them over" in note and "rerun `foldsweep run`" in note
+    summary = run_sweep(parse_spec(tiny_spec()))  # nothing is trained: the report and pictures are logged
+    wait_for_pictures(workdir / "mlruns" / "sweeps" / "tiny")
+    assert _plots(summary) == PLOTS and build_report("tiny")["pictures_note"] == ""

@@ -24,10 +24,12 @@ import optuna
 import torch
 
 from foldsweep import __version__, profile
+from foldsweep.crash import crash_point
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
 from foldsweep.errors import DataError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
+from foldsweep.pictures import mark_pending
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name, plan_hash
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
@@ -314,7 +316,10 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         refits = refit_outer(sweep)
     with profile.phase(profile.REPORT):
         summary = summarize(sweep, refits)
+        if tracker.enabled:  # from the summary on the sweep counts as finished: the note says what is still due
+            mark_pending(record.folder, os.getpid(), sweep=True)
         record.update(summary=summary)
+        crash_point("summary")  # finished in the record, the report and pictures not yet in MLflow
         phase("report")
         log_sweep_artifacts(sweep, record, tracker, ids, summary)
     with profile.phase(profile.SHUTDOWN):
