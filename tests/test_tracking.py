@@ -386,7 +386,17 @@ def test_a_sweep_stopped_between_its_summary_and_the_hand_over_says_its_pictures
     code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "summary:1:INT"}))
     assert code == 130, err
     note = build_report("tiny")["pictures_note"]
-    assert "the sweep (pid" in note and "stopped before it handed them over" in note and "rerun `foldsweep run`" in note
+    assert note.startswith("the sweep's MLflow pictures were not logged (the sweep stopped (KeyboardInterrupt) before "
+                           "it handed them over); rerun `foldsweep run`"), note
     summary = run_sweep(parse_spec(tiny_spec()))  # nothing is trained: the report and pictures are logged
     wait_for_pictures(workdir / "mlruns" / "sweeps" / "tiny")
     assert _plots(summary) == PLOTS and build_report("tiny")["pictures_note"] == ""
+
+
+def test_a_sweep_killed_between_its_summary_and_the_hand_over_says_so(workdir: Path) -> None:
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "summary:1:KILL"}))
+    assert code == -signal.SIGKILL, err
+    note = build_report("tiny")["pictures_note"]
+    assert note.startswith("the sweep's MLflow pictures were not logged: the sweep (pid ") and "stopped before it " \
+        "handed them over; rerun `foldsweep run`" in note, note

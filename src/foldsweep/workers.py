@@ -8,6 +8,7 @@ path through the same storage, so there is one code path for one GPU, eight, or 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import platform
@@ -29,7 +30,7 @@ from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
 from foldsweep.errors import DataError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
-from foldsweep.pictures import mark_pending
+from foldsweep.pictures import PENDING, mark_pending, pictures_drawn
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name, plan_hash
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
@@ -136,6 +137,11 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
+        # a note of ours (the summary recorded, the pictures not yet handed over) says why: this process may
+        # live on (a notebook), and would otherwise seem to be logging them still
+        with contextlib.suppress(Exception):
+            pictures_drawn(record.folder / PENDING, os.getpid(),
+                           f"the sweep stopped ({type(err).__name__}) before it handed them over")
         helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
         status = "KILLED" if ctrl_c else "FAILED"
         for run_id in ids.values():
