@@ -141,7 +141,7 @@ def _write_note(path: Path, value: dict[str, object], in_place: bool = False) ->
     With `in_place`, a note that cannot be written so (a full disk: the likely reason the pictures failed) is
     written over the old one instead, in the space that one already holds, so that the reason is kept.
     """
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # its own: a rerun may write while a writer fails
     try:
         tmp.write_text(json.dumps(value))
         tmp.replace(path)
