@@ -10,6 +10,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,8 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_procs import finish, start
 
-from foldsweep.pictures import PENDING, pictures_note
+from foldsweep.crash import CRASH_ENV
+from foldsweep.pictures import PENDING, mark_pending, pictures_drawn, pictures_note
 from foldsweep.report import build_report
 from foldsweep.spec import TrackingSpec, parse_spec
 from foldsweep.storage import preflight
@@ -309,3 +311,92 @@ def test_a_pipe_the_sweep_printed_into_closes_when_the_command_ends(workdir: Pat
     record = workdir / "mlruns" / "sweeps" / "tiny"
     assert "still being drawn" in pictures_note(record)
     wait_for_pictures(record)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 64 kB file system (tmpfs): writes past it fail with ENOSPC."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def _fill(folder: Path) -> None:
+    fd = os.open(folder / "filler", os.O_CREAT | os.O_WRONLY)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 512)
+    finally:
+        os.close(fd)
+
+
+def test_pictures_lost_to_a_full_disk_say_so_in_the_note_and_leave_no_temporary_file(small_disk: Path) -> None:
+    """The disk that made logging the pictures fail also made writing the reason fail: the note kept only the pid,
+    `report` said the drawing process had "stopped", a 0-byte pictures.tmp stayed, and nothing said why."""
+    folder = small_disk / "sweeps" / "tiny"
+    folder.mkdir(parents=True)
+    note = mark_pending(folder, os.getpid())
+    _fill(small_disk)
+    pictures_drawn(note, os.getpid(), "OSError: [Errno 28] No space left on device: 'plots/outer_scores.png'")
+    assert pictures_note(folder).startswith("the sweep's MLflow pictures were not logged (OSError: [Errno 28] No "
+                                            "space left on device")
+    assert sorted(p.name for p in folder.iterdir()) == [PENDING]
+
+
+def test_a_note_whose_pid_now_belongs_to_another_process_is_not_still_being_drawn(tmp_path: Path) -> None:
+    """After a reboot (or pids wrapping round) the killed writer's pid is another program's: `report` said the
+    pictures were "still being drawn" by it for ever, and never that a rerun would draw them."""
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        mark_pending(tmp_path, other.pid)
+        note = pictures_note(tmp_path)
+    finally:
+        other.kill()
+        other.wait()
+    assert note.startswith(f"the sweep's MLflow pictures were not logged: the process drawing them (pid {other.pid}) "
+                           "stopped")
+
+
+def test_ctrl_c_after_the_pictures_were_handed_over_leaves_the_finished_runs_finished(workdir: Path) -> None:
+    """Ctrl-C between the hand-over and the command's end marked the sweep run and the study runs KILLED, every
+    one of them already FINISHED with its report (and waited for the pictures to be drawn first)."""
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "pictures:1:INT"}))
+    assert code == 130, err
+    record = workdir / "mlruns" / "sweeps" / "tiny"
+    wait_for_pictures(record)
+    meta = json.loads((record / "record.json").read_text())
+    client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
+    runs = client.search_runs([meta["experiment_id"]], max_results=1000)
+    assert {run.info.status for run in runs} == {"FINISHED"}
+    assert {Path(a.path).name for a in client.list_artifacts(meta["mlflow_runs"]["sweep"], "plots")} == PLOTS
+
+
+def test_a_sweep_stopped_between_its_summary_and_the_hand_over_says_its_pictures_were_not_logged(
+        workdir: Path) -> None:
+    """Stopped once its summary was recorded (so `report` shows it as finished) but before the pictures were handed
+    to the writer, the sweep left no note: its MLflow run had no report and no plots, and `report` said nothing."""
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "summary:1:INT"}))
+    assert code == 130, err
+    note = build_report("tiny")["pictures_note"]
+    assert note.startswith("the sweep's MLflow pictures were not logged (the sweep stopped (KeyboardInterrupt) before "
+                           "it handed them over); rerun `foldsweep run`"), note
+    summary = run_sweep(parse_spec(tiny_spec()))  # nothing is trained: the report and pictures are logged
+    wait_for_pictures(workdir / "mlruns" / "sweeps" / "tiny")
+    assert _plots(summary) == PLOTS and build_report("tiny")["pictures_note"] == ""
+
+
+def test_a_sweep_killed_between_its_summary_and_the_hand_over_says_so(workdir: Path) -> None:
+    (workdir / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(), sort_keys=False))
+    code, _, err = finish(start("run", "tiny.yaml", cwd=workdir, env={CRASH_ENV: "summary:1:KILL"}))
+    assert code == -signal.SIGKILL, err
+    note = build_report("tiny")["pictures_note"]
+    assert note.startswith("the sweep's MLflow pictures were not logged: the sweep (pid ") and "stopped before it " \
+        "handed them over; rerun `foldsweep run`" in note, note

@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 __all__ = ["PENDING", "BestTrial", "SweepPictures", "mark_pending", "pictures_drawn", "pictures_note", "sweep_pictures"]
 
 PENDING = "pictures.pending"  # in the record folder from the sweep's end until its pictures are logged
+WRITER_MAIN = "_writer_main"  # in the command line of the MLflow writer process (`tracking.writer`), which draws them
 
 
 @dataclass(frozen=True)
@@ -64,10 +65,16 @@ def sweep_pictures(studies: list[StudyRef], knobs: list[str], metric: str) -> Sw
                           for ref in studies], knobs, metric, best)
 
 
-def mark_pending(folder: Path, pid: int) -> Path:
-    """Note in the record folder that process `pid` will draw and log the sweep's pictures; returns the note."""
+def mark_pending(folder: Path, pid: int, *, sweep: bool = False) -> Path:
+    """Note in the record folder that process `pid` will draw and log the sweep's pictures; returns the note.
+
+    With `sweep`, `pid` is the sweep's own process, about to record its summary (from then on the sweep counts
+    as finished) and to log its report before it hands the pictures over: stopped in between, it leaves the
+    note, and `report` says the pictures were never handed over.
+    """
     path = folder / PENDING
-    _write_note(path, {"pid": pid, "since": time.time()})
+    note: dict[str, object] = {"pid": pid, "since": time.time()}
+    _write_note(path, note | {"sweep": True} if sweep else note)
     return path
 
 
@@ -85,7 +92,7 @@ def pictures_drawn(note: Path, pid: int, failure: str | None = None) -> None:
     if failure is None:
         note.unlink(missing_ok=True)
     else:
-        _write_note(note, found | {"failed": failure})
+        _write_note(note, found | {"failed": failure}, in_place=True)
 
 
 def pictures_note(folder: Path) -> str:
@@ -97,15 +104,21 @@ def pictures_note(folder: Path) -> str:
     rerun = "rerun `foldsweep run` on the sweep's spec to draw them again (nothing else is redone)"
     if "failed" in found:
         return f"the sweep's MLflow pictures were not logged ({found['failed']}); {rerun}"
+    if found.get("sweep"):
+        if _alive(int(found.get("pid", 0)), writer=False):
+            return f"the sweep is still logging its report to MLflow (process {found['pid']}); its pictures follow"
+        return (f"the sweep's MLflow pictures were not logged: the sweep (pid {found.get('pid')}) stopped before it "
+                f"handed them over; {rerun}")
     if _alive(int(found.get("pid", 0))):
         return f"the sweep's MLflow pictures are still being drawn (process {found['pid']})"
     return (f"the sweep's MLflow pictures were not logged: the process drawing them (pid {found.get('pid')}) "
             f"stopped; {rerun}")
 
 
-def _alive(pid: int) -> bool:
-    """Whether process `pid` runs; one that ended and waits for its parent to reap it (a Python session that
-    ran the sweep through the API) does not."""
+def _alive(pid: int, writer: bool = True) -> bool:
+    """Whether process `pid` runs (and, with `writer`, is an MLflow writer); one that ended and waits for its
+    parent to reap it (a Python session that ran the sweep through the API) does not, nor another program that
+    got the pid of a writer that was killed (after a reboot, or pids wrapping round)."""
     if pid <= 0:
         return False
     try:
@@ -116,13 +129,30 @@ def _alive(pid: int) -> bool:
         return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        command = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, IndexError):  # no /proc (macOS): an unreaped process counts as running
         return True
-    return state != "Z"
+    return state != "Z" and (not writer or WRITER_MAIN.encode() in command)
 
 
-def _write_note(path: Path, value: dict[str, object]) -> None:
-    """Write to a temporary file and rename, so a reader never sees half a note."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(value))
-    tmp.replace(path)
+def _write_note(path: Path, value: dict[str, object], in_place: bool = False) -> None:
+    """Write to a temporary file and rename, so a reader never sees half a note.
+
+    With `in_place`, a note that cannot be written so (a full disk: the likely reason the pictures failed) is
+    written over the old one instead, in the space that one already holds, so that the reason is kept.
+    """
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # its own: a rerun may write while a writer fails
+    try:
+        tmp.write_text(json.dumps(value))
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        if not in_place:
+            raise
+        text = json.dumps(value).encode()
+        fd = os.open(path, os.O_WRONLY)
+        try:
+            os.write(fd, text)
+            os.ftruncate(fd, len(text))
+        finally:
+            os.close(fd)

@@ -8,6 +8,7 @@ path through the same storage, so there is one code path for one GPU, eight, or 
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import platform
@@ -24,10 +25,12 @@ import optuna
 import torch
 
 from foldsweep import __version__, profile
+from foldsweep.crash import crash_point
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
 from foldsweep.errors import DataError, DiskFull, FoldsweepError
 from foldsweep.outer import refit_outer, summarize, warm_start_final
+from foldsweep.pictures import PENDING, mark_pending, pictures_drawn
 from foldsweep.record import SweepRecord, create_or_resume, fresh_name, plan_hash
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import FoldPlan, make_plan
@@ -134,6 +137,11 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         return _finish(sweep, record, tracker, ids, progress)
     except BaseException as err:
         ctrl_c = isinstance(err, KeyboardInterrupt)
+        # a note of ours (the summary recorded, the pictures not yet handed over) says why: this process may
+        # live on (a notebook), and would otherwise seem to be logging them still
+        with contextlib.suppress(Exception):
+            pictures_drawn(record.folder / PENDING, os.getpid(),
+                           f"the sweep stopped ({type(err).__name__}) before it handed them over")
         helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
         status = "KILLED" if ctrl_c else "FAILED"
         for run_id in ids.values():
@@ -314,7 +322,10 @@ def _finish(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[s
         refits = refit_outer(sweep)
     with profile.phase(profile.REPORT):
         summary = summarize(sweep, refits)
+        if tracker.enabled:  # from the summary on the sweep counts as finished: the note says what is still due
+            mark_pending(record.folder, os.getpid(), sweep=True)
         record.update(summary=summary)
+        crash_point("summary")  # finished in the record, the report and pictures not yet in MLflow
         phase("report")
         log_sweep_artifacts(sweep, record, tracker, ids, summary)
     with profile.phase(profile.SHUTDOWN):

@@ -104,6 +104,7 @@ class MlflowTracker(NullTracker):
         self._opened: dict[tuple[str, str], int] = {}  # trial runs asked for, by (parent, name): their tokens
         self._refused: list[str] = []  # trial runs the writer could not create, reported at the next flush
         self._hand_over = False  # True once the writer has work that outlives this process (the pictures)
+        self._finished: set[str] = set()  # runs this tracker finished: a later failure or Ctrl-C leaves them be
 
     @property
     def recreated(self) -> list[str]:  # type: ignore[override]
@@ -197,16 +198,21 @@ class MlflowTracker(NullTracker):
         writer.post("write_output_to", str(folder / "logs" / "pictures.log"))  # no longer the terminal's or a pipe's
         writer.post("log_pictures", run_id, pictures, summary, str(note))
         self._hand_over = True
+        crash_point("pictures")  # every run finished, the pictures handed over: a Ctrl-C here ends nothing
 
     def finish(self, run_id: str, status: str = "FINISHED") -> None:
-        """Land the trial runs sent so far, then close the run (its system metrics end with a last sample)."""
-        if not run_id or self._writer is None:
+        """Land the trial runs sent so far, then close the run (its system metrics end with a last sample).
+
+        A run finished once stays as it was: a Ctrl-C after the sweep's end (its pictures handed over) must not
+        mark its complete runs KILLED, nor wait for the pictures to be drawn to do so."""
+        if not run_id or self._writer is None or run_id in self._finished:
             return
         if status == "FINISHED":
             self.flush()
         else:  # after a failure, trials asked but never told end with the sweep's status
             self.abandon(status)
         self._writer.call("finish", run_id, status)
+        self._finished.add(run_id)
 
     def close(self) -> None:
         """End the writer process once it has written everything it was sent; after `log_pictures_later`,
