@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +42,30 @@ def tiny_spec(**overrides: Any) -> dict[str, Any]:
         else:
             spec[key] = value
     return spec
+
+
+def mounted_tmpfs(folder: Path, size: str) -> Iterator[Path]:
+    """A real file system (tmpfs) of `size` at `folder` (made here), for full-disk tests; skips where it cannot be
+    mounted (it needs root). A test can grow it (`mount -o remount,size=...`) once space 'comes back'."""
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                      capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root)")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=True)
+
+
+def fill_disk(folder: Path) -> None:
+    """Write zeros to `folder`/filler until its file system is full."""
+    fd = os.open(folder / "filler", os.O_CREAT | os.O_WRONLY)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 512)
+    finally:
+        os.close(fd)
 
 
 def wait_for_pictures(record_folder: Path, timeout: float = 120.0) -> None:

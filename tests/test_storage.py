@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import socket
@@ -15,6 +14,7 @@ from pathlib import Path
 import optuna
 import pytest
 from click.testing import CliRunner
+from conftest import fill_disk, mounted_tmpfs
 from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
@@ -218,32 +218,15 @@ def test_a_garbage_line_inside_the_journal_is_set_aside(tmp_path: Path) -> None:
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 1 MB file system (tmpfs): writes past it fail with ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def _fill(folder: Path) -> None:
-    fd = os.open(folder / "filler", os.O_CREAT | os.O_WRONLY)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 512)
-    finally:
-        os.close(fd)
+    """A real 1 MB file system: writes past it fail with ENOSPC."""
+    yield from mounted_tmpfs(tmp_path / "disk", "1m")
 
 
 def test_a_full_disk_fails_the_append_in_one_line_and_leaves_no_torn_record(small_disk: Path) -> None:
     journal = small_disk / "j.journal"
     values = _finished_study(journal)
     intact = journal.read_bytes()
-    _fill(small_disk)
+    fill_disk(small_disk)
     study = _study(str(journal))
     with pytest.raises(DiskFull, match=r"^disk full while writing the Optuna journal .*j\.journal: nothing "
                                        "finished is lost; free space and rerun the same command to resume$"):

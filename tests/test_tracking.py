@@ -17,7 +17,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from conftest import tiny_spec, wait_for_pictures
+from conftest import fill_disk, mounted_tmpfs, tiny_spec, wait_for_pictures
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_procs import finish, start
@@ -315,25 +315,8 @@ def test_a_pipe_the_sweep_printed_into_closes_when_the_command_ends(workdir: Pat
 
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 kB file system (tmpfs): writes past it fail with ENOSPC."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)], capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def _fill(folder: Path) -> None:
-    fd = os.open(folder / "filler", os.O_CREAT | os.O_WRONLY)
-    try:
-        with contextlib.suppress(OSError):
-            while True:
-                os.write(fd, b"\0" * 512)
-    finally:
-        os.close(fd)
+    """A real 64 kB file system: writes past it fail with ENOSPC."""
+    yield from mounted_tmpfs(tmp_path / "disk", "64k")
 
 
 def test_pictures_lost_to_a_full_disk_say_so_in_the_note_and_leave_no_temporary_file(small_disk: Path) -> None:
@@ -342,7 +325,7 @@ def test_pictures_lost_to_a_full_disk_say_so_in_the_note_and_leave_no_temporary_
     folder = small_disk / "sweeps" / "tiny"
     folder.mkdir(parents=True)
     note = mark_pending(folder, os.getpid())
-    _fill(small_disk)
+    fill_disk(small_disk)
     pictures_drawn(note, os.getpid(), "OSError: [Errno 28] No space left on device: 'plots/outer_scores.png'")
     assert pictures_note(folder).startswith("the sweep's MLflow pictures were not logged (OSError: [Errno 28] No "
                                             "space left on device")

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import tiny_spec
+from conftest import mounted_tmpfs, tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 from sweep_procs import check_consistent, finish, start, trials
@@ -31,28 +31,16 @@ from foldsweep.workers import run_sweep
 SAMPLED = {"optuna": {"warm_start_final": False}}
 
 
-def _mount(folder: Path, size: str) -> Iterator[Path]:
-    """A real file system (tmpfs) of `size` that the test can grow once space 'comes back'."""
-    folder.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                      capture_output=True).returncode:
-        pytest.skip("cannot mount a tmpfs here (needs root)")
-    try:
-        yield folder
-    finally:
-        subprocess.run(["umount", "-l", str(folder)], check=True)
-
-
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
     """16 kB: the journal fills it a few rounds in."""
-    yield from _mount(tmp_path / "disk", "16k")
+    yield from mounted_tmpfs(tmp_path / "disk", "16k")
 
 
 @pytest.fixture
 def mlflow_disk(tmp_path: Path) -> Iterator[Path]:
     """1.4 MB: MLflow's empty database takes 1.2 MB, so trial runs fill it."""
-    yield from _mount(tmp_path / "mlflow-disk", "1400k")
+    yield from mounted_tmpfs(tmp_path / "mlflow-disk", "1400k")
 
 
 def test_a_full_disk_ends_in_one_line_and_the_rerun_resumes_exactly(write_spec, small_disk: Path) -> None:
