@@ -3,6 +3,7 @@
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py speed            # 3 rounds of 48 sonar models, 100 epochs
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py memory           # 10^5 x 40 rows, 48 models, 1 epoch
     OMP_NUM_THREADS=1 python benchmarks/bench_engine.py memory --rows 300000 --models 96
+    OMP_NUM_THREADS=1 python benchmarks/bench_engine.py speed --models 96 --epochs 30 --repeats 1 --ops
 
 `speed` times `fit_many` on rounds shaped like the quickstart's (trials with searched lr, weight decay,
 l1, dropout, width and batch size; 3 inner folds each; early stopping; a report every 5 epochs) and
@@ -19,6 +20,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import time
 
 import numpy as np
@@ -56,9 +58,21 @@ def speed(args: argparse.Namespace) -> dict[str, object]:
         walls.append(time.perf_counter() - start)
         cpus.append(time.process_time() - cpu)
         epochs += sum(res.epochs_run for res in results)
+    if args.ops:
+        print_top_ops(X, y, _jobs(data.y, args.models, args.epochs, [8, 16, 32], seed=0))
     return {"bench": "speed", "models": args.models, "repeats": args.repeats, "median_wall_s": statistics.median(walls),
             "walls_s": [round(w, 3) for w in walls], "median_cpu_s": statistics.median(cpus), "fold_epochs": epochs,
             "fold_epochs_per_s": epochs / sum(walls)}
+
+
+def print_top_ops(X: torch.Tensor, y: torch.Tensor, jobs: list[FitJob]) -> None:
+    """torch.profiler's 15 most expensive ops by their own CPU time, over one more round (to stderr): per-op
+    seconds move far less with the machine's load than a round's total does."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fit_many(X, y, jobs, 2, "accuracy", report_every=5)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
 
 
 def memory(args: argparse.Namespace) -> dict[str, object]:
@@ -86,6 +100,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=None, help="default: 100 (speed), 1 (memory)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument("--ops", action="store_true", help="speed: also print the top ops of one round (stderr)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.epochs is None:
