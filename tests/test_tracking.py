@@ -326,10 +326,16 @@ def test_pictures_lost_to_a_full_disk_say_so_in_the_note_and_leave_no_temporary_
     folder.mkdir(parents=True)
     note = mark_pending(folder, os.getpid())
     fill_disk(small_disk)
-    pictures_drawn(note, os.getpid(), "OSError: [Errno 28] No space left on device: 'plots/outer_scores.png'")
+    pictures_drawn(note, os.getpid(), failure="OSError: [Errno 28] No space left on device: 'plots/outer_scores.png'")
     assert pictures_note(folder).startswith("the sweep's MLflow pictures were not logged (OSError: [Errno 28] No "
                                             "space left on device")
     assert sorted(p.name for p in folder.iterdir()) == [PENDING]
+
+
+def test_a_damaged_note_does_not_read_as_pictures_logged(tmp_path: Path) -> None:
+    """A note cut short (the disk filled while its reason was written over it) read as no note: 'logged'."""
+    (tmp_path / PENDING).write_text('{"pid": 123, "since": 1.0, "failed": "OSError: [Errno 28] No spa')
+    assert pictures_note(tmp_path).startswith("the sweep's MLflow pictures may not have been logged")
 
 
 def test_a_note_whose_pid_now_belongs_to_another_process_is_not_still_being_drawn(tmp_path: Path) -> None:

@@ -78,7 +78,7 @@ def mark_pending(folder: Path, pid: int, *, sweep: bool = False) -> Path:
     return path
 
 
-def pictures_drawn(note: Path, pid: int, failure: str | None = None) -> None:
+def pictures_drawn(note: Path, pid: int, *, failure: str | None = None) -> None:
     """The writer's last word: remove the note (logged), or keep it with the reason they were not.
 
     A note naming another process belongs to a later run of the same sweep and is left alone.
@@ -97,11 +97,14 @@ def pictures_drawn(note: Path, pid: int, failure: str | None = None) -> None:
 
 def pictures_note(folder: Path) -> str:
     """One line for `report` while the sweep's MLflow pictures are not logged; empty once they are."""
+    rerun = "rerun `foldsweep run` on the sweep's spec to draw them again (nothing else is redone)"
     try:
         found = json.loads((folder / PENDING).read_text())
-    except (OSError, ValueError):
+    except OSError:  # no note: logged (or never due: tracking off)
         return ""
-    rerun = "rerun `foldsweep run` on the sweep's spec to draw them again (nothing else is redone)"
+    except ValueError:
+        return (f"the sweep's MLflow pictures may not have been logged (their note {folder / PENDING} is "
+                f"damaged); {rerun}")
     if "failed" in found:
         return f"the sweep's MLflow pictures were not logged ({found['failed']}); {rerun}"
     if found.get("sweep"):
@@ -115,7 +118,7 @@ def pictures_note(folder: Path) -> str:
             f"stopped; {rerun}")
 
 
-def _alive(pid: int, writer: bool = True) -> bool:
+def _alive(pid: int, *, writer: bool = True) -> bool:
     """Whether process `pid` runs (and, with `writer`, is an MLflow writer); one that ended and waits for its
     parent to reap it (a Python session that ran the sweep through the API) does not, nor another program that
     got the pid of a writer that was killed (after a reboot, or pids wrapping round)."""
@@ -135,7 +138,7 @@ def _alive(pid: int, writer: bool = True) -> bool:
     return state != "Z" and (not writer or WRITER_MAIN.encode() in command)
 
 
-def _write_note(path: Path, value: dict[str, object], in_place: bool = False) -> None:
+def _write_note(path: Path, value: dict[str, object], *, in_place: bool = False) -> None:
     """Write to a temporary file and rename, so a reader never sees half a note.
 
     With `in_place`, a note that cannot be written so (a full disk: the likely reason the pictures failed) is

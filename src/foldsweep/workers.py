@@ -141,7 +141,7 @@ def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: di
         # live on (a notebook), and would otherwise seem to be logging them still
         with contextlib.suppress(Exception):
             pictures_drawn(record.folder / PENDING, os.getpid(),
-                           f"the sweep stopped ({type(err).__name__}) before it handed them over")
+                           failure=f"the sweep stopped ({type(err).__name__}) before it handed them over")
         helpers.interrupt(grace_s=INTERRUPT_GRACE_S if ctrl_c else 0.0)
         status = "KILLED" if ctrl_c else "FAILED"
         for run_id in ids.values():

@@ -166,7 +166,7 @@ class RunStore:
                 drawn.append(outer_scores(summary, folder / "outer_scores.png"))
                 self.log_files(run_id, [(path, "plots") for path in drawn])
         except Exception as err:
-            pictures_drawn(Path(note), os.getpid(), f"{type(err).__name__}: {str(err).strip()[:300]}")
+            pictures_drawn(Path(note), os.getpid(), failure=f"{type(err).__name__}: {str(err).strip()[:300]}")
             raise
         pictures_drawn(Path(note), os.getpid())
 
