@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psutil
 from optuna.trial import TrialState
 
 if TYPE_CHECKING:
@@ -125,17 +126,14 @@ def _alive(pid: int, *, writer: bool = True) -> bool:
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return not writer or any(WRITER_MAIN in part for part in process.cmdline())
+    except psutil.NoSuchProcess:  # gone (a zombie's command line raises ZombieProcess, one of these)
         return False
-    except PermissionError:  # someone else's process: alive
+    except psutil.AccessDenied:  # someone else's process: running, and no command line of ours to check
         return True
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        command = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, IndexError):  # no /proc (macOS): an unreaped process counts as running
-        return True
-    return state != "Z" and (not writer or WRITER_MAIN.encode() in command)
 
 
 def _write_note(path: Path, value: dict[str, object], *, in_place: bool = False) -> None:

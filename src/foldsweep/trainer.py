@@ -40,9 +40,10 @@ ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Added to AdamW's second moments under the square root. torch's CPU sqrt takes ~10 ns more for each zero
 # or subnormal input (1M values: 0.6 ms; half of them zero: 5.9 ms; all subnormal: 23 ms), and the stacked
 # moments hold many (a narrow model's padding in a wide band, gradients too small to square). The floor is
-# the smallest normal float32 times 100, whose root (1e-18) is under half a float32 ulp of ADAM_EPS, so a
-# denominator changes only where the moment was that small and the sum sat at a rounding boundary.
-SQRT_FLOOR = 1e-36
+# about 100 times the smallest normal float32 (1.2e-38); its root (1e-18) is under half a float32 ulp of
+# ADAM_EPS, so a denominator changes only where the moment was that small and the sum sat at a rounding
+# boundary.
+_SQRT_FLOOR = 1e-36
 PROGRESS_EVERY_S = 1.0
 SORT_LAST = 2**33  # a shuffle key above every 32-bit hash: padded positions sort after real ones
 
@@ -339,7 +340,7 @@ class BatchTrainer:
             t = self.steps.clamp(min=1).unsqueeze(1)
             s1.lerp_(grad, (1 - b1) * on)
             s2.lerp_(torch.mul(grad, grad, out=tmp), (1 - b2) * on)
-            denom = torch.add(s2, SQRT_FLOOR, out=tmp).sqrt_().mul_(torch.rsqrt(1 - b2**t)).add_(ADAM_EPS)
+            denom = torch.add(s2, _SQRT_FLOOR, out=tmp).sqrt_().mul_(torch.rsqrt(1 - b2**t)).add_(ADAM_EPS)
             flat.mul_(1 - lr_m * wd_m * on)
             flat.addcmul_(torch.div(s1, denom, out=tmp), -lr_m / (1 - b1**t) * on)
         else:
