@@ -307,3 +307,87 @@ def test_two_foldsweep_test_processes_at_once_look_once(workdir: Path, write_spe
     assert sorted(code for code, _ in outcomes) == [0, 2], outcomes
     assert any("was already looked at 1 time(s)" in err for code, err in outcomes if code == 2)
     assert len(SweepRecord.open("tiny").ledger) == 1
+
+
+# -- looks are counted by the sealed rows, across sweeps ---------------------------------------------------
+def _sealed(name: str, **overrides) -> SweepRecord:
+    """A sweep's record (seal and plan only: no training) under `name`, on the tiny sweep's data."""
+    config = _config(**overrides).model_copy(update={"name": name})
+    return create_or_resume(config, load_dataset(config.data), "unused")[0]
+
+
+def _look_at(record: SweepRecord, *, again: bool = False) -> int:
+    """The ledger's real check-and-append, as `look` makes it (the scoring between is not the point here)."""
+    with record.looking(again) as number:
+        return record.append_look({"look_number": number, "time": f"2026-12-08T00:00:{number:02d}+00:00",
+                                   "score": 0.5, "again": again})
+
+
+def test_a_fresh_or_renamed_sweep_of_the_same_rows_does_not_reset_the_ledger(workdir: Path) -> None:
+    """`run --fresh` (name-2) and `--set name=...` seal the same rows again: their first look is a further one."""
+    assert _look_at(_sealed("qs")) == 1
+    for name in ("qs-2", "renamed"):
+        record = _sealed(name)
+        with pytest.raises(SealError, match=r"^the sealed test set of `" + name + r"` was already looked at 1 "
+                                            r"time\(s\), last by sweep `qs` at .*: pass --again"):
+            record.check_can_look(False)
+    assert "--fresh" not in _refusal(_sealed("qs-2"))
+    assert _look_at(_sealed("qs-2"), again=True) == 2
+    assert [(look["sweep"], look["look_number"]) for look in SweepRecord.open("qs").ledger] == [("qs", 1),
+                                                                                                  ("qs-2", 2)]
+
+
+def test_another_seal_sharing_some_rows_counts_them_as_looked_at(workdir: Path) -> None:
+    """A new split seed seals other rows, but the ones the first look scored are not fresh again."""
+    _look_at(_sealed("qs"))
+    other = _sealed("reseeded", split={"seed": 7})
+    assert len(other.ledger) == 1 and 0 < other.ledger[0]["shared_rows"] < len(other.test_hashes)
+    with pytest.raises(SealError, match="already looked at 1 time"):
+        other.check_can_look(False)
+
+
+def test_a_deleted_sweep_ledger_still_counts_its_looks(workdir: Path) -> None:
+    record = _sealed("qs")
+    _look_at(record)
+    (record.folder / "ledger.json").unlink()
+    assert len(SweepRecord.open("qs").ledger) == 1
+    with pytest.raises(SealError, match="already looked at 1 time"):
+        SweepRecord.open("qs").check_can_look(False)
+
+
+def test_a_deleted_looks_folder_still_counts_the_sweeps_own_looks(workdir: Path) -> None:
+    record = _sealed("qs")
+    _look_at(record)
+    for path in (workdir / "mlruns" / "looks").glob("look-*"):
+        path.unlink()
+    with pytest.raises(SealError, match="already looked at 1 time"):
+        SweepRecord.open("qs").check_can_look(False)
+
+
+@pytest.mark.parametrize("damage", [b"{not json", b"", b'{"looks": 1}', b"\xff\xfe"])
+def test_a_damaged_sweep_ledger_is_one_line_never_no_looks(workdir: Path, damage: bytes) -> None:
+    record = _sealed("qs")
+    _look_at(record)
+    (record.folder / "ledger.json").write_bytes(damage)
+    for check in (lambda: SweepRecord.open("qs").check_can_look(True), lambda: SweepRecord.open("qs").ledger):
+        with pytest.raises(SealError, match=r"ledger of sweep `qs` \(.*ledger.json\) is damaged .*never read as no "
+                                            r"looks") as caught:
+            check()
+        assert "\n" not in str(caught.value)
+
+
+def test_a_damaged_look_record_makes_every_look_a_further_one(workdir: Path) -> None:
+    """Which rows a damaged look scored is unknown: any sweep's look needs `again`, and is then counted."""
+    _look_at(_sealed("qs"))
+    (look_file,) = (workdir / "mlruns" / "looks").glob("look-*.npz")
+    look_file.write_bytes(look_file.read_bytes()[:40])
+    elsewhere = _sealed("other", split={"seed": 3})
+    assert "damaged" in _refusal(elsewhere) and str(look_file.relative_to(workdir)) in _refusal(elsewhere)
+    assert _look_at(elsewhere, again=True) == 2
+    assert look_file.is_file()  # kept as it was: it is the user's to restore
+
+
+def _refusal(record: SweepRecord) -> str:
+    with pytest.raises(SealError) as caught:
+        record.check_can_look(False)
+    return str(caught.value)

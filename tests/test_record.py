@@ -86,7 +86,7 @@ def test_a_damaged_plan_is_refused_in_one_line(created: tuple[SweepRecord, Datas
             SweepRecord(record.name, record.folder).plan  # noqa: B018 -- reading is what is tested
         assert "\n" not in str(info.value) and "--fresh" in str(info.value)
     path.write_bytes(b"not a zip")
-    with pytest.raises(SealError, match=r"cannot be read: .*rerun with --fresh$"):
+    with pytest.raises(SealError, match=r"cannot be read \(.*\); .*rerun with --fresh"):
         SweepRecord(record.name, record.folder).plan  # noqa: B018
 
 
@@ -100,3 +100,64 @@ def test_a_record_from_before_plan_npz_is_refused_in_one_line(workdir: Path) -> 
     with pytest.raises(FoldsweepError, match=r"^sweep `old` was recorded by an earlier foldsweep .*--fresh") as info:
         SweepRecord.open("old").meta  # noqa: B018
     assert "\n" not in str(info.value)
+
+
+# -- damaged files at every position: one line naming the file, or the record exactly as it was ------------
+@pytest.fixture
+def small(workdir: Path) -> SweepRecord:
+    record, _, _ = create_or_resume(spec(), synthetic(n=300), "journal")
+    return record
+
+
+def test_a_plan_with_any_byte_flipped_is_refused_in_one_line_or_reads_the_same(small: SweepRecord) -> None:
+    """A flipped byte anywhere in plan.npz (zip headers, CRCs, the arrays) never gives a traceback or another plan."""
+    path = small.folder / PLAN_FILE
+    intact = path.read_bytes()
+    plan, hashes = small.plan, small.test_hashes
+    outcomes = set()
+    for position in range(len(intact)):
+        damaged = bytearray(intact)
+        damaged[position] ^= 0x5A
+        path.write_bytes(bytes(damaged))
+        fresh = SweepRecord(small.name, small.folder)
+        try:
+            same = (np.array_equal(fresh.plan.to_masks(300), plan.to_masks(300))
+                    and np.array_equal(fresh.test_hashes, hashes))
+        except SealError as err:
+            assert "\n" not in str(err) and str(path) in str(err), position
+            outcomes.add("refused")
+            continue
+        assert same, f"byte {position} changed the plan silently"
+        outcomes.add("same")
+    assert "refused" in outcomes
+    path.write_bytes(intact)
+
+
+def test_a_record_json_cut_anywhere_is_one_line_naming_it(small: SweepRecord) -> None:
+    path = small.folder / "record.json"
+    intact = path.read_text()
+    for end in range(len(intact)):
+        path.write_text(intact[:end])
+        with pytest.raises(FoldsweepError, match=r"^the record of sweep `tiny` \(.*record.json\) is damaged") as info:
+            SweepRecord(small.name, small.folder).meta  # noqa: B018
+        assert "\n" not in str(info.value)
+    path.write_text(json.dumps({"name": "tiny"}))
+    lacks = r"is damaged \(it lacks spec_hash, fingerprint, plan_hash, n_rows, storage, plan\)"
+    with pytest.raises(FoldsweepError, match=lacks):
+        SweepRecord(small.name, small.folder).meta  # noqa: B018
+    path.write_text("[1, 2]")
+    with pytest.raises(FoldsweepError, match=r"is damaged \(it is not a JSON object\)"):
+        SweepRecord(small.name, small.folder).meta  # noqa: B018
+    path.write_text(intact)
+
+
+def test_a_ledger_cut_anywhere_is_one_line_never_no_looks(small: SweepRecord) -> None:
+    with small.looking(False) as number:
+        small.append_look({"look_number": number, "time": "2026-12-08T00:00:00+00:00", "score": 0.5})
+    path = small.folder / "ledger.json"
+    intact = path.read_text()
+    for end in range(len(intact)):
+        path.write_text(intact[:end])
+        with pytest.raises(SealError, match=r"ledger of sweep `tiny` \(.*ledger.json\) is damaged") as info:
+            SweepRecord(small.name, small.folder).check_can_look(True)
+        assert "\n" not in str(info.value)

@@ -138,9 +138,12 @@ def report_view(rep: dict[str, Any]) -> Group:
     if not looks:
         parts.append(Text(f"sealed test set: never looked at (foldsweep test {rep['sweep']})"))
     else:
-        parts.append(_table(f"sealed test set: {len(looks)} look(s)", ["look", "time", metric, "model", "--again"],
-                            [[str(i + 1), lk["time"], f"{lk['score']:.4f}", str(lk.get("model_hash", ""))[:12],
-                              "yes" if lk.get("again") else "no"] for i, lk in enumerate(looks)]))
+        parts.append(_table(f"sealed test set: {len(looks)} look(s)",
+                            ["look", "time", "sweep", metric, "model", "--again"],
+                            [[str(i + 1), lk["time"], lk.get("sweep", rep["sweep"]),
+                              "damaged" if lk.get("damaged") else f"{lk['score']:.4f}",
+                              str(lk.get("model_hash", ""))[:12], "yes" if lk.get("again") else "no"]
+                             for i, lk in enumerate(looks)]))
     return Group(*parts)
 
 

@@ -24,7 +24,8 @@ import yaml
 from filelock import FileLock
 
 from foldsweep.data import Dataset
-from foldsweep.errors import FoldsweepError, SealError, SplitError
+from foldsweep.errors import FoldsweepError, SealError, SplitError, StoreError
+from foldsweep.ledger import LookLedger, PriorLook
 from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
 
@@ -32,6 +33,8 @@ __all__ = ["SweepRecord", "create_or_resume", "fresh_name", "home", "plan_hash"]
 
 ROOT_ENV = "FOLDSWEEP_HOME"
 PLAN_FILE = "plan.npz"
+_META_KEYS = ("name", "spec_hash", "fingerprint", "plan_hash", "n_rows", "storage")
+_PLAN_KEYS = ("layout", "notes", "sealed_hash")
 _log = logging.getLogger("foldsweep")
 
 
@@ -65,8 +68,7 @@ class SweepRecord:
         stat = path.stat()
         key = (stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)
         if self._cache.get("meta_key") != key:
-            meta = json.loads(path.read_text())
-            _refuse_old_format(self.name, meta)
+            meta = _read_meta(self.name, path)
             self._cache.update(meta_key=key, meta=meta)
         return dict(self._cache["meta"])
 
@@ -101,44 +103,83 @@ class SweepRecord:
         try:
             with np.load(path, allow_pickle=False) as arrays:
                 masks, test_hashes = arrays["masks"], arrays["test_hashes"]
-        except (OSError, ValueError, KeyError) as err:
-            raise SealError(f"the fold plan of sweep `{self.name}` ({path}) cannot be read: {err}; the sealed "
-                            "test rows are no longer known: rerun with --fresh") from None
+        except Exception as err:  # noqa: BLE001 -- zipfile and numpy raise a dozen kinds on damaged bytes
+            raise SealError(f"the fold plan of sweep `{self.name}` ({path}) cannot be read ({_short(err)}); its "
+                            "sealed test rows are no longer known: rerun with --fresh to seal them again (looks "
+                            "at them stay counted)") from None
         layout = meta["plan"]["layout"]
         if _digest(masks, layout) != meta["plan_hash"] or _sealed_digest(test_hashes) != meta["plan"]["sealed_hash"]:
             raise SealError(f"the fold plan of sweep `{self.name}` ({path}) was changed or damaged (its hash is "
-                            f"no longer {meta['plan_hash']}); the sealed test rows are no longer known: rerun with "
-                            "--fresh")
+                            f"no longer {meta['plan_hash']}); its sealed test rows are no longer known: rerun with "
+                            "--fresh to seal them again (looks at them stay counted)")
         plan = FoldPlan.from_masks(masks, meta["n_rows"], layout, meta["plan"]["notes"])
         self._cache.update(plan=plan, test_hashes=test_hashes)
 
     # -- the sealed test look ------------------------------------------------------------------------
     @property
     def ledger(self) -> list[dict[str, Any]]:
-        path = self.folder / "ledger.json"
-        return json.loads(path.read_text()) if path.is_file() else []
+        """Every recorded look at this sweep's sealed rows, by any sweep, oldest first.
+
+        The sweep's own `ledger.json` and the looks folder (`mlruns/looks/`, see `foldsweep.ledger`) are
+        both read: deleting either still leaves the looks counted, and a look by another sweep at the same
+        rows (a `--fresh` rerun, a renamed copy) is one of them.
+        """
+        own = self._own_ledger()
+        known = {entry.get("look_id") for entry in own if entry.get("look_id")}
+        others = [prior.entry | {"shared_rows": prior.shared_rows} | ({"damaged": prior.damaged} if prior.damaged
+                                                                      else {})
+                  for prior in self._prior_looks() if prior.damaged or prior.entry.get("look_id") not in known]
+        return sorted(own + others, key=lambda entry: str(entry.get("time", "")))
 
     @contextmanager
     def looking(self, again: bool) -> Iterator[int]:
-        """Hold the ledger's lock from the one-look check to the append; yields the number this look gets.
+        """Hold the looks' lock from the one-look check to the append; yields the number this look gets.
 
         Without it two `foldsweep test` started together both passed the check and both looked. The lock
-        is a kernel flock (filelock), so a process that dies holding it releases it.
+        is a kernel flock (filelock), so a process that dies holding it releases it; it is shared by every
+        sweep under this home, since two sweeps may have sealed the same rows.
         """
-        with FileLock(self.folder / "ledger.lock"):
+        with FileLock(_looks().lock_path):
             self.check_can_look(again)
             yield len(self.ledger) + 1
 
     def check_can_look(self, again: bool) -> None:
-        looks = len(self.ledger)
+        """Refuse a further look at sealed rows already scored, by this sweep or any other, unless `again`."""
+        looks = self.ledger
         if looks and not again:
-            raise SealError(f"the sealed test set of `{self.name}` was already looked at {looks} time(s); "
-                            "a further look biases it: pass --again to look anyway (it will be counted)")
+            last = looks[-1]
+            by = (f"a look whose record is damaged ({last['damaged']})" if last.get("damaged")
+                  else f"sweep `{last.get('sweep', self.name)}` at {last.get('time', '?')}")
+            raise SealError(f"the sealed test set of `{self.name}` was already looked at {len(looks)} time(s), last "
+                            f"by {by}; a further look biases it: pass --again to look anyway (it will be counted)")
 
     def append_look(self, look: dict[str, Any]) -> int:
-        entries = self.ledger + [look]
+        """Record the look in the looks folder and in the sweep's ledger.json; returns its number."""
+        entry = look | {"sweep": self.name, "look_id": os.urandom(8).hex(), "sealed_hash":
+                        self.meta["plan"]["sealed_hash"], "data_fingerprint": self.meta["fingerprint"]}
+        _looks().record(entry, self.test_hashes)
+        entries = self._own_ledger() + [entry]
         _write_json(self.folder / "ledger.json", entries)
-        return len(entries)
+        return len(self.ledger)
+
+    def _own_ledger(self) -> list[dict[str, Any]]:
+        path = self.folder / "ledger.json"
+        if not path.is_file():
+            return []
+        try:
+            entries = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            raise SealError(f"the test-look ledger of sweep `{self.name}` ({path}) is damaged ({_short(err)}); it "
+                            "is never read as no looks: restore it from a copy, or move it aside to count the "
+                            f"looks kept in {_looks().folder} only") from None
+        if not isinstance(entries, list) or not all(isinstance(entry, dict) for entry in entries):
+            raise SealError(f"the test-look ledger of sweep `{self.name}` ({path}) is damaged (not a list of "
+                            "looks); it is never read as no looks: restore it from a copy, or move it aside to "
+                            f"count the looks kept in {_looks().folder} only")
+        return entries
+
+    def _prior_looks(self) -> list[PriorLook]:
+        return _looks().prior_looks(self.test_hashes)
 
     def verify_data(self, data: Dataset) -> None:
         """Refuse if the rows differ from the sweep's: a changed test row would make the look meaningless."""
@@ -200,9 +241,37 @@ def _sealed_digest(test_hashes: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(test_hashes, dtype="<u8").data).hexdigest()[:16]
 
 
+def _looks() -> LookLedger:
+    return LookLedger(home() / "looks")
+
+
+def _read_meta(name: str, path: Path) -> dict[str, Any]:
+    """record.json, or one line naming it when it is cut short, garbled or lacks what a record holds."""
+    try:
+        meta = json.loads(path.read_text())
+    except (UnicodeDecodeError, ValueError) as err:
+        raise StoreError(f"the record of sweep `{name}` ({path}) is damaged ({_short(err)}); restore it from a "
+                         "copy, or rerun with --fresh to start a new sweep beside it") from None
+    if not isinstance(meta, dict):
+        raise StoreError(f"the record of sweep `{name}` ({path}) is damaged (it is not a JSON object); restore it "
+                         "from a copy, or rerun with --fresh to start a new sweep beside it")
+    _refuse_old_format(name, meta)
+    plan = meta.get("plan")
+    missing = [key for key in _META_KEYS + ("plan",) if key not in meta] + (
+        [f"plan.{key}" for key in _PLAN_KEYS if key not in plan] if isinstance(plan, dict) else [])
+    if missing:
+        raise StoreError(f"the record of sweep `{name}` ({path}) is damaged (it lacks {', '.join(missing)}); "
+                         "restore it from a copy, or rerun with --fresh to start a new sweep beside it")
+    return meta
+
+
+def _short(err: BaseException) -> str:
+    return " ".join(str(err).split())[:120] or type(err).__name__
+
+
 def _refuse_old_format(name: str, meta: dict[str, Any]) -> None:
     """Records written before plan.npz kept every fold's index list in plan.json: refused, not converted."""
-    if "plan" not in meta:
+    if "plan" not in meta and "test_rows" in meta:
         raise FoldsweepError(f"sweep `{name}` was recorded by an earlier foldsweep (its fold plan is in plan.json); "
                              "this version cannot resume, report or test it: rerun with --fresh to start a new sweep "
                              "beside it, or finish it with the foldsweep version that started it")

@@ -78,9 +78,10 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
     if seen_in_dev:
         lines.append(f"- **{seen_in_dev}**")
     if looks:
-        lines += [f"- look {i + 1} at {look['time']}: {metric} = {look['score']:.4f} (model "
-                  f"{str(look.get('model_hash', ''))[:12]}{', --again' if look.get('again') else ''})"
-                  for i, look in enumerate(looks)]
+        lines += [f"- look {i + 1} at {look['time']}" + (f" by sweep `{look['sweep']}`" if look.get("sweep", summary[
+                  "sweep"]) != summary["sweep"] else "") + (f": record damaged ({look['damaged']})" if look.get(
+                  "damaged") else f": {metric} = {look['score']:.4f} (model {str(look.get('model_hash', ''))[:12]}"
+                  f"{', --again' if look.get('again') else ''})") for i, look in enumerate(looks)]
         if len(looks) > 1:
             lines.append(f"- **{len(looks)} looks**: every look after the first is biased by the ones before")
     else:

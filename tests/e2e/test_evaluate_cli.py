@@ -7,6 +7,7 @@ each test works in that folder. Only the look test touches the ledger; the edit 
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import mlflow.artifacts
@@ -148,8 +149,9 @@ def test_the_sealed_test_set_is_looked_at_once_unless_again(in_sweep: dict) -> N
 
     code, _, stderr = _run("test", "tiny")
     assert code == 2
-    assert stderr.strip() == ("error: the sealed test set of `tiny` was already looked at 1 time(s); a further look "
-                              "biases it: pass --again to look anyway (it will be counted)")
+    assert re.fullmatch(r"error: the sealed test set of `tiny` was already looked at 1 time\(s\), last by sweep `tiny` "
+                        r"at \S+; a further look biases it: pass --again to look anyway \(it will be counted\)",
+                        stderr.strip()), stderr
     assert len(SweepRecord.open("tiny").ledger) == 1
 
     code, stdout, stderr = _run("test", "tiny", "--again", "--json")
@@ -177,6 +179,44 @@ def test_the_sealed_test_set_is_looked_at_once_unless_again(in_sweep: dict) -> N
     logged_report = Path(mlflow.artifacts.download_artifacts(run_id=sweep_run, artifact_path="report.md",
                                                              tracking_uri=meta["tracking_uri"]))
     assert "**2 looks**" in logged_report.read_text()
+    _the_looks_survive_a_fresh_run_and_a_deleted_or_damaged_ledger()
+
+
+def _the_looks_survive_a_fresh_run_and_a_deleted_or_damaged_ledger() -> None:
+    """`run --fresh` seals the same rows as `tiny-2`; its first look is look 3, and says who looked before."""
+    code, _, stderr = _run("run", "tiny.yaml", "--fresh")
+    assert code == 0, stderr
+    code, _, stderr = _run("test", "tiny-2", "--model", "models/final")
+    assert code == 2 and "already looked at 2 time(s), last by sweep `tiny` at" in stderr and "--fresh" not in stderr
+    ledger = Path("mlruns/sweeps/tiny/ledger.json")
+    kept = ledger.read_bytes()
+    ledger.unlink()
+    try:
+        assert json.loads(_run("report", "tiny", "--json")[1])["test_look_count"] == 2
+        ledger.write_bytes(kept[: len(kept) // 2])
+        for command in (("test", "tiny", "--again"), ("report", "tiny")):
+            code, _, stderr = _run(*command)
+            assert code == 2 and stderr.count("\n") == 1 and "ledger.json) is damaged" in stderr, (command, stderr)
+    finally:
+        ledger.write_bytes(kept)
+
+
+@pytest.mark.parametrize("damage", ["record.json cut", "plan.npz flipped"])
+def test_damaged_record_files_are_one_line_naming_the_file(in_sweep: dict, damage: str) -> None:
+    name, how = damage.split()
+    path = Path("mlruns/sweeps/tiny") / name
+    kept = path.read_bytes()
+    path.write_bytes(kept[: len(kept) // 2] if how == "cut" else kept[:60] + bytes([kept[60] ^ 0xFF]) + kept[61:])
+    try:
+        commands = [("status", "tiny"), ("test", "tiny", "--again"), ("report", "tiny"), ("export", "tiny")]
+        if name == "record.json":
+            commands.append(("run", "tiny.yaml"))
+        for command in commands:
+            code, stdout, stderr = _run(*command)
+            assert (code, stderr.count("\n")) == (2, 1) and str(path) in stderr, (command, stderr)
+    finally:
+        path.write_bytes(kept)
+    assert path.read_bytes() == kept
 
 
 def test_report_shows_overfitting_diagnostics_of_every_study(in_sweep: dict) -> None:
