@@ -487,3 +487,22 @@ def test_regression_labels_are_a_writable_array(tmp_path: Path, source: str) -> 
         data = load_dataset(DataSpec(path=str(path), target="y"))
     assert data.task == "regression" and data.y.dtype == np.float32 and data.y.flags.writeable
     assert data.X.flags.writeable
+
+
+def test_a_categorical_label_reads_like_a_text_label(tmp_path: Path) -> None:
+    """A pandas Categorical target (and one saved as a Parquet dictionary column) is its values, not its codes."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    values = ["yes", "no", "no", "yes", "no", "yes"]
+    frame = pd.DataFrame({"a": np.arange(6, dtype=np.float32), "g": pd.Categorical(list("aabbcc")),
+                          "y": pd.Categorical(values, categories=["yes", "no", "maybe"])})
+    frame.to_parquet(tmp_path / "t.parquet")
+    assert pa.types.is_dictionary(pq.read_schema(tmp_path / "t.parquet").field("y").type)
+    plain = dataset_from_frame(frame.astype({"y": str, "g": str}), DataSpec(path="unused.csv", target="y", group="g"),
+                               name="t")
+    read = load_dataset(DataSpec(path=str(tmp_path / "t.parquet"), target="y", group="g"))
+    in_memory = dataset_from_frame(frame, DataSpec(path="unused.csv", target="y", group="g"), name="t")
+    for data in (read, in_memory):
+        assert data.classes == ["no", "yes"] and data.y.tolist() == plain.y.tolist()
+        assert data.fingerprint == plain.fingerprint and list(data.groups) == list(plain.groups)

@@ -146,12 +146,12 @@ def dataset_from_arrow(source: Source, spec: DataSpec, *, name: str, target: str
         raise DataError(f"feature column `{text[0]}` is not numeric "
                         f"({len(text)} such column(s)); set data.categorical: onehot to encode them")
     side = _read_columns(source, roles + text)
-    labels = side.column(target)
+    labels = _decoded(side.column(target))
     _refuse_empty_labels(labels, target)
     X, names = _feature_matrix(source, n_rows, numeric, {c: side.column(c) for c in text})
     X, keep = _handle_missing(X, names, spec.missing)
-    groups = side.column(spec.group).to_numpy() if spec.group else None
-    times = side.column(spec.time).to_numpy() if spec.time else None
+    groups = _decoded(side.column(spec.group)).to_numpy() if spec.group else None
+    times = _decoded(side.column(spec.time)).to_numpy() if spec.time else None
     if keep is not None:
         labels = labels.filter(pa.array(keep))
         groups, times = (v[keep] if v is not None else None for v in (groups, times))
@@ -334,6 +334,14 @@ def _handle_missing(X: np.ndarray, names: list[str], policy: str) -> tuple[np.nd
 
 
 # -- labels ------------------------------------------------------------------------------------------------
+def _decoded(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """A dictionary column (pandas `Categorical`, a Parquet dictionary page) as its plain values.
+
+    A label, group or time column means its values, not the codes a writer happened to give them.
+    """
+    return column.cast(column.type.value_type) if pa.types.is_dictionary(column.type) else column
+
+
 def _refuse_empty_labels(labels: pa.ChunkedArray, name: str) -> None:
     """An empty cell (null) or a NaN in a float column: the row has no label to learn."""
     empty = labels.null_count
@@ -362,7 +370,7 @@ def _encode_target(labels: pa.ChunkedArray, task: str, name: str) -> tuple[np.nd
         if not (_is_number(labels.type) or pa.types.is_boolean(labels.type)):
             raise DataError(f"target column `{name}` is not numeric; set data.task: classification")
         return np.array(pc.cast(labels, pa.float32()).to_numpy(), dtype=np.float32), None  # a writable copy
-    encoded = pc.dictionary_encode(labels.dictionary_decode() if pa.types.is_dictionary(labels.type) else labels)
+    encoded = pc.dictionary_encode(labels)
     texts = [str(u) for u in encoded.chunks[0].dictionary.to_pylist()]
     classes = sorted(set(texts))
     if len(classes) < 2:
