@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import signal
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -113,7 +113,11 @@ def test_ctrl_c_mid_round_retries_the_lost_trials_with_their_own_configuration(w
     def ctrl_c_after_the_first_trial(event: str, info: dict) -> None:
         if event == "trial" and not seen:
             seen.append(info["study"])
-            os.kill(os.getpid(), signal.SIGINT)  # a real Ctrl-C, while the round's other trials wait to be told
+            assert threading.current_thread() is threading.main_thread()
+            # a real Ctrl-C, while the round's other trials wait to be told. raise_signal delivers it to this
+            # thread, so its handler runs at the next instruction; os.kill could hand it to any of the process's
+            # threads, and the interpreter would then act on it only later (once, under load, after the round)
+            signal.raise_signal(signal.SIGINT)
 
     with pytest.raises(KeyboardInterrupt):
         run_sweep(spec, progress=ctrl_c_after_the_first_trial)
