@@ -25,6 +25,7 @@ from foldsweep import __version__, profile
 from foldsweep.errors import FoldsweepError, explain
 
 LIGHT = {"validate"}  # commands that never import optuna (tests/test_startup.py pins it)
+_EXITING: list[bool] = []  # set by `main`: the process ends after the command, so Ctrl-C may stay held
 
 
 def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -52,7 +53,10 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Any]:
             click.echo(f"interrupted: finished trials are kept{hint}", err=True)
             sys.exit(130)
         finally:
-            if not interrupted and previous is not None:
+            # after a Ctrl-C the `foldsweep` process keeps ignoring further ones until it has exited; a command
+            # run in a Python process that goes on (a notebook, a test) gives its handler back, else that
+            # process would ignore every later Ctrl-C
+            if previous is not None and not (interrupted and _EXITING):
                 signal.signal(signal.SIGINT, previous)
 
     return wrapper
@@ -348,6 +352,7 @@ def main() -> None:
     writer process is waited for, logs are flushed), output is flushed; then the process ends with the
     command's exit code.
     """
+    _EXITING.append(True)
     try:
         cli(prog_name="foldsweep")
     except SystemExit as done:

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -375,3 +376,18 @@ def test_a_garbage_journal_is_set_aside_with_one_line_and_the_command_goes_on(wo
     assert result.exit_code == 2
     torn = list((workdir / "mlruns" / "optuna").glob("tiny.journal.torn-*"))
     assert len(torn) == 1 and "this is not json" in torn[0].read_text()
+
+
+def test_a_ctrl_c_in_a_command_run_in_process_gives_the_signal_handler_back(workdir: Path, write_spec,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Once it held a Ctrl-C the command kept its handler, and the process ignored every later Ctrl-C."""
+    import foldsweep.data
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(foldsweep.data, "load_dataset", interrupted)
+    before = signal.getsignal(signal.SIGINT)
+    result = CliRunner().invoke(cli, ["validate", str(write_spec())])
+    assert result.exit_code == 130 and "interrupted" in result.stderr
+    assert signal.getsignal(signal.SIGINT) is before
