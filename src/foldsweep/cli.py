@@ -238,11 +238,12 @@ def export(sweep: str, output: str | None, fmt: str) -> None:
 def report(sweep: str, as_json: bool, markdown: str | None) -> None:
     """The nested-CV report: estimate and CI, optimism, stability, overfitting, final config, test looks."""
     from foldsweep import api
+    from foldsweep.files import write_text_atomic
     from foldsweep.report import report_markdown
 
     shown = api.open(sweep).report()
     if markdown:
-        Path(markdown).write_text(report_markdown(shown.data))
+        write_text_atomic(Path(markdown), report_markdown(shown.data))
     if as_json:
         click.echo(json.dumps(shown.data, default=str))
         return

@@ -25,6 +25,7 @@ from filelock import FileLock
 
 from foldsweep.data import Dataset
 from foldsweep.errors import FoldsweepError, SealError, SplitError, StoreError
+from foldsweep.files import write_text_atomic
 from foldsweep.ledger import LookLedger, PriorLook
 from foldsweep.spec import SweepSpec, parse_spec, read_yaml
 from foldsweep.splits import FoldPlan, check_batch_size, make_plan
@@ -334,11 +335,5 @@ def _write_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _write_json(path: Path, value: Any) -> None:
-    """Write to a temporary file and rename, so a crash never leaves half a record."""
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    try:
-        tmp.write_text(json.dumps(value, indent=1, default=str))
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk: the record as it was stays whole
-        raise
-    tmp.replace(path)
+    """Whole or not at all (see `write_text_atomic`): a crash or a full disk never leaves half a record."""
+    write_text_atomic(path, json.dumps(value, indent=1, default=str))

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast
 
 from foldsweep.errors import FoldsweepError
+from foldsweep.files import write_text_atomic
 
 if TYPE_CHECKING:
     import numpy as np
@@ -281,7 +282,7 @@ class SweepResult:
         if path is not None:
             target = Path(path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(render(doc, fmt))
+            write_text_atomic(target, render(doc, fmt))  # a full disk leaves no empty file behind
         return doc
 
     def fit(self, out: str | Path | None = None) -> FittedModel:

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from conftest import tiny_spec
+from conftest import fill_disk, mounted_tmpfs, tiny_spec
 from mlflow import MlflowClient
 
 from foldsweep.cli import cli
@@ -242,3 +242,14 @@ def test_an_edited_test_row_makes_the_look_refuse(in_sweep: dict) -> None:
         path.write_text(original)
     assert code == 2
     assert stderr.startswith("error: data of `tiny` changed since the sweep was sealed (1 sealed test rows differ")
+
+
+def test_export_to_a_full_disk_leaves_no_file(in_sweep: dict, tmp_path: Path) -> None:
+    """It left a 0-byte `best.yaml`; now the error is one line and nothing is there (nor a temporary file)."""
+    for disk in mounted_tmpfs(tmp_path / "disk", "64k"):
+        fill_disk(disk)
+        for command in (("export", "tiny", "-o", str(disk / "best.yaml")),
+                        ("report", "tiny", "--markdown", str(disk / "report.md"))):
+            code, _, stderr = _run(*command)
+            assert code == 2 and stderr.count("\n") == 1 and "No space left on device" in stderr, (command, stderr)
+        assert sorted(p.name for p in disk.iterdir()) == ["filler"]
