@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -90,13 +91,38 @@ def arrow_errors(path: Path) -> Iterator[None]:
 
 
 def check_names(names: list[str], source: str) -> None:
-    """Duplicate names (one hashed pass) and a sane width; pandas would rename a repeated column silently."""
+    """Duplicate names (one hashed pass) and a sane width; pandas would rename a repeated column silently.
+
+    Two spellings of one name (NFC and NFD, say `café` typed two ways) look alike in every message and
+    would be two features: refused, as are names with control characters (a NUL in a header is a binary
+    file read as text), which no message could show.
+    """
     if len(names) > MAX_COLUMNS:
         raise DataError(f"`{source}` has {len(names):,} columns; foldsweep reads at most {MAX_COLUMNS:,}")
-    dupes = sorted(name for name, count in Counter(str(n) for n in names).items() if count > 1)
+    texts = [str(n) for n in names]
+    dupes = sorted(name for name, count in Counter(texts).items() if count > 1)
     if dupes:
         raise DataError(f"data file `{source}` has duplicate column names: {', '.join(dupes[:12])}"
                         + (f" and {len(dupes) - 12} more" if len(dupes) > 12 else ""))
+    _refuse_control_characters(texts, source)
+    _refuse_look_alikes(texts, source)
+
+
+def _refuse_control_characters(names: list[str], source: str) -> None:
+    for position, name in enumerate(names):
+        if any(unicodedata.category(char) == "Cc" for char in name):
+            raise DataError(f"column {position + 1} of `{source}` has a control character in its name "
+                            f"({ascii(name)[:80]}); is it a text table? Rename the column")
+
+
+def _refuse_look_alikes(names: list[str], source: str) -> None:
+    seen: dict[str, str] = {}
+    for name in names:
+        key = unicodedata.normalize("NFC", name)
+        if key in seen:
+            raise DataError(f"`{source}` has two columns spelt alike, {ascii(seen[key])} and {ascii(name)} (one "
+                            "name in two Unicode forms); rename one, or write both in one form (NFC)")
+        seen[key] = name
 
 
 def require_columns(columns: list[str], names: list[str], source: str) -> None:
