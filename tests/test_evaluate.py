@@ -111,6 +111,25 @@ def test_prediction_columns_are_matched_by_name(tmp_path: Path) -> None:
         final.prep.encode(frame.assign(band_01="a"), "x.csv")
 
 
+@pytest.mark.parametrize("missing", ["error", "impute"])
+def test_predict_follows_the_models_missing_policy(tmp_path: Path, missing: str) -> None:
+    """`inf` and empty cells were filled in although the spec said `missing: error`; `impute` still fills them."""
+    config = _config(train={"epochs": 2}, data={"dataset": "sonar", "missing": missing})
+    data = load_dataset(config.data)
+    final, _ = train_final(config, data, make_plan(data, config.split).dev, epochs=2)
+    save_model(final, tmp_path / "m")
+    frame = pd.DataFrame(data.X[:6], columns=data.feature_names)
+    frame.loc[[1, 4], "band_03"] = np.inf
+    rows = _csv(frame, tmp_path / "rows.csv")
+    if missing == "impute":
+        assert predict_file(tmp_path / "m", rows, tmp_path / "p.csv")["imputed"] == 2
+        return
+    with pytest.raises(DataError, match=r"^feature column `band_03` of `.*rows.csv` has 2 rows with NaN or inf; the "
+                                        r"model was trained with data.missing: error"):
+        predict_file(tmp_path / "m", rows, tmp_path / "p.csv")
+    assert not (tmp_path / "p.csv").exists()
+
+
 def test_onehot_columns_are_encoded_as_in_training(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     n = 80

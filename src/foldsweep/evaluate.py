@@ -324,10 +324,21 @@ def predict_file(folder: Path, data_path: Path, out: Path) -> dict[str, Any]:
     if not data_path.is_file():
         raise DataError(f"data file `{data_path}` not found")
     X = final.prep.encode(read_table(data_path), str(data_path))
+    if final.config.data.missing == "error":
+        _refuse_missing(X, final.prep.feature_names, str(data_path))
     table = prediction_table(final, X)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False)
     return {"rows": len(table), "output": str(out), "imputed": int((~np.isfinite(X)).sum())}
+
+
+def _refuse_missing(X: np.ndarray, names: list[str], source: str) -> None:
+    """A model trained under `data.missing: error` never learnt what a filled-in value means: refused, as there."""
+    bad = ~np.isfinite(X)
+    if bad.any():
+        column = int(np.flatnonzero(bad.any(axis=0))[0])
+        raise DataError(f"feature column `{names[column]}` of `{source}` has {int(bad[:, column].sum())} rows with "
+                        "NaN or inf; the model was trained with data.missing: error, so it does not fill them in")
 
 
 def prediction_table(final: FinalModel, X: np.ndarray) -> pd.DataFrame:
