@@ -10,6 +10,7 @@ import copy
 import difflib
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -296,13 +297,18 @@ def parse_spec(raw: Any, source: str = "<spec>") -> SweepSpec:
 
 
 def _anchor_data_path(spec: SweepSpec, folder: Path) -> SweepSpec:
-    """A relative `data.path` means the working folder, else the spec's folder; stored absolute."""
+    """A relative `data.path` means the working folder, else the spec's folder; it stays relative to the first.
+
+    The record (and so the spec hash) then holds the path as the user's project names it: a project
+    folder copied or moved elsewhere resumes, tests and fits in place, and reads its own copy of the
+    data, not the original's. A path given absolute stays absolute.
+    """
     if spec.data.path is None or Path(spec.data.path).expanduser().is_absolute():
         return spec
     candidate = Path(spec.data.path).expanduser()
     if not candidate.exists() and (folder / candidate).exists():
-        candidate = folder / candidate
-    data = spec.data.model_copy(update={"path": str(candidate.resolve())})
+        candidate = Path(os.path.relpath((folder / candidate).resolve(), Path.cwd().resolve()))
+    data = spec.data.model_copy(update={"path": os.path.normpath(candidate)})
     return spec.model_copy(update={"data": data})
 
 

@@ -38,6 +38,7 @@ from foldsweep.storage import Heartbeat, default_storage, fail_stale_trials, not
 from foldsweep.studies import holders, study_status
 from foldsweep.sweep import Progress, Sweep, open_studies, reconcile_runs, work
 from foldsweep.tracking import NullTracker, make_tracker
+from foldsweep.tracking.store import portable_uri
 
 __all__ = ["HELPER_WAIT_S", "INTERRUPT_GRACE_S", "PARENT_ENV", "STALE_CHECK_S", "Helpers", "disk_full_in_one_line",
            "join_sweep", "run_sweep", "worker_slots"]
@@ -241,7 +242,7 @@ def _open_runs(sweep: Sweep, record: SweepRecord, tracker: NullTracker, devices:
     # each id is in the record as soon as its run exists, before anything else is written: a kill in
     # between (a journal write below, say) must not make the rerun create the run a second time
     ids = {"sweep": tracker.sweep_run(sweep.spec.name, tags, known.get("sweep"))}
-    record.update(mlflow_runs=ids, tracking_uri=tracker.tracking_uri, experiment_id=tracker.experiment_id)
+    record.update(mlflow_runs=ids, tracking_uri=portable_uri(tracker.tracking_uri), experiment_id=tracker.experiment_id)
     for ref in sweep.studies:
         ids[ref.key] = tracker.study_run(ids["sweep"], ref.key, known.get(ref.key))
         record.update(mlflow_runs=ids)

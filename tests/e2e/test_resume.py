@@ -150,3 +150,43 @@ def test_more_trials_extend_a_finished_sweep_and_bring_refits_and_final_up_to_da
     other = CliRunner().invoke(cli, ["run", spec, "--set", "optuna.n_trials=3", "--set", "train.epochs=7"])
     assert other.exit_code == 2
     assert "only optuna.n_trials (more trials) and resources may change on a rerun" in other.stderr
+
+
+@pytest.mark.slow
+def test_a_project_folder_copied_elsewhere_resumes_and_logs_into_its_own_store(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """The record kept absolute paths: the copy refused a rerun as 'other settings' and its `test` logged its
+    look into the original's MLflow store."""
+    import shutil
+
+    import pandas as pd
+    import yaml
+    from conftest import tiny_spec
+
+    from foldsweep.data import load_dataset
+    from foldsweep.spec import DataSpec
+
+    original, copy = tmp_path / "original", tmp_path / "copy"
+    original.mkdir()
+    sonar = load_dataset(DataSpec(dataset="sonar"))
+    frame = pd.DataFrame(sonar.X, columns=sonar.feature_names).assign(label=[sonar.classes[i] for i in sonar.y])
+    frame.to_csv(original / "sonar.csv", index=False)
+    spec = tiny_spec(data={"dataset": None, "path": "sonar.csv", "target": "label"})
+    (original / "tiny.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    monkeypatch.delenv("FOLDSWEEP_HOME", raising=False)
+    monkeypatch.chdir(original)
+    assert CliRunner().invoke(cli, ["run", "tiny.yaml"]).exit_code == 0
+    shutil.copytree(original, copy)
+    monkeypatch.chdir(copy)
+    rerun = CliRunner().invoke(cli, ["run", "tiny.yaml", "--json"])
+    assert rerun.exit_code == 0, rerun.stderr
+    assert json.loads(rerun.stdout)["resumed"] is True
+    looked = CliRunner().invoke(cli, ["test", "tiny"])
+    assert looked.exit_code == 0, looked.stderr
+
+    def looks_logged(folder: Path) -> int:
+        meta = json.loads((folder / "mlruns/sweeps/tiny/record.json").read_text())
+        client = MlflowClient(f"sqlite:///{folder / 'mlruns' / 'mlflow.db'}")
+        return len(client.get_metric_history(meta["mlflow_runs"]["sweep"], "test_score"))
+
+    assert (looks_logged(copy), looks_logged(original)) == (1, 0)

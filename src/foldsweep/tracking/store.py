@@ -29,7 +29,7 @@ from filelock import FileLock
 
 from foldsweep.errors import StoreError
 
-__all__ = ["CACHE_ENV", "LOCK_TIMEOUT_S", "create_store", "open_experiment", "warm_up"]
+__all__ = ["CACHE_ENV", "LOCK_TIMEOUT_S", "create_store", "open_experiment", "portable_uri", "warm_up"]
 
 T = TypeVar("T")
 CACHE_ENV = "FOLDSWEEP_CACHE"  # where the schema template is kept (default: ~/.cache/foldsweep)
@@ -42,6 +42,20 @@ def _absolute_sqlite(uri: str) -> str:
     if uri.startswith(prefix) and not uri.startswith(prefix + "/"):
         return prefix + str(Path(uri[len(prefix):]).resolve())
     return uri
+
+
+def portable_uri(uri: str) -> str:
+    """A sqlite store inside the working folder as a path relative to it (`sqlite:///mlruns/mlflow.db`).
+
+    What a record keeps: a project folder copied elsewhere then logs into its own copy of the store,
+    not the original's. Anything else is kept as given.
+    """
+    absolute = _absolute_sqlite(uri)
+    prefix = "sqlite:///"
+    if not absolute.startswith(prefix):
+        return uri
+    path, here = Path(absolute[len(prefix):]), Path.cwd().resolve()
+    return prefix + str(path.relative_to(here)) if path.is_relative_to(here) else absolute
 
 
 def _artifact_root(location: str) -> str:
