@@ -81,8 +81,8 @@ def public_summary(summary: dict[str, Any]) -> dict[str, Any]:
 
 def _headline(summary: dict[str, Any]) -> str:
     n = summary["nested"]
-    return (f"[bold]{summary['sweep']}[/bold]: nested {summary['metric']} {n['mean']:.4f} ± {n['std']:.4f} "
-            f"(95% CI {n['ci95'][0]:.4f}..{n['ci95'][1]:.4f}) over {len(n['outer'])} outer folds; "
+    return (f"[bold]{summary['sweep']}[/bold]: nested {summary['metric']} {n['mean']:.4f} (95% CI "
+            f"{n['ci95'][0]:.4f}..{n['ci95'][1]:.4f}; sd of {len(n['outer'])} outer-fold scores {n['std']:.4f}); "
             f"optimism {summary['optimism']:+.4f}")
 
 
@@ -172,8 +172,8 @@ def status_view(entry: dict[str, Any]) -> Group:
         parts.append(Text(f"{held['worker']} on {held['host']} ({held['device']}) runs {', '.join(held['trials'])}"))
     if entry.get("nested"):
         n = entry["nested"]
-        parts.append(Text(f"nested estimate {n['mean']:.4f} ± {n['std']:.4f} (95% CI {n['ci95'][0]:.4f}.."
-                          f"{n['ci95'][1]:.4f})"))
+        parts.append(Text(f"nested estimate {n['mean']:.4f} (95% CI {n['ci95'][0]:.4f}..{n['ci95'][1]:.4f}; sd "
+                          f"of the outer-fold scores {n['std']:.4f})"))
     return Group(*parts)
 
 

@@ -50,9 +50,9 @@ def summary_markdown(summary: dict[str, Any], looks: list[dict[str, Any]] | None
     lines = [
         f"# Sweep `{summary['sweep']}`: nested cross-validation report",
         "",
-        f"**Nested estimate ({metric}, {summary['direction']})**: {nested['mean']:.4f} ± {nested['std']:.4f} "
-        f"(95% CI {nested['ci95'][0]:.4f} to {nested['ci95'][1]:.4f}, {nested.get('interval', 'plain t')}) "
-        f"over {len(nested['outer'])} outer folds.",
+        f"**Nested estimate ({metric}, {summary['direction']})**: {nested['mean']:.4f}, the unweighted mean of "
+        f"{len(nested['outer'])} outer-fold scores (their standard deviation {nested['std']:.4f}; 95% CI "
+        f"{nested['ci95'][0]:.4f} to {nested['ci95'][1]:.4f}, {nested.get('interval', 'plain t')}).",
         "",
         f"**Optimism** ({optimism_wording(summary['direction'])}): {summary['optimism']:+.4f}",
         "",

@@ -270,8 +270,8 @@ class SweepResult:
         if not self.finished and self._run_summary is None:
             return f"SweepResult({self.name!r}, not finished)"
         n = self.nested
-        return (f"SweepResult({self.name!r}: nested {n.metric} {n.mean:.4f} ± {n.std:.4f}, 95% CI "
-                f"{n.ci95[0]:.4f}..{n.ci95[1]:.4f}, optimism {n.optimism:+.4f})")
+        return (f"SweepResult({self.name!r}: nested {n.metric} {n.mean:.4f}, 95% CI {n.ci95[0]:.4f}.."
+                f"{n.ci95[1]:.4f}, outer-fold sd {n.std:.4f}, optimism {n.optimism:+.4f})")
 
     # -- the winning config, the final model, the test look --------------------------------------------------
     def export(self, path: str | Path | None = None, *, fmt: Literal["yaml", "json"] = "yaml") -> dict[str, Any]:

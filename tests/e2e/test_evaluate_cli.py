@@ -227,6 +227,11 @@ def test_report_shows_overfitting_diagnostics_of_every_study(in_sweep: dict) -> 
         assert row["epoch_budget"] == 6 and isinstance(row["gap"], float)
     code, stdout, _ = _run("report", "tiny")
     assert code == 0 and "overfitting diagnostics" in stdout and "hyperparameter stability" in stdout
+    # the spread printed beside the estimate is the outer scores' standard deviation, and says so (it was a bare ±)
+    assert "±" not in stdout and "±" not in in_sweep["run_output"]
+    assert "sd of 2 outer-fold scores" in " ".join(in_sweep["run_output"].split())
+    code, _, _ = _run("report", "tiny", "--markdown", "labelled.md")
+    assert "the unweighted mean of 2 outer-fold scores (their standard deviation" in Path("labelled.md").read_text()
 
 
 def test_an_edited_test_row_makes_the_look_refuse(in_sweep: dict) -> None:
