@@ -19,7 +19,7 @@ from foldsweep.splits import Fold
 from foldsweep.storage import LOST, SLOT, preflight
 
 __all__ = ["FINISHED", "IN_FLIGHT", "StudyRef", "best_trial", "holders", "open_existing", "plateau_replay",
-           "refit_epochs", "slot_order", "study_done", "study_status"]
+           "refit_epochs", "replayed_factors", "slot_order", "study_done", "study_status"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
@@ -133,9 +133,15 @@ def plateau_replay(trial: optuna.trial.FrozenTrial, epochs: int, gamma: float) -
     None where the fits recorded no cut (another schedule, none cut, or a sweep from before the record):
     the refit then keeps the factor 1, as its fits did.
     """
-    cuts, best = trial.user_attrs.get("plateau_cuts"), trial.user_attrs.get("best_epochs")
-    if not cuts or not best or len(cuts) != len(best):
+    return replayed_factors(trial.user_attrs.get("plateau_cuts"), trial.user_attrs.get("best_epochs"), epochs, gamma)
+
+
+def replayed_factors(cuts: list[list[int]] | None, best_epochs: list[int] | None, epochs: int, gamma: float
+                     ) -> tuple[float, ...] | None:
+    """`plateau_replay` from the recorded cuts and best epochs themselves (an exported config carries them)."""
+    if not cuts or not best_epochs or len(cuts) != len(best_epochs):
         return None
     epoch = np.arange(epochs)
-    counts = [np.searchsorted(np.sort(fold), epoch * int(b) // epochs, side="right") for fold, b in zip(cuts, best)]
+    counts = [np.searchsorted(np.sort(fold), epoch * int(b) // epochs, side="right")
+              for fold, b in zip(cuts, best_epochs)]
     return tuple(float(gamma ** n) for n in np.median(counts, axis=0))
