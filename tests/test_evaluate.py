@@ -28,6 +28,7 @@ from foldsweep.evaluate import (
     FROM_RECORD,
     _check_model_is_of,
     development_rows,
+    final_job,
     load_model,
     matching_record,
     predict_file,
@@ -38,6 +39,7 @@ from foldsweep.evaluate import (
 from foldsweep.record import SweepRecord, create_or_resume
 from foldsweep.spec import parse_spec
 from foldsweep.splits import make_plan
+from foldsweep.studies import replayed_factors
 
 
 def _config(**overrides):
@@ -410,3 +412,15 @@ def _refusal(record: SweepRecord) -> str:
     with pytest.raises(SealError) as caught:
         record.check_can_look(False)
     return str(caught.value)
+
+
+def test_the_final_fit_replays_the_plateau_cuts_its_exported_config_carries() -> None:
+    plateau = {"train": {"epochs": 30, "lr_schedule": "plateau", "gamma": 0.5}}
+    cuts = {"plateau_cuts": [[3, 9], [5]], "fold_best_epochs": [12, 10]}
+    job = final_job(_config(**plateau, provenance=cuts), np.arange(50), 20)
+    assert job.plateau_factors == replayed_factors([[3, 9], [5]], [12, 10], 20, 0.5)
+    assert job.plateau_factors is not None and min(job.plateau_factors) < 1.0 and job.plateau_factors[0] == 1.0
+    assert final_job(_config(**plateau), np.arange(50), 20).plateau_factors is None  # nothing recorded: factor 1
+    assert final_job(_config(provenance=cuts), np.arange(50), 20).plateau_factors is None  # another schedule
+    with pytest.raises(SpecError, match=r"^`provenance.plateau_cuts` must be a list of epoch lists, one per fold"):
+        final_job(_config(**plateau, provenance={**cuts, "fold_best_epochs": [12]}), np.arange(50), 20)

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
+import pandas as pd
 import pytest
 import torch
 from optuna.distributions import FloatDistribution
@@ -27,15 +30,19 @@ from foldsweep.outer import (
 from foldsweep.report import summary_markdown
 from foldsweep.spec import parse_spec
 from foldsweep.splits import Fold, make_plan
-from foldsweep.studies import best_trial, refit_epochs
+from foldsweep.studies import best_trial, plateau_replay, refit_epochs, slot_order
 from foldsweep.sweep import Sweep, open_studies, work
 from foldsweep.tracking import NullTracker
+from foldsweep.train import fit_many
 from tests.conftest import tiny_spec
 
 
-def opened(**overrides: object) -> Sweep:
-    """The tiny sweep's studies in memory (no MLflow, no files), nothing searched yet."""
-    spec = parse_spec(tiny_spec(**overrides))
+def opened(search: dict[str, Any] | None = None, **overrides: object) -> Sweep:
+    """The tiny sweep's studies in memory (no MLflow, no files), nothing searched yet; `search` replaces its
+    search space whole."""
+    raw = tiny_spec(**overrides)
+    raw["search"] = raw["search"] if search is None else search
+    spec = parse_spec(raw)
     data = load_dataset(spec.data)
     plan = make_plan(data, spec.split)
     studies = open_studies(spec, plan, optuna.storages.InMemoryStorage(), data.maximize)
@@ -200,3 +207,118 @@ def test_a_study_whose_every_refit_diverges_stops_the_sweep() -> None:
     with pytest.raises(SweepFailed, match=r"^every finished trial of study outer-0 diverged when refit on its "
                                           r"outer-train rows \(loss NaN/inf\); lower the learning-rate range$"):
         refit_outer(sweep)
+
+
+# -- nothing computed on outer-test rows chooses anything ---------------------------------------------------
+@pytest.fixture(scope="module")
+def linear_table(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """160 rows of a noisy linear regression on 4 features."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(160, 4))
+    path = tmp_path_factory.mktemp("table") / "linear.csv"
+    pd.DataFrame(X, columns=list("abcd")).assign(y=X @ [1.0, -2.0, 0.5, 0.0] + 0.1 * rng.normal(size=160)).to_csv(
+        path, index=False)
+    return path
+
+
+def on_table(path: Path, **overrides: object) -> Sweep:
+    return opened(data={"dataset": None, "path": str(path), "target": "y"}, **overrides)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning",  # scoring the row's float32 prediction
+                            "ignore:invalid value encountered:RuntimeWarning")
+def test_an_extreme_outer_test_row_neither_diverges_the_refit_nor_changes_which_trial_is_refit(linear_table) -> None:
+    sweep = on_table(linear_table, search={"lr": {"type": "float", "low": 1e-4, "high": 1e4, "log": True}})
+    for ref in sweep.studies[:-1]:
+        plant(sweep, ref.key, 0.003, 0.9)
+    best = plant(sweep, "outer-0", 0.005, 0.5)  # rmse: lower is better
+    plant(sweep, "final", 0.003, 0.9)
+    sweep.X[sweep.plan.outer[0].valid[0], 0] = 1e25  # one held-out row: its squared error overflows float32
+    refits = refit_outer(sweep)
+    assert refits[0]["best_trial"] == best and refits[0]["params"] == {"lr": 0.005}
+    assert refits[0]["diverged"] == [] and summarize(sweep, refits)["refit_fallbacks"] == []
+    assert refits[0]["outer_test_score"] > 1e20  # the model's honest score on that row, not another model's
+
+
+PLATEAU = {"train": {"epochs": 60, "patience": 6, "lr_schedule": "plateau", "gamma": 0.3},
+           "optuna": {**tiny_spec()["optuna"], "n_trials": 4}}
+
+
+def test_a_refit_replays_the_plateau_cuts_its_searched_fits_made_before_their_best_epoch(linear_table) -> None:
+    sweep = on_table(linear_table, search={"lr": {"type": "float", "low": 0.03, "high": 0.1, "log": True}},
+                     **PLATEAU)
+    work(sweep, "test", maintain=lambda: warm_start_final(sweep), poll_s=0.0)
+    cut = 0
+    for i, ref in enumerate(sweep.studies[:-1]):
+        best = best_trial(ref)
+        assert best is not None
+        job = refit_job(sweep, i, ref, best)
+        assert job.fixed_epochs is not None
+        replay = plateau_replay(best, job.fixed_epochs, 0.3)
+        assert job.plateau_factors == replay
+        [refit] = fit_many(sweep.X, sweep.y, [job], sweep.data.n_classes, sweep.data.metric)
+        expected = np.ones(job.fixed_epochs) if replay is None else np.array(replay)
+        np.testing.assert_allclose(refit.plateau_factor, expected, rtol=1e-6)
+        cuts = best.user_attrs.get("plateau_cuts", [])
+        assert (replay is not None) == any(cuts)
+        if any(cuts):  # the inner fits trained below factor 1 before their best epoch: so does the refit
+            assert refit.plateau_factor.min() < 1.0 and refit.plateau_factor[0] == 1.0
+            cut += 1
+    assert cut  # (the regression's noise floor makes Adam plateau: its fits cut and improve again)
+
+
+def test_the_replayed_factor_stretches_each_folds_way_to_its_best_epoch_and_takes_the_median() -> None:
+    trial = optuna.trial.create_trial(value=0.5, user_attrs={"best_epochs": [10, 20, 5],
+                                                             "plateau_cuts": [[4], [5, 15], []]})
+    replay = plateau_replay(trial, 20, 0.5)
+    assert replay is not None and len(replay) == 20
+    # refit epoch e: fold 0 at e * 10 // 20 (cut from 4: e >= 8), fold 1 at e (cuts at 5, 15), fold 2 never
+    counts = [np.median([int(e // 2 >= 4), int(e >= 5) + int(e >= 15), 0]) for e in range(20)]
+    assert replay == tuple(0.5**c for c in counts)
+    assert replay[7] == 1.0 and replay[8] == 0.5 and replay[19] == 0.5
+    even = optuna.trial.create_trial(value=0.5, user_attrs={"best_epochs": [4, 4], "plateau_cuts": [[1], [1, 2]]})
+    assert plateau_replay(even, 4, 0.25) == (1.0, 0.25, 0.125, 0.125)  # two folds: the geometric mean
+    assert plateau_replay(optuna.trial.create_trial(value=0.5, user_attrs={"best_epochs": [3]}), 6, 0.5) is None
+
+
+# -- a warm start cut short ------------------------------------------------------------------------------
+WARM = {"split": {**tiny_spec()["split"], "outer": {"k": 3}}, "optuna": {**tiny_spec()["optuna"], "n_trials": 3}}
+
+
+class Killed(BaseException):
+    """Stands in for a SIGKILL: nothing after it runs."""
+
+
+def final_trials(sweep: Sweep) -> list[tuple[int | None, dict[str, Any], str | None, str]]:
+    """`final`'s trials as (slot (None while waiting), configuration, outer best it copies, state), in slot order."""
+    trials = sorted(sweep.study("final").study.get_trials(deepcopy=False), key=slot_order)
+    return [(t.user_attrs.get("slot"), t.params, t.user_attrs.get("warm_start_from"), t.state.name) for t in trials]
+
+
+def test_a_warm_start_cut_after_its_first_outer_best_resumes_to_an_uninterrupted_runs_trials(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    clean = opened(**WARM)
+    work(clean, "test", maintain=lambda: warm_start_final(clean), poll_s=0.0)
+    assert [key for _, _, key, _ in final_trials(clean)].count(None) == 1  # 3 outer studies, 2 of final's 3 slots
+
+    storage = optuna.storages.InMemoryStorage()
+    cut = opened(**WARM)
+    cut.studies = open_studies(cut.spec, cut.plan, storage, cut.data.maximize)
+    enqueue = optuna.Study.enqueue_trial
+
+    def killed_after_the_first(study: optuna.Study, *args: Any, **kwargs: Any) -> None:
+        enqueue(study, *args, **kwargs)
+        raise Killed
+
+    with monkeypatch.context() as patched:
+        patched.setattr(optuna.Study, "enqueue_trial", killed_after_the_first)
+        with pytest.raises(Killed):
+            work(cut, "test", maintain=lambda: warm_start_final(cut), poll_s=0.0)
+    assert [key for _, _, key, _ in final_trials(cut) if key] == ["outer-0"]  # one of two outer bests in the journal
+
+    rerun = opened(**WARM)
+    rerun.studies = open_studies(rerun.spec, rerun.plan, storage, rerun.data.maximize)  # what a new process opens
+    work(rerun, "test", maintain=lambda: warm_start_final(rerun), poll_s=0.0)
+    assert final_trials(rerun) == final_trials(clean)
+    best, clean_best = best_trial(rerun.study("final")), best_trial(clean.study("final"))
+    assert best is not None and clean_best is not None and best.params == clean_best.params

@@ -31,7 +31,7 @@ from foldsweep.data import load_dataset
 from foldsweep.metrics import SUMMED, auc, metric_from_sums, metric_sums
 from foldsweep.model import build_mlp
 from foldsweep.spec import DataSpec, ModelSpec, TrainSpec
-from foldsweep.train import BatchTrainer, FitJob, FitResult, fit_many, schedule_factor
+from foldsweep.train import BatchTrainer, FitJob, FitResult, fit_many, plateau_cuts, schedule_factor
 
 FULL_BATCH = 256  # more than sonar's 208 rows: one step per epoch, row order cannot matter
 
@@ -360,6 +360,47 @@ def test_plateau_cuts_the_learning_rate_per_model(sonar) -> None:
         update={"lr": 0.05, "lr_schedule": "none"}), seed=0)], 2, "accuracy")[0]
     np.testing.assert_allclose(val[0][: first_cut + 1], flat.val_loss[: first_cut + 1], atol=1e-5)
     assert not np.isclose(val[0][first_cut + 2], flat.val_loss[first_cut + 2], atol=1e-5)
+
+
+def test_a_fixed_epoch_fit_replays_the_plateau_factors_it_is_given(sonar) -> None:
+    X, y = sonar
+    fold = _uneven_folds(y)[0]
+    spec = TrainSpec(epochs=12, batch_size=FULL_BATCH, lr=1e-2, lr_schedule="plateau", patience=2, gamma=0.1)
+    given = (1.0, 1.0, 1.0, 0.1, 0.1, 0.01)  # shorter than the fit: its last factor is held
+    plain, replayed = fit_many(*_tensors(X, y), [
+        FitJob(*fold, ModelSpec(width=8), spec, seed=0, fixed_epochs=10),
+        FitJob(*fold, ModelSpec(width=8), spec, seed=0, fixed_epochs=10, plateau_factors=given)], 2, "accuracy")
+    np.testing.assert_array_equal(plain.plateau_factor, np.ones(10))  # every epoch is its best: the rule never cuts
+    np.testing.assert_allclose(replayed.plateau_factor, [*given, 0.01, 0.01, 0.01, 0.01], rtol=1e-6)
+    np.testing.assert_allclose(replayed.train_loss[:4], plain.train_loss[:4], atol=1e-6)  # the same until the cut
+    assert not np.allclose(replayed.train_loss[4:], plain.train_loss[4:], atol=1e-5)
+
+
+def test_a_searched_fit_records_the_factor_of_each_epoch_and_its_cuts_before_its_best(sonar) -> None:
+    X, y = sonar
+    folds = _uneven_folds(y)
+    spec = TrainSpec(epochs=40, batch_size=FULL_BATCH, lr_schedule="plateau", patience=40, gamma=0.5)
+    [fit] = fit_many(*_tensors(X, y), [FitJob(*folds[0], ModelSpec(width=64), spec.model_copy(update={"lr": 0.05}),
+                                              seed=0)], 2, "accuracy")
+    expected = [_plateau_after(fit.val_loss[:e], spec) for e in range(fit.epochs_run)]  # before epoch e's own loss
+    np.testing.assert_allclose(fit.plateau_factor, expected, rtol=1e-6)
+    drops = [e for e in range(1, fit.epochs_run) if expected[e] < expected[e - 1]]
+    assert drops and plateau_cuts(fit) == [e for e in drops if e < fit.best_epoch]
+
+
+def test_a_fixed_epoch_fit_is_diverged_by_its_training_loss_only(sonar) -> None:
+    """Its validation rows are rows it must not learn from (outer-test): an inf loss there chooses nothing."""
+    X, y = sonar
+    X, target = X.copy(), X[:, 1].copy()  # a regression: a held-out row's squared error can overflow
+    train, valid = _uneven_folds(y)[0]
+    X[valid[0], 0] = 1e25
+    spec = TrainSpec(epochs=5, batch_size=FULL_BATCH, lr=1e-2)
+    fixed, searched = fit_many(*_tensors(X, target), [
+        FitJob(train, valid, ModelSpec(width=8), spec, seed=0, fixed_epochs=5),
+        FitJob(train, valid, ModelSpec(width=8), spec, seed=0)], 0, "rmse")
+    assert not np.isfinite(fixed.val_loss).all() and not np.isfinite(searched.val_loss[0])
+    assert fixed.diverged_at is None and fixed.epochs_run == 5 and np.isfinite(fixed.train_loss).all()
+    assert searched.diverged_at == 1  # a search's own validation rows may stop it
 
 
 def _plateau_after(losses: np.ndarray, spec: TrainSpec) -> float:

@@ -35,6 +35,7 @@ from foldsweep.objective import job_seed
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec, load_spec, parse_spec, read_yaml
 from foldsweep.splits import make_plan, sealed_rows_seen, seen_note
+from foldsweep.studies import replayed_factors
 from foldsweep.tables import read_header, read_table
 from foldsweep.tracking import NullTracker, make_tracker
 from foldsweep.train import FitJob, FitResult, fit_many
@@ -149,8 +150,22 @@ class FinalModel:
 # -- training the final model -------------------------------------------------------------------------------
 def final_job(config: SweepSpec, dev: np.ndarray, epochs: int) -> FitJob:
     """All development rows, a fixed epoch count; the valid rows are the training rows themselves,
-    which is harmless because nothing is selected on them (no early stopping with fixed epochs)."""
-    return FitJob(dev, dev, config.model, config.train, final_seed(config), fixed_epochs=epochs)
+    which is harmless because nothing is selected on them (no early stopping with fixed epochs); under
+    `lr_schedule: plateau` the cuts the searched fits made, replayed as in the outer refits (`plateau_replay`)."""
+    return FitJob(dev, dev, config.model, config.train, final_seed(config), fixed_epochs=epochs,
+                  plateau_factors=_plateau_factors(config, epochs))
+
+
+def _plateau_factors(config: SweepSpec, epochs: int) -> tuple[float, ...] | None:
+    provenance = config.provenance or {}
+    cuts, best = provenance.get("plateau_cuts"), provenance.get("fold_best_epochs")
+    if config.train.lr_schedule != "plateau" or cuts is None:
+        return None
+    if not (isinstance(cuts, list) and all(isinstance(c, list) and all(isinstance(e, int) for e in c) for c in cuts)
+            and isinstance(best, list) and len(best) == len(cuts) and all(isinstance(e, int) and e > 0 for e in best)):
+        raise SpecError("`provenance.plateau_cuts` must be a list of epoch lists, one per fold of "
+                        "`provenance.fold_best_epochs` (positive epochs), as `foldsweep export` writes them")
+    return replayed_factors(cuts, best, epochs, config.train.gamma)
 
 
 def final_seed(config: SweepSpec) -> int:

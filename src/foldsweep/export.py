@@ -45,6 +45,9 @@ def export_best(name: str) -> dict[str, Any]:
         "versions": {"foldsweep": __version__, "torch": version("torch"), "optuna": optuna.__version__,
                      "scikit-learn": version("scikit-learn"), "python": platform.python_version()},
     }
+    if best.user_attrs.get("plateau_cuts"):  # what the final fit replays (`evaluate.final_job`)
+        doc["provenance"] |= {"plateau_cuts": best.user_attrs["plateau_cuts"],
+                              "fold_best_epochs": best.user_attrs.get("best_epochs")}
     return doc
 
 

@@ -37,7 +37,9 @@ class FitJob:
     """One model to fit. `fixed_epochs` (refits) trains exactly that long and scores the last epoch.
 
     `seed` is the model's key: its initial weights and every random number it draws (shuffles, dropout,
-    noise, mixup) come from it alone (`rng`), so the fit is the same in any batch.
+    noise, mixup) come from it alone (`rng`), so the fit is the same in any batch. `plateau_factors`
+    (a refit under `lr_schedule: plateau`) is the plateau factor of each epoch, replayed instead of the
+    rule: a refit has no rows to watch for a plateau (`studies.plateau_replay` says which factors).
     """
 
     train_rows: np.ndarray
@@ -46,6 +48,7 @@ class FitJob:
     train: TrainSpec
     seed: int
     fixed_epochs: int | None = None
+    plateau_factors: tuple[float, ...] | None = None
 
 
 @dataclass
@@ -58,6 +61,7 @@ class FitResult:
     valid_pred: np.ndarray  # probabilities (n, C) or values (n,)
     diverged_at: int | None
     stopped: bool  # stopped from outside (pruned) before it finished
+    plateau_factor: np.ndarray  # (epochs_run,) the plateau schedule's LR factor each epoch trained with (else 1)
     model: MLP | None = None
     preprocess: dict[str, list[float] | list[int]] | None = None
     # a regression model outputs standardised values: prediction = output * y_scale + y_shift

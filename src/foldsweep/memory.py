@@ -60,7 +60,7 @@ def bytes_per_model(s: Shape) -> int:
     dropout_bits = s.batch_size * widest * 8 * 2  # int64 hashes of one layer's mask, two alive at once
     shuffle = s.n_train * 4  # the epoch's order, int32
     predictions = s.n_valid * (max(s.n_out, 1) + 1) * s.itemsize  # the best epoch's, and roc_auc's scores
-    history = 3 * s.epochs * s.itemsize
+    history = 5 * s.epochs * s.itemsize  # train loss, val loss, metric, plateau factor; a refit's replayed factors
     return params + activations + dropout_bits + shuffle + predictions + history
 
 

@@ -15,11 +15,12 @@ import numpy as np
 import optuna
 from optuna.trial import TrialState
 
+from foldsweep.crash import crash_point
 from foldsweep.errors import SweepFailed
 from foldsweep.metrics import score
 from foldsweep.objective import job_seed
 from foldsweep.splits import sealed_rows_seen, seen_note
-from foldsweep.studies import StudyRef, best_trial, refit_epochs, slot_order, study_done
+from foldsweep.studies import StudyRef, best_trial, plateau_replay, refit_epochs, slot_order, study_done
 from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, FitResult, fit_many
 
@@ -32,20 +33,38 @@ METRIC_RANGE = {"accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0), "f1_macro": (0.0,
 
 
 def warm_start_final(sweep: Sweep) -> None:
-    """Enqueue the outer bests into `final` once every outer study is done (never into a sibling)."""
+    """Enqueue the outer bests into `final` once every outer study is done (never into a sibling).
+
+    All or nothing: each enqueue is one journal record, and a kill can fall between two. So `final` is
+    marked `warm_started` (which frees the slots `Sweep.budget` holds for the outer bests) only after the
+    last one; a rerun finds no mark, enqueues exactly the outer bests `final` does not hold yet (by their
+    `warm_start_from`), in the same order and before any more trial is asked, and every slot gets the
+    configuration an uninterrupted run gave it (a partial warm start would leave the other slots to fresh
+    samples, and the final configuration could change with nothing flagged).
+    """
     final = sweep.study("final")
     if not sweep.spec.optuna.warm_start_final or final.study.user_attrs.get("warm_started"):
         return
     outer = [ref for ref in sweep.studies if ref.key != "final"]
     if not all(study_done(ref, sweep.n_trials) for ref in outer):
         return
+    queued = {t.user_attrs["warm_start_from"] for t in final.study.get_trials(deepcopy=False)
+              if "warm_start_from" in t.user_attrs}
+    for key, params in _warm_starts(outer, min(len(outer), sweep.n_trials - 1)):
+        if key not in queued:
+            final.study.enqueue_trial(params, user_attrs={"warm_start_from": key})
+            crash_point("warm_start")
     final.study.set_user_attr("warm_started", True)
-    seen: list[dict[str, Any]] = []
+
+
+def _warm_starts(outer: list[StudyRef], limit: int) -> list[tuple[str, dict[str, Any]]]:
+    """The outer bests `final` starts from, in study order: each configuration once, at most `limit`."""
+    chosen: list[tuple[str, dict[str, Any]]] = []
     for ref in outer:
         best = best_trial(ref)
-        if best is not None and best.params not in seen and len(seen) < min(len(outer), sweep.n_trials - 1):
-            seen.append(best.params)
-            final.study.enqueue_trial(best.params, user_attrs={"warm_start_from": ref.key})
+        if best is not None and len(chosen) < limit and all(best.params != params for _, params in chosen):
+            chosen.append((ref.key, best.params))
+    return chosen
 
 
 def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
@@ -79,12 +98,14 @@ def refit_outer(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def refit_job(sweep: Sweep, i: int, ref: StudyRef, trial: optuna.trial.FrozenTrial) -> FitJob:
-    """Outer fold i's training rows (every one, nothing else), a fixed epoch count, scored on its test rows."""
+    """Outer fold i's training rows (every one, nothing else), a fixed epoch count and the plateau cuts its
+    inner fits made on the way (`plateau_replay`), scored on its test rows (which choose nothing)."""
     config = sweep.spec.with_params(trial.params)
     fold = sweep.plan.outer[i]
     seed = job_seed(sweep.spec.optuna.seed, ref.key, "refit")
     epochs = refit_epochs(trial, config.train.epochs, ref.folds, len(fold.train))
-    return FitJob(fold.train, fold.valid, config.model, config.train, seed, fixed_epochs=epochs)
+    replay = plateau_replay(trial, epochs, config.train.gamma) if config.train.lr_schedule == "plateau" else None
+    return FitJob(fold.train, fold.valid, config.model, config.train, seed, fixed_epochs=epochs, plateau_factors=replay)
 
 
 def _ranked(sweep: Sweep, ref: StudyRef) -> list[optuna.trial.FrozenTrial]:

@@ -18,8 +18,8 @@ from foldsweep.record import SweepRecord
 from foldsweep.splits import Fold
 from foldsweep.storage import LOST, SLOT, preflight
 
-__all__ = ["FINISHED", "IN_FLIGHT", "StudyRef", "best_trial", "holders", "open_existing", "refit_epochs",
-           "slot_order", "study_done", "study_status"]
+__all__ = ["FINISHED", "IN_FLIGHT", "StudyRef", "best_trial", "holders", "open_existing", "plateau_replay",
+           "refit_epochs", "replayed_factors", "slot_order", "study_done", "study_status"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
@@ -118,3 +118,30 @@ def refit_epochs(trial: optuna.trial.FrozenTrial, budget: int, search_folds: lis
         return budget
     scale = refit_rows / float(np.mean([len(fold.train) for fold in search_folds]))
     return int(min(budget, max(1, round(float(mean_best) * scale))))
+
+
+def plateau_replay(trial: optuna.trial.FrozenTrial, epochs: int, gamma: float) -> tuple[float, ...] | None:
+    """The plateau factor of each of a refit's `epochs` (`FitJob.plateau_factors`), from the inner fits' cuts.
+
+    A refit watches no rows for a plateau (its every epoch counts as improved: the rule would never cut),
+    yet its epoch count is the inner fits' best epoch stretched to more rows (`refit_epochs`), reached with
+    the cuts they made on the way. So refit epoch e of E replays, for inner fold i that reached its best
+    epoch b_i, that fold's factor at its epoch floor(e * b_i / E): the same share of its way, ending on the
+    factor its best epoch trained with (cuts after the best came while it no longer improved). The folds
+    are combined by the median of their counts of cuts, gamma ** median: one fold that plateaued early or
+    late moves it little, and with an even fold count it is the geometric mean of the middle two.
+    None where the fits recorded no cut (another schedule, none cut, or a sweep from before the record):
+    the refit then keeps the factor 1, as its fits did.
+    """
+    return replayed_factors(trial.user_attrs.get("plateau_cuts"), trial.user_attrs.get("best_epochs"), epochs, gamma)
+
+
+def replayed_factors(cuts: list[list[int]] | None, best_epochs: list[int] | None, epochs: int, gamma: float
+                     ) -> tuple[float, ...] | None:
+    """`plateau_replay` from the recorded cuts and best epochs themselves (an exported config carries them)."""
+    if not cuts or not best_epochs or len(cuts) != len(best_epochs):
+        return None
+    epoch = np.arange(epochs)
+    counts = [np.searchsorted(np.sort(fold), epoch * int(b) // epochs, side="right")
+              for fold, b in zip(cuts, best_epochs)]
+    return tuple(float(gamma ** n) for n in np.median(counts, axis=0))

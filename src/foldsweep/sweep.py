@@ -35,7 +35,7 @@ from foldsweep.storage import LOST, Heartbeat, holder, retry
 from foldsweep.studies import FINISHED, IN_FLIGHT, StudyRef, study_done
 from foldsweep.tracking import NullTracker
 from foldsweep.tracking.tracker import TrialRun
-from foldsweep.train import FitJob, FitResult, ProgressHook, fit_many
+from foldsweep.train import FitJob, FitResult, ProgressHook, fit_many, plateau_cuts
 
 __all__ = ["MEMORY_CONSTRAINT", "OUT_OF_MEMORY", "Progress", "Sweep", "ask_round", "generalization_gap",
            "open_studies", "reconcile_runs", "round_size", "run_round", "tell", "work"]
@@ -347,6 +347,8 @@ def tell(sweep: Sweep, ref: StudyRef, trial: optuna.trial.Trial, result: TrialOu
         trial.set_user_attr("fold_scores", result.fold_scores)
         trial.set_user_attr("best_epochs", result.best_epochs)
         trial.set_user_attr("mean_best_epoch", result.mean_best_epoch)
+        if any(cuts := [plateau_cuts(r) for r in result.results]):  # what a refit replays (`outer.refit_job`)
+            trial.set_user_attr("plateau_cuts", cuts)
         trial.set_user_attr("epochs_trained", sum(r.epochs_run for r in result.results))  # what pruning saves
         if result.fold_scores:
             trial.set_user_attr("gap", generalization_gap(result.results))

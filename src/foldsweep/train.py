@@ -19,10 +19,10 @@ from foldsweep.jobs import CPU_GROUP_STEP_PARAMS, FitJob, FitResult, group_jobs,
 from foldsweep.memory import Shape, available, models_per_batch
 from foldsweep.model import n_parameters
 from foldsweep.spec import CudaGraphs
-from foldsweep.trainer import BatchTrainer, ProgressHook, schedule_factor
+from foldsweep.trainer import BatchTrainer, ProgressHook, plateau_cuts, schedule_factor
 
 __all__ = ["CPU_GROUP_STEP_PARAMS", "BatchTrainer", "FitJob", "FitResult", "ProgressHook", "fit_many", "group_jobs",
-           "schedule_factor", "structure_key"]
+           "plateau_cuts", "schedule_factor", "structure_key"]
 
 StopHook = Callable[[list[int], int, np.ndarray], list[int]]
 

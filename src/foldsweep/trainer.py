@@ -34,7 +34,7 @@ from foldsweep.spec import TrainSpec
 from foldsweep.validation import predictions, valid_targets, validate
 
 __all__ = ["ADAM_BETAS", "ADAM_EPS", "PROGRESS_EVERY_S", "SORT_LAST", "BatchTrainer", "ProgressHook",
-           "schedule_factor"]
+           "plateau_cuts", "schedule_factor"]
 
 ADAM_BETAS, ADAM_EPS = (0.9, 0.999), 1e-8
 # Added to AdamW's second moments under the square root. torch's CPU sqrt takes ~10 ns more for each zero
@@ -57,7 +57,8 @@ class BatchTrainer:
 
     Per-model tensors have a leading model dimension over the models still in the batch (`slots` maps
     them to job positions); `retire` drops finished models at a report boundary. `history`
-    (jobs, epochs, 3: train loss, val loss, metric) and the finished results stay indexed by job position.
+    (jobs, epochs, 4: train loss, val loss, metric, plateau factor) and the finished results stay indexed
+    by job position.
     The engine computes in X's dtype (float64 X: a float64 engine).
     """
 
@@ -100,14 +101,26 @@ class BatchTrainer:
                                              for _ in range(2))
         self.bad_epochs, self.epochs_run = self._vec([0.0] * M), self._vec([0.0] * M)
         self.total_epochs = max(j.fixed_epochs or j.train.epochs for j in jobs)
-        self.history = torch.full((M, self.total_epochs, 3), math.nan, dtype=self.dtype, device=self.device)
+        self.history = torch.full((M, self.total_epochs, 4), math.nan, dtype=self.dtype, device=self.device)
         self.schedule = self._vec([schedule_factor(first, e) for e in range(self.total_epochs)])
+        self._replays(jobs)
         self.epoch = 0  # host copy, for the loop; the device's own is `epoch_t`
         self.epoch_t = torch.zeros((), dtype=torch.int64, device=self.device)
         self.done = False
 
     def _vec(self, values: list[float]) -> Tensor:
         return torch.tensor(values, dtype=self.dtype, device=self.device)
+
+    def _replays(self, jobs: list[FitJob]) -> None:
+        """Each refit's plateau factors as (M, total_epochs) `replay`, its last one held to the end (ones for
+        a model that follows the rule), and which models replay them (`replaying`, (M,))."""
+        self.replay = torch.ones((len(jobs), self.total_epochs), dtype=self.dtype, device=self.device)
+        for m, job in enumerate(jobs):
+            if job.plateau_factors:
+                given = self._vec(list(job.plateau_factors[: self.total_epochs]))
+                self.replay[m, : len(given)] = given
+                self.replay[m, len(given) :] = given[-1]
+        self.replaying = torch.tensor([j.plateau_factors is not None for j in jobs], device=self.device)
 
     def _remember_best(self) -> None:
         """How each model's best epoch is remembered: by its weights (`best_kept`, made again into
@@ -141,8 +154,8 @@ class BatchTrainer:
     # every tensor with a leading model dimension over the models in the batch, for `retire`
     PER_MODEL = ("slots", "keys", "n_train", "y_shift", "y_scale", "lr", "wd", "l1", "drop", "clip", "noise",
                  "smoothing", "mixup", "max_epochs", "select_latest", "flat_state", "flat_state2", "grad_buf",
-                 "scratch", "steps", "plateau", "plateau_bad", "active", "stopped", "best_loss", "best_epoch",
-                 "bad_epochs", "epochs_run", "diverged_at", "best_pred")
+                 "scratch", "steps", "plateau", "plateau_bad", "replay", "replaying", "active", "stopped",
+                 "best_loss", "best_epoch", "bad_epochs", "epochs_run", "diverged_at", "best_pred")
 
     @property
     def params(self) -> list[Tensor]:
@@ -174,7 +187,9 @@ class BatchTrainer:
         """
         running = self.active.clone()
         order = self.order()[:, : self.train_width]
-        lr = self.lr * self.plateau * self.schedule.index_select(0, self.epoch_t.view(1))
+        plateau = torch.where(self.replaying, self.replay.index_select(1, self.epoch_t.view(1)).squeeze(1),
+                              self.plateau)  # (M,) this epoch's plateau factor: the rule's, or a refit's replayed one
+        lr = self.lr * plateau * self.schedule.index_select(0, self.epoch_t.view(1))
         # (steps, M), made before the steps: a small tensor kept from each step would sit above that step's
         # large freed blocks in the C heap and pin them (the process's memory grew with every step)
         loss = torch.empty((len(self.batches), self.M), dtype=self.dtype, device=self.device)
@@ -195,7 +210,7 @@ class BatchTrainer:
         if self.on_progress is not None:  # (host code: not run by a captured epoch's replays, which report nothing)
             self.rows_done += len(self.batches) * self.cfg.batch_size * self.M
         loss_sum = (torch.where(taken, loss, 0.0) * self.batch_rows).sum(0)
-        self._end_epoch(running, loss_sum / self.rows_used, (taken & ~torch.isfinite(loss)).any(0))
+        self._end_epoch(running, loss_sum / self.rows_used, (taken & ~torch.isfinite(loss)).any(0), plateau)
 
     def order(self) -> Tensor:
         """This epoch's shuffle: (M, N) int32 positions into each model's rows, its own rows first.
@@ -349,13 +364,19 @@ class BatchTrainer:
             flat.sub_(lr_m * on * s1)
 
     @torch.no_grad()
-    def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor) -> None:
-        """Evaluate on validation rows, then early stopping and divergence, all on the device."""
+    def _end_epoch(self, running: Tensor, train_loss: Tensor, nonfinite: Tensor, plateau: Tensor) -> None:
+        """Evaluate on validation rows, then early stopping and divergence, all on the device.
+
+        A fixed-epoch model (`select_latest`: a refit) is scored on rows it must never learn from (an outer
+        fold's test rows), so nothing it chooses may come from them: its best epoch is its last, it never
+        stops early, and it has diverged only if its training loss did. One extreme held-out row can make
+        its validation loss inf; counted as divergence, that would refit another configuration.
+        """
         pred = None if self.best_by_weights else torch.empty_like(self.best_pred)
         val_loss, metric = validate(self.net, self.transform, self.X, self.valid_rows, self.targets, self.metric,
                                     self.y_shift, self.y_scale, regression=self.regression, chunk=self.valid_chunk,
                                     into=pred)
-        values = torch.where(running, torch.stack([train_loss, val_loss, metric]), math.nan)  # (3, M)
+        values = torch.where(running, torch.stack([train_loss, val_loss, metric, plateau]), math.nan)  # (4, M)
         self.history.index_put_((self.slots, self.epoch_t.expand(self.M)), values.T)
         improved = running & ((val_loss < self.best_loss) | self.select_latest)
         self.best_loss.copy_(torch.where(improved, val_loss, self.best_loss))
@@ -366,7 +387,7 @@ class BatchTrainer:
             torch.where(_per_model(improved, p), p, best, out=best)  # in place: one pass, nothing allocated
         self.bad_epochs.copy_(torch.where(improved, 0.0, self.bad_epochs + 1))
         self._plateau(improved, running)
-        diverged = running & (nonfinite | ~torch.isfinite(val_loss))
+        diverged = running & (nonfinite | (~self.select_latest & ~torch.isfinite(val_loss)))
         self.diverged_at.copy_(torch.where(diverged & (self.diverged_at == 0), self.epoch_t + 1, self.diverged_at))
         self.epochs_run += running.to(self.dtype)
         patience = torch.where(self.select_latest, math.inf, float(self.cfg.patience))
@@ -450,7 +471,7 @@ class BatchTrainer:
             out.append(FitResult(
                 train_loss=history[job, :n, 0], val_loss=history[job, :n, 1], val_metric=history[job, :n, 2],
                 best_epoch=best_epoch[m], epochs_run=n, valid_pred=pred[i, : len(self.jobs[job].valid_rows)],
-                diverged_at=diverged[m] or None, stopped=bool(stopped[m]),
+                diverged_at=diverged[m] or None, stopped=bool(stopped[m]), plateau_factor=history[job, :n, 3],
                 model=self.net.export(m, self.templates[job]) if self.keep_models else None,
                 preprocess=self.transform.stats(m), y_shift=y_shift[m], y_scale=y_scale[m]))
         return out
@@ -483,6 +504,16 @@ def schedule_factor(cfg: TrainSpec, epoch: int) -> float:
             return 0.04 + 0.96 * epoch / warm
         return 0.5 * (1 + math.cos(math.pi * (epoch - warm) / max(1, cfg.epochs - warm)))
     return 1.0
+
+
+def plateau_cuts(result: FitResult) -> list[int]:
+    """The 0-based epochs, up to the fit's best, that trained at a lower plateau factor than the one before.
+
+    What a refit of the configuration replays (`studies.plateau_replay`); the cuts after the best epoch
+    came while the fit no longer improved, and the refit's epoch count does not reach past that epoch.
+    """
+    factor = result.plateau_factor[: result.best_epoch]
+    return [int(e) for e in np.flatnonzero(factor[1:] < factor[:-1]) + 1]
 
 
 def _per_model(values: Tensor, like: Tensor) -> Tensor:

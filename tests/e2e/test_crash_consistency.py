@@ -229,3 +229,31 @@ def test_the_nested_estimate_after_kills_equals_that_of_an_uninterrupted_run(wri
     assert configs(JOURNAL) == configs(str(clean / JOURNAL))
     assert summary["nested"] == uninterrupted["nested"]
     assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]
+
+
+WARM_TWO = {"optuna": {**tiny_spec()["optuna"], "n_trials": 3}}  # final: 1 sampled slot, 2 for the outer bests
+
+
+@pytest.mark.slow  # ~2 min on 2 busy cores: two sweeps of 3 trials per study
+def test_a_kill_between_two_warm_start_enqueues_resumes_to_the_uninterrupted_final_study(write_spec, workdir: Path,
+                                                                                        tmp_path_factory) -> None:
+    clean = tmp_path_factory.mktemp("clean-warm")
+    (clean / "tiny.yaml").write_text(yaml.safe_dump(tiny_spec(**WARM_TWO), sort_keys=False))
+    code, out, err = finish(start("run", "tiny.yaml", "--json", cwd=clean))
+    assert code == 0, err
+    uninterrupted = json.loads(out.strip().splitlines()[-1])
+
+    spec = write_spec(**WARM_TWO)
+    code, _, err = finish(start("run", str(spec), cwd=workdir, env={CRASH_ENV: "warm_start:1"}))
+    assert code == -signal.SIGKILL, err
+    copied = [t.user_attrs["warm_start_from"] for t in trials(JOURNAL, "tiny")["final"]
+              if "warm_start_from" in t.user_attrs]
+    assert copied == ["outer-0"]  # the journal holds one of the two outer bests
+
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    check_consistent(JOURNAL, summary, n_trials=3)
+    assert configs(JOURNAL) == configs(str(clean / JOURNAL))
+    assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]
+    assert summary["nested"] == uninterrupted["nested"]
