@@ -263,8 +263,9 @@ def _balanced_parts(units: Units, strata: np.ndarray, shares: np.ndarray, rng: n
     sizes = np.bincount(units.codes if rows is None else units.codes[rows], minlength=units.count)
     order = rng.permutation(units.count) if rng is not None else np.arange(units.count)
     order = order[sizes[order] > 0]
-    order = order[np.argsort(strata[order], kind="stable")]
-    stratum = strata[order]
+    stratum = strata[order].astype(np.int16 if strata.max(initial=0) < 2 ** 15 else np.int64)  # int16: a radix sort
+    by_stratum = np.argsort(stratum, kind="stable")
+    order, stratum = order[by_stratum], stratum[by_stratum]
     first = np.flatnonzero(np.r_[True, stratum[1:] != stratum[:-1]])
     which = np.cumsum(np.r_[True, stratum[1:] != stratum[:-1]]) - 1
     weight = sizes[order].astype(np.float64)
@@ -388,10 +389,11 @@ def _check_k(data: Dataset, rows: np.ndarray, fold: FoldSpec, kind: str, key: st
         raise SplitError(f"`{key}.kind` {kind} needs `data.group` (the column that holds the groups)")
     if kind == "time_series" and data.times is None:
         raise SplitError(f"`{key}.kind` time_series needs `data.time` (the column that orders the rows)")
+    # counted by a sort or a bincount: numpy 2's hashed np.unique took 1 s a split at 2 * 10^6 rows here
     if kind == "time_series":
-        n_units, unit = len(np.unique(data.times[rows])), "distinct times"  # type: ignore[index]
+        n_units, unit = len(_time_changes(np.sort(data.times[rows]))) + 1, "distinct times"  # type: ignore[index]
     elif units is not None:
-        n_units, unit = len(np.unique(units.codes[rows])), units.what
+        n_units, unit = int(np.count_nonzero(np.bincount(units.codes[rows], minlength=units.count))), units.what
     else:
         n_units, unit = len(rows), "rows"
     if fold.k > n_units - (1 if kind == "time_series" else 0):
