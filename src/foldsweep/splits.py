@@ -128,13 +128,20 @@ def split_units(data: Dataset, policy: str) -> Units | None:
     sealed rows cannot decide which rows are grouped. With `data.time` time decides (a pattern may recur
     later); the guard reports such repeats instead.
     """
-    groups = None if data.groups is None else _first_seen_codes(np.unique(data.groups, return_inverse=True)[1])
+    groups = _group_units(data)
     patterns = _pattern_codes(data.pattern_hashes) if policy == "group" and data.times is None else None
     if patterns is None:
-        return None if groups is None else Units(groups, "groups of `data.group`")
+        return groups
     if groups is None:
         return Units(patterns, "groups of rows with identical features")
-    return Units(_merged(groups, patterns), "groups of `data.group` (merged where identical rows span groups)")
+    return Units(_merged(groups.codes, patterns), "groups of `data.group` (merged where identical rows span groups)")
+
+
+def _group_units(data: Dataset) -> Units | None:
+    """`data.group`'s groups as units (None without the column)."""
+    if data.groups is None:
+        return None
+    return Units(_first_seen_codes(np.unique(data.groups, return_inverse=True)[1]), "groups of `data.group`")
 
 
 def _pattern_codes(hashes: np.ndarray) -> np.ndarray | None:
@@ -309,7 +316,7 @@ def plan_folds(data: Dataset, rows: np.ndarray, fold: FoldSpec, seed: int, key: 
                units: Units | None = None) -> list[Fold]:
     """Folds over `rows` (absolute indices) with the splitter the spec names; `units` stay whole."""
     kind = _kind(fold, data)
-    units = units if units is not None or data.groups is None else split_units(data, "warn")
+    units = units if units is not None else _group_units(data)
     _check_k(data, rows, fold, kind, key, units)
     if kind == "time_series":
         return _time_folds(data, rows, fold.k, key)
