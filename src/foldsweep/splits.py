@@ -2,6 +2,9 @@
 
 Every index here is a row index of the loaded data set, so "no test row reaches a fold" is a plain set
 check. Plans are built once from seeds and stored with the sweep; a resumed sweep reloads them.
+Rows that must stay together (`data.group`'s groups, and rows with identical features under
+`split.duplicates: group`) are `Units`: each sits on one side of the seal and of every fold; with
+`data.time`, rows sharing a time are kept together by moving every cut to a change of time.
 """
 
 from __future__ import annotations
