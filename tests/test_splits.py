@@ -670,3 +670,16 @@ def test_the_duplicate_guard_matches_a_plain_set_reading(values: list[int], seed
                       "development rows those of another development row (split.duplicates: drop; labels not "
                       "compared): dropped"])
     assert sealed_rows_seen(data, dev, test)["test_rows_in_dev"] == sum(int(hashes[t]) in seen for t in test)
+
+
+def test_with_a_time_column_repeated_features_are_reported_not_grouped() -> None:
+    """Time decides the split (a pattern may recur later): the guard counts development rows repeating sealed ones."""
+    times = np.arange(120)
+    y = labels([60, 60], 6)
+    X = dataset(y).X.copy()
+    X[10] = X[115]  # a development row with the features of a sealed (late) row
+    plan = make_plan(dataset(y, X=X, times=times), split({"k": 2}, {"k": 2}, test_size=0.2))
+    assert np.array_equal(plan.test, np.arange(96, 120))
+    assert plan.notes == ["1 development rows have the features of a sealed test row and 0 development rows those of "
+                          "another development row (split.duplicates: group; labels not compared): `data.time` orders "
+                          "the split; the folds and the test look score rows whose features were trained on"]
