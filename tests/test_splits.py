@@ -577,17 +577,17 @@ def unequal_groups(seed: int = 0) -> Dataset:
     return dataset(y, groups=groups)
 
 
-@pytest.mark.parametrize("seed", range(6))
-def test_the_group_seal_aims_at_the_row_share_and_stratifies(seed: int) -> None:
-    """Issue: GroupShuffleSplit took test_size of the groups: the sealed part held 10% to 26% of these rows."""
+def test_the_group_seal_aims_at_the_row_share_and_stratifies() -> None:
+    """Issue: GroupShuffleSplit took test_size of the groups: over seeds 0-5 it sealed 21.9% to 31.4% of these rows."""
     data = unequal_groups()
-    dev, test = seal_test_set(data, split(seed=seed))
-    share = len(test) / len(data.y)
-    assert abs(share - 0.2) < 0.05
-    assert abs(data.y[test].mean() - data.y[dev].mean()) < 0.15
-    note = make_plan(data, split({"k": 3}, {"k": 2}, seed=seed)).notes[0]
-    assert note == (f"the seal keeps whole groups of `data.group` together: {len(test)} of {len(data.y)} rows sealed "
-                    f"({share:.1%}; split.test_size 0.2)")
+    for seed in range(6):
+        dev, test = seal_test_set(data, split(seed=seed))
+        share = len(test) / len(data.y)
+        assert abs(share - 0.2) < 0.03
+        assert abs(data.y[test].mean() - data.y[dev].mean()) < 0.15
+        note = make_plan(data, split({"k": 3}, {"k": 2}, seed=seed)).notes[0]
+        assert note == (f"the seal keeps whole groups of `data.group` together: {len(test)} of {len(data.y)} rows "
+                        f"sealed ({share:.1%}; split.test_size 0.2)")
 
 
 def test_a_training_part_of_one_class_is_refused() -> None:
