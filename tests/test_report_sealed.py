@@ -57,10 +57,12 @@ def swept(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def test_summary_report_and_look_count_the_test_rows_the_model_trained_on(swept: dict) -> None:
     n = swept["n_test"]
-    note = (f"{COPIES} of {n} sealed test rows are exact copies of development rows the model trained on: the test "
-            f"look is optimistic, by up to {COPIES / n:.1%} of its rows (split.duplicates: drop removes them)")
+    note = (f"{COPIES} of {n} sealed test rows have the features of development rows the model trained on: the test "
+            f"look is optimistic, by up to {COPIES / n:.1%} of its rows (split.duplicates: group keeps identical rows "
+            f"on one side); {COPIES} groups of rows with identical features ({2 * COPIES} rows)")
     for sealed in (swept["run"]["sealed_test"], swept["report"]["sealed_test"]):
-        assert sealed == {"test_rows_in_dev": COPIES, "test_rows": n, "share": COPIES / n, "note": note}
+        assert sealed == {"test_rows_in_dev": COPIES, "test_rows": n, "share": COPIES / n, "duplicate_groups": COPIES,
+                          "duplicate_rows": 2 * COPIES, "note": note}
     assert f"- **{note}**" in swept["markdown"]
     look = swept["look"]
     assert look["test_rows_in_dev"] == COPIES and look["optimistic_by_up_to"] == COPIES / n and look["note"] == note

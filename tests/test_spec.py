@@ -154,7 +154,7 @@ def test_search_param_without_known_type(tmp_path: Path) -> None:
     [
         ("optuna:\n  sampler: cmaes\n", "optuna.sampler", "'tpe', 'random' or 'qmc'"),
         ("optuna:\n  pruner: asha\n", "optuna.pruner", "'median'"),
-        ("split:\n  duplicates: ignore\n", "split.duplicates", "'warn', 'drop' or 'error'"),
+        ("split:\n  duplicates: ignore\n", "split.duplicates", "'group', 'warn', 'drop' or 'error'"),
         ("model:\n  activation: swish\n", "model.activation", "'relu'"),
     ],
 )

@@ -92,11 +92,11 @@ def test_plan_invariants(counts: list[int], regression: bool, k_outer: int, k_in
     # the seal: dev and test split all rows (duplicates are only warned about)
     assert np.intersect1d(plan.dev, plan.test).size == 0
     assert np.array_equal(np.union1d(plan.dev, plan.test), rows)
-    hashes = np.asarray(data.row_hashes)
+    hashes = data.pattern_hashes  # features only: a copy with another label is a copy too
     dev_hashes = hashes[plan.dev].tolist()
     leaks = len(set(dev_hashes)) < len(dev_hashes) or not set(dev_hashes).isdisjoint(hashes[plan.test].tolist())
     assert (len(plan.notes) > 0) == leaks  # copies inside the test set alone leak nothing
-    assert all("kept (warn)" in note for note in plan.notes)
+    assert all("(split.duplicates: warn; labels not compared): kept;" in note for note in plan.notes)
 
     # no sealed row reaches any fold
     test = set(plan.test.tolist())
@@ -199,8 +199,9 @@ def test_the_seal_keeps_groups_whole_whatever_the_fold_kinds(tmp_path: Path, see
 
 def test_group_k_larger_than_groups(tmp_path: Path) -> None:
     data = grouped(tmp_path, n_groups=6)
-    with pytest.raises(SplitError, match=r"`split.outer.k`=5 is larger than the \d groups it must split; lower k"):
-        make_plan(data, split({"kind": "group", "k": 5}, {"kind": "group", "k": 2}))
+    with pytest.raises(SplitError, match=r"`split.outer.k`=6 is larger than the \d groups of `data.group` it must "
+                                         r"split; lower k"):
+        make_plan(data, split({"kind": "group", "k": 6}, {"kind": "group", "k": 2}))
 
 
 def test_group_kind_needs_a_group_column() -> None:
@@ -318,10 +319,10 @@ def test_stratified_needs_classification() -> None:
 
 
 def planted() -> tuple[Dataset, np.ndarray, np.ndarray]:
-    """60 rows whose dev part holds exact copies of 3 sealed test rows (the seal itself depends on y only)."""
+    """60 rows whose dev part holds exact copies of 3 sealed test rows (a row-by-row seal depends on y only)."""
     y = labels([30, 30], 2)
     clean = dataset(y)
-    dev, test = seal_test_set(clean, SplitSpec())
+    dev, test = seal_test_set(clean, SplitSpec(duplicates="warn"))
     X = clean.X.copy()
     copies = []
     for t in test[:3]:
@@ -329,17 +330,34 @@ def planted() -> tuple[Dataset, np.ndarray, np.ndarray]:
         X[d] = X[t]
         copies.append(d)
     data = dataset(y, X=X)
-    assert np.array_equal(seal_test_set(data, SplitSpec())[1], test)
+    assert np.array_equal(seal_test_set(data, SplitSpec(duplicates="warn"))[1], test)
     return data, test, np.array(copies)
+
+
+def discrete(seed: int = 0, n: int = 1000) -> Dataset:
+    """The audit's table: 4 features of 3 values each (81 patterns, ~12 rows each), a noisy binary label."""
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, 3, size=(n, 4)).astype(np.float32)
+    y = (X.sum(axis=1) + rng.normal(size=n) > 4).astype(np.int64)
+    return Dataset(name="d", X=X, y=y, feature_names=["a", "b", "c", "d"], task="classification",
+                   metric="accuracy", classes=["0", "1"], row_hashes=hash_rows(X, y))
+
+
+def assert_patterns_apart(data: Dataset, plan: FoldPlan) -> None:
+    """No feature pattern on both sides of the seal, nor of any outer or inner fold."""
+    hashes = data.pattern_hashes
+    assert set(hashes[plan.test].tolist()).isdisjoint(hashes[plan.dev].tolist())
+    for fold in all_folds(plan):
+        assert set(hashes[fold.train].tolist()).isdisjoint(hashes[fold.valid].tolist())
 
 
 def test_duplicates_warn() -> None:
     data, test, copies = planted()
     plan = make_plan(data, SplitSpec(duplicates="warn"))
     assert np.array_equal(plan.test, test) and np.isin(copies, plan.dev).all()
-    assert plan.notes == ["3 development rows duplicate a sealed test row and 0 development rows duplicate "
-                          "another development row (split.duplicates): kept (warn); the test look scores rows the "
-                          "model trained on"]
+    assert plan.notes == ["3 development rows have the features of a sealed test row and 0 development rows those of "
+                          "another development row (split.duplicates: warn; labels not compared): kept; the folds and "
+                          "the test look score rows whose features were trained on"]
 
 
 def test_duplicates_drop() -> None:
@@ -347,33 +365,134 @@ def test_duplicates_drop() -> None:
     plan = make_plan(data, SplitSpec(duplicates="drop"))
     assert not np.isin(copies, plan.dev).any()
     assert len(plan.dev) == 60 - len(test) - 3
-    assert "3 development rows duplicate a sealed test row" in plan.notes[0] and "dropped" in plan.notes[0]
+    assert "3 development rows have the features of a sealed test row" in plan.notes[0] and "dropped" in plan.notes[0]
     for fold in all_folds(plan):
         assert not np.isin(copies, fold.train).any() and not np.isin(copies, fold.valid).any()
 
 
-def test_duplicates_are_dropped_by_default() -> None:
-    """A user who reads no warning must not get a test look inflated by rows the model trained on."""
-    data, test, copies = planted()
+def test_duplicates_are_kept_together_by_default() -> None:
+    """Every row stays, and each copy sits on the side of the seal its twin sits on."""
+    data, _, copies = planted()
     plan = make_plan(data, SplitSpec())
-    assert not np.isin(copies, plan.dev).any() and "dropped" in plan.notes[0]
+    assert len(plan.dev) + len(plan.test) == 60
+    hashes = data.pattern_hashes
+    for row in copies:
+        twins = np.flatnonzero(hashes == hashes[row])
+        assert len(twins) == 2 and (np.isin(twins, plan.test).all() or np.isin(twins, plan.dev).all())
+    assert_patterns_apart(data, plan)
     assert sealed_rows_seen(data, plan.dev, plan.test)["test_rows_in_dev"] == 0
+    assert plan.notes[-1] == ("3 groups of rows with identical features (6 rows; labels not compared) each stay on one "
+                              "side of the seal and of every fold (split.duplicates: group)")
+
+
+def test_sealed_labels_do_not_decide_which_rows_train_on_the_discrete_table() -> None:
+    """Issue: the old default dropped 774 of 800 dev rows, those whose (features, label) matched a sealed row."""
+    data = discrete()
+    plan = make_plan(data, SplitSpec())
+    assert len(plan.dev) + len(plan.test) == 1000
+    assert abs(len(plan.test) - 200) <= 25
+    assert abs(data.y[plan.dev].mean() - data.y[plan.test].mean()) < 0.08
+    assert_patterns_apart(data, plan)
+    assert_partitions(plan.outer, plan.dev)
+    for outer, inner in zip(plan.outer, plan.inner, strict=True):
+        assert_partitions(inner, outer.train)
+
+
+@pytest.mark.parametrize("policy", ["drop", "warn", "group"])
+def test_the_guard_is_blind_to_the_sealed_labels(policy: str) -> None:
+    """Flipping every sealed label changes neither which rows the guard keeps nor its notes (the seal itself is
+    stratified, so it reads labels as a stratified split does)."""
+    data = discrete(seed=1)
+    dev, test = seal_test_set(data, SplitSpec(duplicates=policy))
+    y = data.y.copy()
+    y[test] = 1 - y[test]
+    flipped = Dataset(name="d", X=data.X, y=y, feature_names=data.feature_names, task="classification",
+                      metric="accuracy", classes=["0", "1"], row_hashes=hash_rows(data.X, y))
+    from foldsweep.splits import _guard_duplicates as guard
+
+    kept, notes = guard(data, dev, test, policy)
+    kept_flipped, notes_flipped = guard(flipped, dev, test, policy)
+    assert np.array_equal(kept, kept_flipped) and notes == notes_flipped
+
+
+def test_identical_features_with_another_label_are_duplicates() -> None:
+    """The old guard hashed the label too: the same features with the other label went unseen."""
+    y = labels([30, 30], 2)
+    X = dataset(y).X.copy()
+    dev, test = seal_test_set(dataset(y), SplitSpec(duplicates="warn"))
+    d = next(int(r) for r in dev if y[r] != y[test[0]])
+    X[d] = X[test[0]]
+    plan = make_plan(dataset(y, X=X), SplitSpec(duplicates="warn"))
+    assert plan.notes and plan.notes[0].startswith("1 development rows have the features of a sealed test row")
+    grouped_plan = make_plan(dataset(y, X=X), SplitSpec())
+    assert np.isin([d, test[0]], grouped_plan.test).all() or np.isin([d, test[0]], grouped_plan.dev).all()
+
+
+def test_duplicates_merge_into_the_users_groups() -> None:
+    """Identical rows in two groups join the groups: neither the groups nor the patterns straddle a split."""
+    rng = np.random.default_rng(4)
+    groups = np.repeat(np.arange(30), 4)
+    y = rng.integers(0, 2, size=120).astype(np.int64)
+    X = rng.normal(size=(120, 3)).astype(np.float32)
+    for a, b in [(0, 5), (9, 50), (51, 101), (60, 61)]:  # 0-5 and 9-50-51-101 chain groups together
+        X[b] = X[a]
+    data = dataset(y, X=X, groups=groups)
+    plan = make_plan(data, split({"k": 3}, {"k": 3}, seed=2))
+    assert_patterns_apart(data, plan)
+    assert set(groups[plan.test]).isdisjoint(groups[plan.dev])
+    for fold in all_folds(plan):
+        assert set(groups[fold.train]).isdisjoint(groups[fold.valid])
+    chained = {int(groups[r]) for r in (9, 50, 51, 101)}
+    assert len(chained) == 3 and (chained <= set(groups[plan.test]) or chained <= set(groups[plan.dev]))
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 10_000), values=st.integers(2, 4), k_outer=st.integers(2, 4), k_inner=st.integers(2, 3),
+       repeats=st.integers(1, 2), shuffle=st.booleans())
+def test_grouped_duplicates_keep_every_invariant(seed: int, values: int, k_outer: int, k_inner: int, repeats: int,
+                                                 shuffle: bool) -> None:
+    rng = np.random.default_rng(seed)
+    X = rng.integers(0, values, size=(150, 3)).astype(np.float32)
+    y = (X.sum(axis=1) + rng.normal(size=150) > X.shape[1] * (values - 1) / 2).astype(np.int64)
+    if y.min() == y.max():
+        y[:20] = 1 - y[:20]
+    data = dataset(y, X=X)
+    spec = split({"k": k_outer, "repeats": repeats, "shuffle": shuffle}, {"k": k_inner}, seed=seed)
+    try:
+        plan = make_plan(data, spec)
+    except SplitError as err:  # too few patterns for k, or a fold of one class: said in one line
+        assert "\n" not in str(err)
+        return
+    assert len(plan.dev) + len(plan.test) == 150
+    assert_patterns_apart(data, plan)
+    for r in range(repeats):
+        assert_partitions(plan.outer[r * k_outer:(r + 1) * k_outer], plan.dev)
+    for outer, inner in zip(plan.outer, plan.inner, strict=True):
+        assert_partitions(inner, outer.train)
+    assert_partitions(plan.final_inner, plan.dev)
+    assert np.array_equal(make_plan(data, spec).to_masks(150), plan.to_masks(150))
 
 
 def test_sealed_rows_seen_counts_test_rows_the_model_trained_on() -> None:
     data, test, _ = planted()
     plan = make_plan(data, SplitSpec(duplicates="warn"))
     seen = sealed_rows_seen(data, plan.dev, plan.test)
-    assert seen == {"test_rows_in_dev": 3, "test_rows": len(test), "share": 3 / len(test)}
-    assert seen_note(seen) == (f"3 of {len(test)} sealed test rows are exact copies of development rows the model "
+    assert seen == {"test_rows_in_dev": 3, "test_rows": len(test), "share": 3 / len(test), "duplicate_groups": 3,
+                    "duplicate_rows": 6}
+    assert seen_note(seen) == (f"3 of {len(test)} sealed test rows have the features of development rows the model "
                                f"trained on: the test look is optimistic, by up to {3 / len(test):.1%} of its rows "
-                               "(split.duplicates: drop removes them)")
-    assert seen_note(sealed_rows_seen(data, make_plan(data, SplitSpec(duplicates="drop")).dev, test)) == ""
+                               "(split.duplicates: group keeps identical rows on one side); 3 groups of rows with "
+                               "identical features (6 rows)")
+    grouped_plan = make_plan(data, SplitSpec())
+    assert seen_note(sealed_rows_seen(data, grouped_plan.dev, grouped_plan.test)) == (
+        "3 groups of rows with identical features (6 rows): none straddles the seal")
+    assert seen_note(sealed_rows_seen(dataset(labels([30, 30], 2)), plan.dev, plan.test)) == ""
 
 
 def test_duplicates_error() -> None:
     data, _, _ = planted()
-    with pytest.raises(SplitError, match=r"^3 development rows duplicate a sealed test row.*split.duplicates: drop"):
+    with pytest.raises(SplitError, match=r"^3 development rows have the features of a sealed test row.*"
+                                         r"set split.duplicates: group to keep identical rows"):
         make_plan(data, SplitSpec(duplicates="error"))
 
 
@@ -385,8 +504,113 @@ def test_duplicates_within_dev() -> None:
     X[same[1]] = X[same[0]]
     X[same[2]] = X[same[0]]
     plan = make_plan(dataset(y, X=X), SplitSpec(duplicates="drop"))
-    assert "0 development rows duplicate a sealed test row and 2 development rows duplicate" in plan.notes[0]
+    assert "0 development rows have the features of a sealed test row and 2 development rows those of" in plan.notes[0]
     assert same[0] in plan.dev and same[1] not in plan.dev and same[2] not in plan.dev
+
+
+def test_validate_accounts_for_every_row_of_the_discrete_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                               ) -> None:
+    """`foldsweep validate --json` with default settings: every row on one side, the groups counted."""
+    import json
+
+    import yaml
+    from click.testing import CliRunner
+
+    from foldsweep.cli import cli
+
+    data = discrete()
+    columns = {name: data.X[:, i].astype(int) for i, name in enumerate(data.feature_names)} | {"y": data.y}
+    write_csv(tmp_path, columns)
+    (tmp_path / "d.yaml").write_text(yaml.safe_dump({"name": "d", "data": {"path": "data.csv", "target": "y"},
+                                                     "search": {"lr": {"type": "float", "low": 1e-3, "high": 1e-2}}}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(cli, ["validate", "d.yaml", "--json"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["dev_rows"] + info["test_rows"] == info["rows"] == 1000
+    assert info["duplicate_groups"] == 81 and info["duplicate_rows"] == 1000
+    assert any("81 groups of rows with identical features" in note for note in info["notes"])
+    loaded = load_dataset(DataSpec(path=str(tmp_path / "data.csv"), target="y"))
+    plan = make_plan(loaded, SplitSpec())
+    assert len(plan.dev) == info["dev_rows"]
+    assert_patterns_apart(loaded, plan)
+
+
+# --- time ties, the group seal's share, folds of one class -------------------------------------------
+
+
+def tied(n_days: int = 20, per_day: int = 5, task: str = "regression") -> Dataset:
+    """Rows in blocks sharing a timestamp (several readings a day), not in time order."""
+    rng = np.random.default_rng(8)
+    times = rng.permutation(np.repeat(np.arange(n_days) * 10, per_day))
+    y = rng.normal(size=len(times)).astype(np.float32) if task == "regression" else \
+        (rng.random(len(times)) < 0.5).astype(np.int64)
+    return dataset(y, task=task, times=times)
+
+
+def test_rows_sharing_a_time_never_straddle_the_seal_or_a_fold() -> None:
+    """Issue: 0.2 x 161 rows put the cut at row 129, inside a day of 7 readings; the folds' cuts likewise."""
+    data = tied(n_days=23, per_day=7)
+    times = data.times
+    assert times is not None
+    plan = make_plan(data, split({"k": 3}, {"k": 2}, test_size=0.2))
+    assert times[plan.dev].max() < times[plan.test].min()
+    assert np.array_equal(np.union1d(plan.dev, plan.test), np.arange(161))
+    assert plan.notes and "rows with equal times stay on one side" in plan.notes[0]
+    for fold in all_folds(plan):
+        assert times[fold.train].max() < times[fold.valid].min()
+
+
+def test_too_few_distinct_times_for_k_is_refused() -> None:
+    data = tied(n_days=4, per_day=10)
+    with pytest.raises(SplitError, match=r"^`split.outer.k`=3 is larger than the 3 distinct times"):
+        make_plan(data, split({"k": 3}, {"k": 2}, test_size=0.2))
+
+
+def unequal_groups(seed: int = 0) -> Dataset:
+    """30 groups of 1 to 39 rows, labels drawn per row with a per-group lean."""
+    rng = np.random.default_rng(seed)
+    sizes = rng.integers(1, 40, size=30)
+    groups = np.repeat(np.arange(30), sizes)
+    lean = rng.random(30)[groups]
+    y = (rng.random(len(groups)) < lean).astype(np.int64)
+    return dataset(y, groups=groups)
+
+
+def test_the_group_seal_aims_at_the_row_share_and_stratifies() -> None:
+    """Issue: GroupShuffleSplit took test_size of the groups: over seeds 0-5 it sealed 21.9% to 31.4% of these rows."""
+    data = unequal_groups()
+    for seed in range(6):
+        dev, test = seal_test_set(data, split(seed=seed))
+        share = len(test) / len(data.y)
+        assert abs(share - 0.2) < 0.03
+        assert abs(data.y[test].mean() - data.y[dev].mean()) < 0.15
+        note = make_plan(data, split({"k": 3}, {"k": 2}, seed=seed)).notes[0]
+        assert note == (f"the seal keeps whole groups of `data.group` together: {len(test)} of {len(data.y)} rows "
+                        f"sealed ({share:.1%}; split.test_size 0.2)")
+
+
+def test_a_training_part_of_one_class_is_refused() -> None:
+    """Forward folds over labels that start all-negative train the first fold on one class."""
+    times = np.arange(100)
+    y = (times >= 40).astype(np.int64)
+    data = dataset(y, times=times)
+    with pytest.raises(SplitError, match=r"^outer fold 0: all 20 training rows are of class 'c0', so a model trained "
+                                         r"there learns one class; lower `split.outer.k` or change split.seed$"):
+        make_plan(data, split({"k": 3}, {"k": 2}, test_size=0.2))
+
+
+def test_a_validation_part_of_one_class_is_refused_for_roc_auc() -> None:
+    """Issue: roc_auc of a fold with one class read 0.5 silently; accuracy can still score such a fold."""
+    groups = np.repeat(np.arange(12), 10)
+    y = np.where(groups < 6, np.random.default_rng(0).integers(0, 2, 120), 0).astype(np.int64)  # 6 groups all c0
+    base = dataset(y, groups=groups)
+    spec = split({"kind": "group", "k": 5}, {"kind": "group", "k": 2}, seed=3)
+    with pytest.raises(SplitError, match=r"^outer fold 4: all 10 validation rows are of class 'c0', so roc_auc is "
+                                         r"undefined there \(it would read 0.5\); lower `split.outer.k` or change "
+                                         r"split.seed \(or use kind stratified_group\)$"):
+        make_plan(Dataset(**{**base.__dict__, "metric": "roc_auc"}), spec)
+    make_plan(base, spec)
 
 
 # --- storage ----------------------------------------------------------------------------------------
@@ -428,7 +652,7 @@ def test_the_duplicate_guard_matches_a_plain_set_reading(values: list[int], seed
     hashes = np.asarray(values, dtype=np.uint64) * np.uint64(0x9E3779B97F4A7C15)
     data = Dataset(name="h", X=np.zeros((len(values), 1), np.float32), y=np.zeros(len(values), np.int64),
                    feature_names=["a"], task="classification", metric="accuracy", classes=["a", "b"],
-                   row_hashes=hashes)
+                   row_hashes=hashes, feature_hashes=hashes)
     rows = np.random.default_rng(seed).permutation(len(values))
     test, dev = np.sort(rows[: len(values) // 4]), np.sort(rows[len(values) // 4:])
     in_test = {int(hashes[t]) for t in test}
@@ -442,6 +666,20 @@ def test_the_duplicate_guard_matches_a_plain_set_reading(values: list[int], seed
     expected = dev[~(np.array(crossing) | np.array(repeated))]
     assert np.array_equal(kept, expected)
     assert notes == ([] if len(expected) == len(dev) else
-                     [f"{sum(crossing)} development rows duplicate a sealed test row and {sum(repeated)} development "
-                      "rows duplicate another development row (split.duplicates): dropped"])
+                     [f"{sum(crossing)} development rows have the features of a sealed test row and {sum(repeated)} "
+                      "development rows those of another development row (split.duplicates: drop; labels not "
+                      "compared): dropped"])
     assert sealed_rows_seen(data, dev, test)["test_rows_in_dev"] == sum(int(hashes[t]) in seen for t in test)
+
+
+def test_with_a_time_column_repeated_features_are_reported_not_grouped() -> None:
+    """Time decides the split (a pattern may recur later): the guard counts development rows repeating sealed ones."""
+    times = np.arange(120)
+    y = labels([60, 60], 6)
+    X = dataset(y).X.copy()
+    X[10] = X[115]  # a development row with the features of a sealed (late) row
+    plan = make_plan(dataset(y, X=X, times=times), split({"k": 2}, {"k": 2}, test_size=0.2))
+    assert np.array_equal(plan.test, np.arange(96, 120))
+    assert plan.notes == ["1 development rows have the features of a sealed test row and 0 development rows those of "
+                          "another development row (split.duplicates: group; labels not compared): `data.time` orders "
+                          "the split; the folds and the test look score rows whose features were trained on"]

@@ -172,7 +172,7 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Check SPEC and its data (and the fold plan) without training anything."""
     from foldsweep.data import load_dataset
     from foldsweep.devices import resolve_devices
-    from foldsweep.splits import check_batch_size, make_plan
+    from foldsweep.splits import check_batch_size, duplicate_count, make_plan
 
     sweep_spec = _load(spec, overrides)
     data = load_dataset(sweep_spec.data)
@@ -182,7 +182,7 @@ def validate(spec: str, overrides: tuple[str, ...], as_json: bool) -> None:
             "metric": data.metric, "classes": data.classes, "dev_rows": len(plan.dev), "test_rows": len(plan.test),
             "outer_folds": len(plan.outer), "inner_folds": len(plan.final_inner),
             "searched": list(sweep_spec.search), "devices": resolve_devices(sweep_spec), "notes": plan.notes,
-            "fingerprint": data.fingerprint}
+            "fingerprint": data.fingerprint} | duplicate_count(data)
     if as_json:
         click.echo(json.dumps(info, default=str))
         return

@@ -34,7 +34,8 @@ from foldsweep.tables import MAX_COLUMNS, Source, arrow_errors, check_names, ope
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["MAX_COLUMNS", "Dataset", "dataset_from_arrow", "dataset_from_frame", "hash_rows", "load_dataset"]
+__all__ = ["MAX_COLUMNS", "Dataset", "dataset_from_arrow", "dataset_from_frame", "hash_features", "hash_rows",
+           "load_dataset"]
 
 MAXIMIZE = {"accuracy": True, "roc_auc": True, "f1_macro": True, "r2": True,
             "log_loss": False, "rmse": False, "mae": False}
@@ -52,7 +53,8 @@ class Dataset:
     """Features as float32, labels as class codes (classification) or float32 (regression).
 
     `row_hashes` holds one uint64 per row (`hash_rows`); the sweep's record keeps those of the sealed
-    test rows.
+    test rows. `feature_hashes` (`hash_features`, the label left out) find rows with identical features;
+    None (a table built by hand) means they are worked out from X when asked for.
     """
 
     name: str
@@ -66,6 +68,12 @@ class Dataset:
     times: np.ndarray | None = None
     row_hashes: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.uint64), repr=False)
     target: str = ""  # the label column's name (a prediction file may carry it; it is ignored there)
+    feature_hashes: np.ndarray | None = field(default=None, repr=False)
+
+    @property
+    def pattern_hashes(self) -> np.ndarray:
+        """One uint64 per row of its features alone: equal for rows whose features are identical."""
+        return self.feature_hashes if self.feature_hashes is not None else hash_features(self.X)
 
     @property
     def n_classes(self) -> int:
@@ -158,8 +166,10 @@ def dataset_from_arrow(source: Source, spec: DataSpec, *, name: str, target: str
     task = _infer_task(labels) if spec.task == "auto" else spec.task
     y, classes = _encode_target(labels, task, target)
     metric = _metric(spec, task, target, classes)
+    features = hash_features(X)
     return Dataset(name=name, X=X, y=y, feature_names=names, task=task, metric=metric, classes=classes,
-                   groups=groups, times=times, row_hashes=hash_rows(X, y), target=target)
+                   groups=groups, times=times, row_hashes=_with_label(features, y), target=target,
+                   feature_hashes=features)
 
 
 def _metric(spec: DataSpec, task: str, target: str, classes: list[str] | None) -> str:
@@ -404,20 +414,29 @@ def _column_keys(n_words: int) -> np.ndarray:
 
 
 def hash_rows(X: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """A 64-bit hash per row of features and label, for the sealed-test record and duplicate checks.
+    """A 64-bit hash per row of features and label, for the sealed-test record and the fingerprint.
 
     Defined on bit patterns, so it is the same on every run, machine and numpy version: each row's
     float32 values (-0.0 as 0.0, every NaN as one NaN) are read as little-endian uint32 pairs, i.e.
     uint64 words; word j is XORed with a column key, mixed by splitmix64's finaliser, and the words are
-    summed modulo 2^64; the sum is mixed with the label (as float64 bits, mixed likewise). Vectorised
-    over blocks of rows: about 10 numpy passes over the table. Not cryptographic: it detects edits and
-    duplicates, it does not resist a forger (nor does anything else here: the files are not signed).
+    summed modulo 2^64 (`hash_features`); the sum is mixed with the label (as float64 bits, mixed
+    likewise). Vectorised over blocks of rows: about 10 numpy passes over the table. Not cryptographic:
+    it detects edits and duplicates, it does not resist a forger (nor does anything else here: the files
+    are not signed).
+    """
+    return _with_label(hash_features(X), y)
+
+
+def hash_features(X: np.ndarray) -> np.ndarray:
+    """A 64-bit hash per row of its features alone (the sum of `hash_rows`' mixed words).
+
+    Duplicate checks use this one: a check that saw the label would let labels decide which rows
+    count as copies (a sealed row's label would choose which development rows are kept).
     """
     X = np.asarray(X, dtype=np.float32)
     n, width = X.shape
     n_words = (width + 1) // 2
     keys = _column_keys(n_words)
-    labels = _label_words(np.asarray(y), n)
     out = np.empty(n, dtype=np.uint64)
     block = np.zeros((min(n, _CHUNK_ROWS), 2 * n_words), dtype="<f4")
     with np.errstate(over="ignore"):
@@ -428,9 +447,14 @@ def hash_rows(X: np.ndarray, y: np.ndarray) -> np.ndarray:
             bits = view.view("<u4")
             bits[np.isnan(view)] = _CANONICAL_NAN
             words = view.view("<u8") ^ keys
-            summed = _mix(words).sum(axis=1, dtype=np.uint64)
-            out[start:start + len(rows)] = _mix(summed ^ labels[start:start + len(rows)])
+            out[start:start + len(rows)] = _mix(words).sum(axis=1, dtype=np.uint64)
     return out
+
+
+def _with_label(features: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """`hash_rows` from `hash_features`: the feature sum mixed with the label's word."""
+    with np.errstate(over="ignore"):
+        return _mix(features ^ _label_words(np.asarray(y), len(features)))
 
 
 def _label_words(y: np.ndarray, n: int) -> np.ndarray:

@@ -94,7 +94,7 @@ class FoldSpec(_Frozen):
 class SplitSpec(_Frozen):
     test_size: float = Field(0.2, gt=0, lt=1)
     seed: int = 0
-    duplicates: Literal["warn", "drop", "error"] = "drop"
+    duplicates: Literal["group", "warn", "drop", "error"] = "group"
     outer: FoldSpec = FoldSpec()
     inner: FoldSpec = FoldSpec()
 

@@ -85,11 +85,11 @@ def in_sweep(swept: dict, monkeypatch: pytest.MonkeyPatch) -> dict:
 
 
 def test_planted_duplicates_are_counted_and_dropped_from_development(in_sweep: dict) -> None:
-    note = (f"{CROSSING} development rows duplicate a sealed test row and {WITHIN} development rows duplicate "
-            "another development row (split.duplicates)")
-    assert f"note: {note}: dropped" in in_sweep["run_output"]
+    note = (f"{CROSSING} development rows have the features of a sealed test row and {WITHIN} development rows those "
+            "of another development row (split.duplicates: {}; labels not compared)")
+    assert f"note: {note.format('drop')}: dropped" in in_sweep["run_output"]
     code, stdout, _ = _run("validate", "tiny.yaml", "--set", "split.duplicates=warn")
-    assert code == 0 and f"{note}: kept (warn)" in " ".join(stdout.split())
+    assert code == 0 and f"{note.format('warn')}: kept;" in " ".join(stdout.split())
     kept = json.loads(_run("validate", "tiny.yaml", "--set", "split.duplicates=warn", "--json")[1])
     dropped = json.loads(_run("validate", "tiny.yaml", "--json")[1])
     assert kept["dev_rows"] - dropped["dev_rows"] == CROSSING + WITHIN
