@@ -126,6 +126,7 @@ def _record_refit(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial, 
     refit = {"outer_test_score": test_score, "best_inner_value": trial.value, "best_trial": trial.number,
              "params": trial.params, "epochs": epochs, "optimism": optimism, "diverged": diverged}
     ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
+    crash_point("refit")  # recorded in the study, not yet on its MLflow run nor in the summary
     metrics = {"outer_test_score": test_score, "best_inner_value": trial.value, "optimism": optimism,
                "refit_epochs": float(epochs), "refit_fallbacks": float(len(diverged))}
     tags = {"best_trial": str(trial.number)}

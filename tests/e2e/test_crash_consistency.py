@@ -175,7 +175,9 @@ SLOW_POINTS = [*[("journal", n, sig, 1) for n, sig in ((3, "KILL"), (12, "INT"),
                                                        (70, "INT"), (85, "KILL"), (100, "INT"))],
                *[("mlflow", n, sig, 1) for n, sig in ((1, "KILL"), (4, "KILL"), (5, "INT"), (6, "KILL"))],
                *[("journal", n, sig, 2) for n, sig in ((10, "KILL"), (30, "INT"), (50, "KILL"), (70, "INT"))],
-               *[("mlflow", n, sig, 2) for n, sig in ((1, "INT"), (2, "KILL"), (3, "INT"), (5, "KILL"))]]
+               *[("mlflow", n, sig, 2) for n, sig in ((1, "INT"), (2, "KILL"), (3, "INT"), (5, "KILL"))],
+               # the end of a run: between the two warm-start enqueues, after each outer refit, after the summary
+               ("warm_start", 1, "INT", 1), ("refit", 1, "KILL", 1), ("refit", 2, "INT", 1), ("summary", 1, "KILL", 1)]
 
 
 @pytest.mark.parametrize(("kind", "nth", "sig", "workers"), [
