@@ -19,7 +19,7 @@ from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
 
 from foldsweep.cli import cli
-from foldsweep.errors import DiskFull, StorageError
+from foldsweep.errors import DiskFull, StorageError, StoreError
 from foldsweep.storage import GRACE_ENV, LEASE, LOST, FlockLock, fail_stale_trials, grace_period, preflight, retry
 
 
@@ -178,42 +178,176 @@ def test_a_torn_last_journal_record_is_set_aside_and_the_study_goes_on(tmp_path:
     assert journal.read_bytes().startswith(intact + b'{"op_code":0,')
     aside = list(tmp_path.glob("j.journal.torn-*"))
     assert [p.read_bytes() for p in aside] == [b'{"op_code":8,"worker_id":"']
-    assert [r.message for r in caplog.records] == [
+    assert [r.message for r in caplog.records if r.name == "foldsweep"] == [
         f"repaired the Optuna journal {journal}: set aside an unfinished record of 26 bytes at its end (a write "
         f"was cut short), kept in {aside[0].name}"]
     study.tell(_running(study), 9.0)
     assert _values(journal) == [*values, 9.0]  # the next record did not land on the torn line
 
 
-def test_a_torn_record_glued_to_the_next_one_is_repaired_keeping_the_next(tmp_path: Path) -> None:
+def _lines(journal: Path) -> list[bytes]:
+    return journal.read_bytes().splitlines(keepends=True)
+
+
+def _index(lines: list[bytes], op: int, after: int = 0) -> int:
+    """The first line after `after` that holds a record of this kind."""
+    return next(i for i, line in enumerate(lines) if i > after and json.loads(line)["op_code"] == op)
+
+
+def _garble(line: bytes) -> bytes:
+    """One byte in the middle of the record made unreadable (not UTF-8), as a bad sector or a stray write."""
+    middle = len(line) // 2
+    return line[:middle] + b"\xff" + line[middle + 1:]
+
+
+def _refused(journal: Path) -> str:
+    """Open the damaged journal: it must be refused in one line, with the file and its folder as they were."""
+    before, files = journal.read_bytes(), sorted(journal.parent.iterdir())
+    with pytest.raises(StoreError) as refused:
+        _study(str(journal))
+    assert journal.read_bytes() == before and sorted(journal.parent.iterdir()) == files
+    message = str(refused.value)
+    assert "\n" not in message and f"the Optuna journal `{journal}` is damaged at line " in message
+    assert message.endswith("so the file is left as it was: rerun with --fresh to start a new sweep beside it, "
+                            "or put back a copy of the journal")
+    return message
+
+
+def test_a_garbled_create_trial_record_inside_the_journal_is_refused_not_dropped(tmp_path: Path) -> None:
     journal = tmp_path / "j.journal"
-    values = _finished_study(journal)
+    _finished_study(journal)
+    lines = _lines(journal)
+    second = _index(lines, JournalOperation.CREATE_TRIAL, _index(lines, JournalOperation.CREATE_TRIAL))
+    lines[second] = _garble(lines[second])  # dropped, trial 1's records would land on trial 2
+    journal.write_bytes(b"".join(lines))
+    offset = len(b"".join(lines[:second]))
+    assert f"damaged at line {second + 1} (byte {offset}): an unreadable create-trial record;" in _refused(journal)
+
+
+def test_a_garbled_attribute_that_foldsweep_reads_is_refused(tmp_path: Path) -> None:
+    """A trial's slot, worker, scores: each is read later (slots, dead workers, the report), so none is dropped."""
+    journal = tmp_path / "j.journal"
+    study = _study(str(journal))
+    trial = _running(study)
+    trial.set_user_attr("slot", 0)
+    study.tell(trial, 1.0)
+    lines = _lines(journal)
+    at = _index(lines, JournalOperation.SET_TRIAL_USER_ATTR)
+    lines[at] = _garble(lines[at])
+    journal.write_bytes(b"".join(lines))
+    assert "an unreadable set-trial-user-attr record;" in _refused(journal)
+
+
+def test_a_garbled_heartbeat_stamp_of_a_trial_that_finished_later_is_replaced_in_place(tmp_path: Path) -> None:
+    """A finished trial's lease is never read again: the stamp is replaced by a no-op of the same length."""
+    journal = tmp_path / "j.journal"
+    study = _study(str(journal))
+    trial = _running(study)
+    study._storage.set_trial_system_attr(trial._trial_id, LEASE, time.time())
+    study.tell(trial, 1.0)
+    _running(study)  # still running: later records exist, none of them about the first trial's lease
+    intact = [(t.number, t.state, t.params, t.value, t.user_attrs) for t in _study(str(journal)).get_trials()]
+    lines = _lines(journal)
+    at = _index(lines, JournalOperation.SET_TRIAL_SYSTEM_ATTR)
+    damaged = _garble(lines[at])
+    journal.write_bytes(b"".join([*lines[:at], damaged, *lines[at + 1:]]))
+
+    repaired = _study(str(journal))
+    assert [(t.number, t.state, t.params, t.value, t.user_attrs) for t in repaired.get_trials()] == intact
+    after = _lines(journal)
+    assert [len(line) for line in after[: len(lines)]] == [len(line) for line in lines]  # no record moved
+    assert after[:at] == lines[:at] and after[at + 1: len(lines)] == lines[at + 1:]
+    assert list(tmp_path.glob("j.journal.torn-*"))[0].read_bytes() == damaged
+    assert list(tmp_path.glob("j.journal.before-repair-*"))[0].read_bytes().startswith(b"".join(lines[:at]) + damaged)
+
+
+def test_the_last_heartbeat_stamp_of_a_running_trial_is_not_dropped(tmp_path: Path) -> None:
+    journal = tmp_path / "j.journal"
+    study = _study(str(journal))
+    trial = _running(study)
+    study._storage.set_trial_system_attr(trial._trial_id, LEASE, time.time())
+    study._storage.set_trial_user_attr(trial._trial_id, "note", 1)  # the stamp is not the tail
+    lines = _lines(journal)
+    at = _index(lines, JournalOperation.SET_TRIAL_SYSTEM_ATTR)
+    lines[at] = _garble(lines[at])
+    journal.write_bytes(b"".join(lines))
+    assert "an unreadable heartbeat stamp record;" in _refused(journal)
+
+
+def test_a_torn_record_glued_to_the_next_one_is_refused_unless_it_was_a_stamp(tmp_path: Path) -> None:
+    """Appends cut a torn tail first, so a record run into the next is damage from outside: it could have been
+    complete, and only a superseded heartbeat stamp may go (the record it runs into is kept)."""
+    journal = tmp_path / "j.journal"
+    _finished_study(journal)
     whole = journal.read_bytes()
-    journal.write_bytes(whole[:-40])  # `truncate -s -40`, then the old code appended the next record to it
-    lost = whole[whole.rstrip(b"\n").rfind(b"\n") + 1 : -40]
+    journal.write_bytes(whole[:-40])  # `truncate -s -40`, then a plain Optuna writer appended the next record
     plain = optuna.storages.journal.JournalFileBackend(str(journal))
     for key in ("glued", "next"):
         plain.append_logs([{"op_code": JournalOperation.SET_STUDY_USER_ATTR, "worker_id": "w", "study_id": 0,
                             "user_attr": {key: 1}}])
     with pytest.raises(json.JSONDecodeError):  # what every later command met before the repair
         optuna.load_study(study_name="s", storage=optuna.storages.JournalStorage(plain))
+    assert "a set-trial-state-values record cut short and run into the next one;" in _refused(journal)
 
-    study = _study(str(journal))
-    assert _values(journal)[:-1] == values[:-1] and len(study.get_trials()) == len(values)
-    assert study.user_attrs == {"glued": 1, "next": 1}  # the record glued to the torn one was kept
-    assert list(tmp_path.glob("j.journal.torn-*"))[0].read_bytes() == lost + b"\n"
-    assert list(tmp_path.glob("j.journal.before-repair-*"))[0].read_bytes().startswith(whole[:-40])
-    study.tell(_running(study), 7.0)
-    assert _values(journal)[-1] == 7.0
+    stamped = tmp_path / "stamped.journal"
+    study = _study(str(stamped))
+    trial = _running(study)
+    study._storage.set_trial_system_attr(trial._trial_id, LEASE, time.time())
+    lines = _lines(stamped)
+    stamp = lines.pop()
+    stamped.write_bytes(b"".join(lines) + stamp[: stamp.index(b'"heartbeat":') + 15])  # torn in its value
+    optuna.storages.journal.JournalFileBackend(str(stamped)).append_logs(
+        [{"op_code": JournalOperation.SET_TRIAL_STATE_VALUES, "worker_id": "w", "trial_id": trial._trial_id,
+          "state": TrialState.FAIL.value, "values": None, "datetime_complete": "2026-01-01T00:00:00+00:00"}])
+    assert [t.state for t in _study(str(stamped)).get_trials()] == [TrialState.FAIL]
 
 
-def test_a_garbage_line_inside_the_journal_is_set_aside(tmp_path: Path) -> None:
+def test_a_garbage_line_inside_the_journal_is_refused(tmp_path: Path) -> None:
+    """It may stand where a record was: dropping it could renumber everything after it."""
     journal = tmp_path / "j.journal"
-    values = _finished_study(journal)
-    lines = journal.read_bytes().splitlines(keepends=True)
+    _finished_study(journal)
+    lines = _lines(journal)
     journal.write_bytes(b"".join(lines[:3]) + b"\x00garbage\x1b[31m\n" + b"".join(lines[3:]))
-    assert _values(journal) == values
-    assert list(tmp_path.glob("j.journal.torn-*"))[0].read_bytes() == b"\x00garbage\x1b[31m\n"
+    assert "damaged at line 4 " in _refused(journal) and "an unreadable line of unknown kind;" in _refused(journal)
+
+
+def _foldsweep(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """The CLI in its own process, killed if it hangs (what a damaged journal used to make `run` do)."""
+    return subprocess.run([sys.executable, "-m", "foldsweep", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=90)
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1, result.stderr
+    return result.stderr
+
+
+def test_a_rerun_on_a_journal_whose_first_record_is_garbled_refuses_in_one_line(write_spec, workdir: Path) -> None:
+    """Outer-0's create-study record dropped made outer-1 read as outer-0 and the rerun wait forever."""
+    spec = write_spec(tracking={"enabled": False})
+    assert CliRunner().invoke(cli, ["run", str(spec), "--json"]).exit_code == 0
+    journal = workdir / "mlruns" / "optuna" / "tiny.journal"
+    lines = _lines(journal)
+    journal.write_bytes(_garble(lines[0]) + b"".join(lines[1:]))
+    damaged = journal.read_bytes()
+    for command in (["run", str(spec)], ["status", "tiny"]):
+        message = _one_line(_foldsweep(*command, cwd=workdir))
+        assert "damaged at line 1 (byte 0): an unreadable create-study record;" in message
+    assert journal.read_bytes() == damaged
+
+
+def test_a_study_that_cannot_go_on_ends_the_run_instead_of_waiting_forever(write_spec, workdir: Path) -> None:
+    """A queued trial in a study that already has its n_trials is never asked, and the study is never done."""
+    spec = write_spec(tracking={"enabled": False})
+    assert CliRunner().invoke(cli, ["run", str(spec), "--json"]).exit_code == 0
+    journal = str(workdir / "mlruns" / "optuna" / "tiny.journal")
+    outer = optuna.load_study(study_name="tiny/outer-0", storage=preflight(journal, 1))
+    outer.enqueue_trial({}, user_attrs={"slot": 5})
+    message = _one_line(_foldsweep("run", str(spec), cwd=workdir))
+    assert message == ("error: study outer-0 of sweep `tiny` cannot go on: 2 of 2 trials finished, 1 queued, none "
+                       "running and none can be asked, so its Optuna records do not add up (a damaged or edited "
+                       "journal?): rerun with --fresh to start a new sweep beside it\n")
 
 
 @pytest.fixture

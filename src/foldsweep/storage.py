@@ -32,7 +32,8 @@ from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
 from foldsweep.crash import crash_point
-from foldsweep.errors import DiskFull, StorageError, os_hint
+from foldsweep.errors import DiskFull, StorageError, StoreError, os_hint
+from foldsweep.journal import LEASE, damaged_records, refusal
 from foldsweep.record import home
 
 __all__ = ["GRACE_ENV", "GRACE_S", "HEARTBEAT_S", "LEASE", "LOST", "MAX_RETRIES", "SCHEMA_ATTEMPTS", "SLOT",
@@ -46,7 +47,6 @@ GRACE_ENV = "FOLDSWEEP_HEARTBEAT_GRACE_S"
 MAX_RETRIES = 3
 SCHEMA_ATTEMPTS = 5
 TAIL_SCAN = 1 << 16  # bytes read back to find the last complete record of a torn journal
-LEASE = "heartbeat"
 SLOT = "slot"  # which of a study's n_trials places a trial fills; a retry keeps the slot of what it repeats
 LOST = "lost"  # a trial failed by the machinery (dead worker, surplus, Ctrl-C), not by its configuration
 
@@ -202,10 +202,11 @@ class RepairingJournal(JournalFileBackend):
 
     A process that dies (or hits a full disk) in the middle of an append leaves half a record at the
     end. Optuna's reader skips it, but the next append lands on the same line and turns two records
-    into one unreadable one, after which nothing opens the study again. So, under the write lock: on
-    open, unreadable records are set aside and the file repaired; before each append a torn tail is
-    cut off; and an append that fails is cut back to where it began. What is set aside is kept beside
-    the journal (`NAME.journal.torn-<time>`), and one line says what was done.
+    into one unreadable one, after which nothing opens the study again. So, under the write lock:
+    before each append a torn tail is cut off, and an append that fails is cut back to where it began.
+    On open, a torn tail is cut too; damage inside the journal is repaired only where no later record
+    depends on it, else refused in one line with the file untouched (`journal` says which). What is
+    set aside is kept beside the journal (`NAME.journal.torn-<time>`), and one line says what was done.
     """
 
     def __init__(self, path: str) -> None:
@@ -268,52 +269,34 @@ def _cut_torn_tail(path: str, f: BinaryIO) -> int:
 
 
 def _repair(path: str) -> None:
-    """Set aside the journal's unreadable records and rewrite it without them (the original is kept).
+    """Cut a torn tail, replace damaged heartbeat stamps, or refuse, leaving the file as it was (see `journal`).
 
-    A record torn by a crash and then glued to the next append keeps its readable end: the next record.
+    What is replaced is set aside, and the journal as it was is kept beside it (`.before-repair-<time>`).
     """
     *body, tail = Path(path).read_bytes().split(b"\n")
-    kept: list[bytes] = []
-    bad: list[bytes] = []
-    for line in body:
-        good = _readable(line)
-        kept.append(good + b"\n" if good is not None else b"")
-        if good != line:
-            bad.append(line[: len(line) - len(good or b"")] + b"\n")
-    if not bad:
+    damage = damaged_records(body)
+    if not damage:
         if tail:
             with open(path, "r+b") as f:
                 _cut_torn_tail(path, f)
         return
+    if any(d.replacement is None for d in damage):
+        raise StoreError(refusal(path, damage))
+    for d in damage:
+        body[d.line - 1] = d.replacement or b""
     backup = f"{path}.before-repair-{_stamp()}"
-    _set_aside(path, b"".join(bad) + tail, f"{len(bad)} unreadable record(s) (the journal as it was is kept as "
-               f"{Path(backup).name})")
+    lines = ", ".join(str(d.line) for d in damage)
+    _set_aside(path, b"".join(d.bad + b"\n" for d in damage) + tail,
+               f"{len(damage)} damaged heartbeat stamp(s) of trials stamped again or finished later (line {lines}; "
+               f"each replaced by a record of the same length that changes nothing; the journal as it was is kept "
+               f"as {Path(backup).name})")
     tmp = f"{path}.repairing"
     with open(tmp, "wb") as f:
-        f.write(b"".join(kept))
+        f.write(b"".join(line + b"\n" for line in body))
         f.flush()
         os.fsync(f.fileno())
     os.link(path, backup)
     os.replace(tmp, path)
-
-
-def _readable(line: bytes) -> bytes | None:
-    """The line, or its readable end (a torn record glued to the next one), or None if nothing is readable."""
-    if _is_record(line):
-        return line
-    start = line.find(b'{"op_code"', 1)
-    while start > 0:
-        if _is_record(line[start:]):
-            return line[start:]
-        start = line.find(b'{"op_code"', start + 1)
-    return None
-
-
-def _is_record(line: bytes) -> bool:
-    try:
-        return isinstance(json.loads(line), dict)
-    except ValueError:
-        return False
 
 
 def _set_aside(path: str, data: bytes, what: str) -> None:

@@ -26,7 +26,7 @@ from optuna.trial import TrialState
 
 from foldsweep import profile, space
 from foldsweep.data import Dataset
-from foldsweep.errors import SweepFailed
+from foldsweep.errors import StoreError, SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
 from foldsweep.slots import SlotSampler, slot_of, stored_slot
 from foldsweep.spec import SweepSpec
@@ -111,11 +111,13 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
         with profile.phase(profile.ASK_TELL):
             if maintain is not None:
                 maintain()
+            before = _marks(sweep)
             asked = ask_round(sweep, worker)
         if not asked:
             _raise_if_all_failed(sweep)
             if sweep.done():
                 return ran
+            _raise_if_stuck(sweep, before)
             time.sleep(poll_s)  # other workers hold the remaining trials
             continue
         try:
@@ -127,6 +129,37 @@ def work(sweep: Sweep, worker: str, *, progress: Progress | None = None, maintai
             if sweep.heartbeat is not None:
                 sweep.heartbeat.hold([])  # told trials need no lease
         ran += len(asked)
+
+
+def _marks(sweep: Sweep) -> tuple[tuple[Any, ...], ...]:
+    """What another process's progress changes: each study's trial states and whether `final` is warm-started.
+
+    Trials are only ever added and their states only move forward, so equal marks mean nothing happened.
+    """
+    return tuple((tuple(t.state for t in ref.study.get_trials(deepcopy=False)),
+                  bool(ref.study.user_attrs.get("warm_started"))) for ref in sweep.studies)
+
+
+def _raise_if_stuck(sweep: Sweep, before: tuple[tuple[Any, ...], ...]) -> None:
+    """End a wait that nothing can end: nothing to ask, nothing running, and nothing changed during the ask.
+
+    Only two things end a wait: a trial some worker runs (told, or failed once its lease runs out) and
+    the coordinator's warm start of `final`. With neither, an unfinished study is one whose records do
+    not add up (a damaged or edited journal), and waiting would be forever.
+    """
+    if _marks(sweep) != before or any(ref.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                                      for ref in sweep.studies):
+        return
+    final = sweep.study("final")
+    if sweep.spec.optuna.warm_start_final and not final.study.user_attrs.get("warm_started") and all(
+            study_done(ref, sweep.n_trials) for ref in sweep.studies if ref is not final):
+        return  # a worker waits for the coordinator, which warm-starts `final` between its rounds
+    stuck = next(ref for ref in sweep.studies if not study_done(ref, sweep.n_trials))
+    counts = stuck.counts()
+    raise StoreError(f"study {stuck.key} of sweep `{sweep.spec.name}` cannot go on: {counts['finished']} of "
+                     f"{sweep.n_trials} trials finished, {counts['waiting']} queued, none running and none can be "
+                     "asked, so its Optuna records do not add up (a damaged or edited journal?): rerun with --fresh "
+                     "to start a new sweep beside it")
 
 
 def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> None:

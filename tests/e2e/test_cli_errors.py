@@ -370,17 +370,19 @@ def test_a_read_only_mlruns_is_one_line_and_quick(read_only_mlruns: Path, workdi
     assert time.time() - started < 60
 
 
-def test_a_garbage_journal_is_set_aside_with_one_line_and_the_command_goes_on(workdir: Path) -> None:
-    """Unreadable journal lines were a JSONDecodeError on every command; now they are moved aside, and said so."""
+def test_a_garbage_journal_is_refused_in_one_line_and_left_as_it_was(workdir: Path) -> None:
+    """Unreadable journal lines were a JSONDecodeError on every command; dropping them could renumber the
+    records after them, so the command refuses in one line that says where, and how to go on."""
     command = damaged_journal(workdir)
+    journal = workdir / "mlruns" / "optuna" / "tiny.journal"
+    before = journal.read_bytes()
     result = CliRunner().invoke(cli, command)
-    lines = result.stderr.strip().splitlines()
-    assert "Traceback" not in result.output and len(lines) == 2, result.output
-    assert lines[0].startswith("repaired the Optuna journal mlruns/optuna/tiny.journal: set aside 2 unreadable")
-    assert lines[1] == "error: sweep `tiny` has no studies in `mlruns/optuna/tiny.journal` yet"  # nothing else held
-    assert result.exit_code == 2
-    torn = list((workdir / "mlruns" / "optuna").glob("tiny.journal.torn-*"))
-    assert len(torn) == 1 and "this is not json" in torn[0].read_text()
+    assert "Traceback" not in result.output and result.exit_code == 2, result.output
+    assert result.stderr == ("error: the Optuna journal `mlruns/optuna/tiny.journal` is damaged at line 1 (byte 0): "
+                             "an unreadable line of unknown kind (1 more damaged line after it); dropping it would "
+                             "change the records after it (ids, states, parameters), so the file is left as it was: "
+                             "rerun with --fresh to start a new sweep beside it, or put back a copy of the journal\n")
+    assert journal.read_bytes() == before and not list(journal.parent.glob("tiny.journal.torn-*"))
 
 
 def test_a_ctrl_c_in_a_command_run_in_process_gives_the_signal_handler_back(workdir: Path, write_spec,
