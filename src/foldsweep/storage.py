@@ -173,7 +173,9 @@ class FlockLock(BaseJournalFileLock):
         self._fd: int | None = None
 
     def acquire(self) -> bool:
-        fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fd = _open_lock_file(self.path)
+        if fd is None:  # a read-only mlruns/ with no lock file: no one can write there, so no one to wait for
+            return True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
         except BaseException:
@@ -186,6 +188,20 @@ class FlockLock(BaseJournalFileLock):
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)  # closing the descriptor drops the lock
+
+
+def _open_lock_file(path: str) -> int | None:
+    """The lock file, opened for writing; on a read-only folder opened for reading (`flock` needs no write
+    access), or None when it cannot be made there. Reading a sweep (`status`, `report`, `export`) needs no write."""
+    try:
+        return os.open(path, os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError as err:
+        if err.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+    try:
+        return os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
 
 
 def write_error(err: OSError, what: str) -> StorageError:

@@ -258,3 +258,32 @@ def test_export_to_a_full_disk_leaves_no_file(in_sweep: dict, tmp_path: Path) ->
             code, _, stderr = _run(*command)
             assert code == 2 and stderr.count("\n") == 1 and "No space left on device" in stderr, (command, stderr)
         assert sorted(p.name for p in disk.iterdir()) == ["filler"]
+
+
+def test_reading_a_sweep_needs_no_write(in_sweep: dict) -> None:
+    """`status`, `report` and `export` refused on a read-only mlruns/ because they took the journal's lock for
+    writing; reading a finished sweep writes nothing."""
+    import os
+    import subprocess
+
+    folder = Path("mlruns").resolve()
+    expected = {cmd: _run(*cmd, "--json")[1] if cmd[0] != "export" else _run(*cmd)[1]
+                for cmd in (("status", "tiny"), ("report", "tiny"), ("export", "tiny"))}
+    for lock in folder.glob("optuna/*.flock"):
+        lock.unlink()  # the worst case: no lock file to open for reading either
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "--bind", str(folder), str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot bind-mount here")
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(folder)], check=True)
+        undo = ["umount", str(folder)]
+    else:
+        subprocess.run(["chmod", "-R", "a-w", str(folder)], check=True)
+        undo = ["chmod", "-R", "u+w", str(folder)]
+    try:
+        for cmd, before in expected.items():
+            code, stdout, stderr = _run(*cmd, *(("--json",) if cmd[0] != "export" else ()))
+            assert code == 0, (cmd, stderr)
+            if cmd[0] != "status":  # status carries the time since each study's last heartbeat
+                assert stdout == before, cmd
+    finally:
+        subprocess.run(undo, check=True)
