@@ -12,13 +12,14 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import mounted_tmpfs, tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import check_consistent, finish, start, trials
+from sweep_procs import check_consistent, finish, start, trials, wait_for
 
 from foldsweep.cli import cli
 from foldsweep.crash import CRASH_ENV
@@ -225,3 +226,31 @@ def test_the_nested_estimate_after_kills_equals_that_of_an_uninterrupted_run(wri
     assert configs(JOURNAL) == configs(str(clean / JOURNAL))
     assert summary["nested"] == uninterrupted["nested"]
     assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]
+
+
+def _stopped(proc: subprocess.Popen[str]) -> bool:
+    return psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED
+
+
+def test_a_second_run_of_a_running_sweep_refuses_in_one_line_and_a_kill_frees_the_sweep(write_spec,
+                                                                                       workdir: Path) -> None:
+    """Issue 23 item 3: two `run`s of one sweep at once made two MLflow trees (every trial logged twice) and the
+    slower one trained trials only to discard them as surplus. The second now refuses, naming the first."""
+    spec = write_spec()
+    first = start("run", str(spec), cwd=workdir, env={CRASH_ENV: "mlflow:1:STOP"})  # frozen mid-round
+    try:
+        wait_for(lambda: _stopped(first), first)
+        code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+        assert code == 2, err
+        line = err.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith(f"error: sweep `tiny` is being run by pid {first.pid} since "), err
+        assert line[0].endswith("; wait for it, or add workers with `foldsweep worker mlruns/sweeps/tiny/spec.yaml "
+                                "--storage mlruns/optuna/tiny.journal`"), err
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))  # the kill released the lock
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["resumed"] is True
+    check_consistent(JOURNAL, summary)  # one run per name: one sweep run, one per study, one per trial
