@@ -97,3 +97,26 @@ def check_consistent(journal: str, summary: dict[str, Any], n_trials: int = 2) -
             if t.state == TrialState.COMPLETE:
                 metric = summary["metric"]
                 assert run.data.metrics[metric] == pytest.approx(t.value), (key, t.number)
+    check_runs_match_trials(journal, summary)
+
+
+RUN_STATUS = {TrialState.COMPLETE: "FINISHED", TrialState.PRUNED: "KILLED", TrialState.FAIL: "FAILED"}
+
+
+def check_runs_match_trials(journal: str, summary: dict[str, Any], sweep: str = "tiny") -> None:
+    """MLflow equal to Optuna on every trial, in any state: one run under its study's run, with Optuna's status
+    and the tags that name the trial (`optuna.study`, `optuna.trial_number`, `searched.*`); no run besides."""
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    every = client.search_runs([summary["mlflow"]["experiment_id"]], max_results=5000)
+    study_runs = {r.info.run_name: r.info.run_id for r in every
+                  if r.data.tags.get("mlflow.parentRunId") == summary["mlflow"]["run_id"]}
+    for key, found in trials(journal, sweep).items():
+        under = Counter(r.info.run_name for r in every if r.data.tags.get("mlflow.parentRunId") == study_runs[key])
+        assert under == Counter(f"{key}/trial-{t.number}" for t in found), (key, under)
+        runs = {r.info.run_name: r for r in every if r.data.tags.get("mlflow.parentRunId") == study_runs[key]}
+        for t in found:
+            run = runs[f"{key}/trial-{t.number}"]
+            assert run.info.status == RUN_STATUS[t.state], (key, t.number, t.state.name, run.info.status)
+            want = {"optuna.study": f"{sweep}/{key}", "optuna.trial_number": str(t.number),
+                    **{f"searched.{k}": str(v) for k, v in t.params.items()}}
+            assert {k: run.data.tags.get(k) for k in want} == want, (key, t.number, t.state.name)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -20,12 +21,13 @@ import yaml
 from conftest import fill_disk, mounted_tmpfs, tiny_spec, wait_for_pictures
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import finish, start
+from sweep_procs import check_consistent, check_runs_match_trials, finish, start, trials
 
+from foldsweep import space
 from foldsweep.crash import CRASH_ENV
 from foldsweep.pictures import PENDING, mark_pending, pictures_drawn, pictures_note
 from foldsweep.report import build_report
-from foldsweep.spec import TrackingSpec, parse_spec
+from foldsweep.spec import SweepSpec, TrackingSpec, parse_spec
 from foldsweep.storage import preflight
 from foldsweep.tracking import MlflowTracker, provenance_tags
 from foldsweep.tracking.store import _migrate, create_store
@@ -211,15 +213,22 @@ def _tables(path: Path) -> dict[str, list[str]]:
 
 
 @pytest.mark.slow
-def test_two_runs_of_one_sweep_started_at_once_in_a_fresh_folder_both_finish(write_spec, workdir: Path) -> None:
-    """Issue 12 item 5 as the user met it: the second `foldsweep run` died with `duplicate column name: step`."""
+def test_two_runs_of_one_sweep_started_at_once_in_a_fresh_folder_make_one_store_and_one_tree(write_spec,
+                                                                                            workdir: Path) -> None:
+    """Issue 12 item 5 as the user met it: the second `foldsweep run` died with `duplicate column name: step`.
+    Since issue 23 item 3 one of them runs the sweep and the other refuses in one line, unless it came second."""
     spec = write_spec(optuna={"n_trials": 2, "trials_per_batch": 1})
     runs = [start("run", str(spec), "--json", cwd=workdir) for _ in range(2)]
     results = [finish(run, timeout=600) for run in runs]
-    assert [code for code, _, _ in results] == [0, 0], [err[-2000:] for _, _, err in results]
+    assert sorted(code for code, _, _ in results) in ([0, 0], [0, 2]), [err[-2000:] for _, _, err in results]
     assert all("Traceback" not in err for _, _, err in results)
+    for code, _, err in results:
+        if code == 2:
+            assert len(err.strip().splitlines()) == 1 and "is being run by pid" in err, err
     client = MlflowClient(f"sqlite:///{workdir / 'mlruns' / 'mlflow.db'}")
     assert [e.name for e in client.search_experiments() if e.name != "Default"] == ["tiny"]
+    summary = json.loads(next(out for code, out, _ in results if code == 0).strip().splitlines()[-1])
+    check_consistent("mlruns/optuna/tiny.journal", summary)
 
 
 def test_the_writer_process_ends_quietly_when_its_parent_dies_before_a_reply(tmp_path: Path) -> None:
@@ -389,3 +398,39 @@ def test_a_sweep_killed_between_its_summary_and_the_hand_over_says_so(workdir: P
     note = build_report("tiny")["pictures_note"]
     assert note.startswith("the sweep's MLflow pictures were not logged: the sweep (pid ") and "stopped before it " \
         "handed them over; rerun `foldsweep run`" in note, note
+
+
+def _dead_pid() -> int:
+    """The id of a process that has ended (and been reaped)."""
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    return gone.pid
+
+
+def _trial_of_a_killed_worker(study: optuna.Study, spec: SweepSpec) -> optuna.trial.Trial:
+    """A trial as a worker killed mid-round leaves it: asked, its parameters written, RUNNING under a dead pid."""
+    trial = study.ask(space.distributions(spec))
+    trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": _dead_pid(), "name": "worker-9",
+                                   "asked": True})
+    return trial
+
+
+def test_trials_failed_after_a_kill_end_with_one_run_each_that_names_them(workdir: Path) -> None:
+    """Issue 23 item 4: a trial failed by the stale-trial reaper had no run (it needs none, said the reconcile),
+    or kept the bare run its killed worker had opened: a FAILED run with no `optuna.trial_number`."""
+    spec = parse_spec(tiny_spec())
+    summary = run_sweep(spec)
+    storage = preflight(summary["storage"], 1)
+    client = MlflowClient(summary["mlflow"]["tracking_uri"])
+    study_runs = json.loads((workdir / "mlruns" / "sweeps" / "tiny" / "record.json").read_text())["mlflow_runs"]
+    opened = _trial_of_a_killed_worker(optuna.load_study(study_name="tiny/outer-0", storage=storage), spec)
+    client.create_run(summary["mlflow"]["experiment_id"], run_name=f"outer-0/trial-{opened.number}",
+                      tags={"mlflow.parentRunId": study_runs["outer-0"]})  # what `open_trial` leaves
+    _trial_of_a_killed_worker(optuna.load_study(study_name="tiny/outer-1", storage=storage), spec)  # no run at all
+
+    extended = parse_spec(tiny_spec(optuna={**tiny_spec()["optuna"], "n_trials": 3}))  # room for their retries
+    again = run_sweep(extended)
+    found = trials(again["storage"], "tiny")
+    assert [t.state for t in found["outer-0"] if t.number == opened.number] == [TrialState.FAIL]
+    assert sum(t.state == TrialState.FAIL for ts in found.values() for t in ts) == 2
+    check_runs_match_trials(again["storage"], again)

@@ -64,8 +64,9 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
         The finished sweep's `SweepResult`.
 
     Raises:
-        FoldsweepError: bad spec or data, a refused resume (other settings or other rows), or a sweep whose
-            every trial failed. KeyboardInterrupt passes through; finished trials are kept.
+        FoldsweepError: bad spec or data, a refused resume (other settings or other rows), a sweep whose
+            every trial failed, or one another process is running (`SweepBusy`: add workers with
+            `foldsweep worker` instead). KeyboardInterrupt passes through; finished trials are kept.
     """
     from foldsweep import profile
     from foldsweep.tracking.writer import discard_early, start_early
@@ -78,14 +79,23 @@ def run(spec: SpecLike, *, data: TableLike | None = None, target: str | None = N
     try:
         with profile.phase(profile.STARTUP):
             from foldsweep.console import Display
+            from foldsweep.record import fresh_name
+            from foldsweep.runlock import SweepBusy, sole_run
+            from foldsweep.storage import default_storage
             from foldsweep.workers import run_sweep
         dataset = None
         if data is not None:
             sweep_spec, dataset = _in_memory(sweep_spec, data, target)
         elif target is not None:
             sweep_spec = _with_data(sweep_spec, {"target": target})
-        with _optuna_quiet(), Display(quiet=not progress) as display:
-            summary = run_sweep(sweep_spec, fresh=fresh, storage=storage, progress=display.event, data=dataset)
+        if fresh:
+            sweep_spec = sweep_spec.model_copy(update={"name": fresh_name(sweep_spec.name)})
+        url = storage or sweep_spec.storage or default_storage(sweep_spec.name)
+        with sole_run(sweep_spec.name, url), _optuna_quiet(), Display(quiet=not progress) as display:
+            summary = run_sweep(sweep_spec, storage=storage, progress=display.event, data=dataset)
+    except SweepBusy:
+        discard_early(wait=False)  # refused at once: the writer ends by itself once its warm-up is done
+        raise
     except KeyboardInterrupt as stop:
         if hasattr(stop, "add_note"):  # Python 3.11+: shown under the traceback in a notebook
             stop.add_note(f"foldsweep: finished trials of `{sweep_spec.name}` are kept; run the same spec (and "

@@ -4,21 +4,26 @@ MLflow agreeing with Optuna on every trial, and nothing already computed thrown 
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import signal
+import sqlite3
 import subprocess
 import threading
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 from click.testing import CliRunner
 from conftest import mounted_tmpfs, tiny_spec
 from mlflow import MlflowClient
 from optuna.trial import TrialState
-from sweep_procs import check_consistent, finish, start, trials
+from sweep_procs import check_consistent, finish, start, trials, wait_for
 
 from foldsweep.cli import cli
 from foldsweep.crash import CRASH_ENV
@@ -261,3 +266,78 @@ def test_a_kill_between_two_warm_start_enqueues_resumes_to_the_uninterrupted_fin
     assert configs(JOURNAL) == configs(str(clean / JOURNAL))
     assert summary["final"]["best_params"] == uninterrupted["final"]["best_params"]
     assert summary["nested"] == uninterrupted["nested"]
+
+
+def _stopped(proc: subprocess.Popen[str]) -> bool:
+    return psutil.Process(proc.pid).status() == psutil.STATUS_STOPPED
+
+
+def test_a_second_run_of_a_running_sweep_refuses_in_one_line_and_a_kill_frees_the_sweep(write_spec,
+                                                                                       workdir: Path) -> None:
+    """Issue 23 item 3: two `run`s of one sweep at once made two MLflow trees (every trial logged twice) and the
+    slower one trained trials only to discard them as surplus. The second now refuses, naming the first."""
+    spec = write_spec()
+    first = start("run", str(spec), cwd=workdir, env={CRASH_ENV: "mlflow:1:STOP"})  # frozen mid-round
+    try:
+        wait_for(lambda: _stopped(first), first)
+        code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+        assert code == 2, err
+        line = err.strip().splitlines()
+        assert len(line) == 1 and line[0].startswith(f"error: sweep `tiny` is being run by pid {first.pid} since "), err
+        assert line[0].endswith("; wait for it, or add workers with `foldsweep worker mlruns/sweeps/tiny/spec.yaml "
+                                "--storage mlruns/optuna/tiny.journal`"), err
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.communicate()
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))  # the kill released the lock
+    assert code == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["resumed"] is True
+    check_consistent(JOURNAL, summary)  # one run per name: one sweep run, one per study, one per trial
+
+
+def _trial_runs(workdir: Path) -> int:
+    """Trial runs in the MLflow store so far (read beside the sweep that writes it)."""
+    path = workdir / "mlruns" / "mlflow.db"
+    if not path.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)) as db:
+        try:
+            return int(db.execute("SELECT COUNT(*) FROM runs WHERE name LIKE '%/trial-%'").fetchone()[0])
+        except sqlite3.OperationalError:  # the schema is still being made
+            return 0
+
+
+def _journal_has(workdir: Path, text: str) -> int:
+    path = workdir / JOURNAL
+    return path.read_text(errors="replace").count(text) if path.exists() else 0
+
+
+def _stop_when(proc: subprocess.Popen[str], event: Callable[[], bool], sig: signal.Signals) -> None:
+    """Signal the sweep's process group as soon as `event` holds; a sweep that ends first is left to end."""
+    while proc.poll() is None and not event():
+        time.sleep(0.05)
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    finish(proc)
+
+
+@pytest.mark.slow  # ~40 s on 2 busy cores: four interrupted runs of the tiny sweep, then the one that finishes it
+def test_mlflow_equals_optuna_on_every_trial_after_a_sequence_of_kills(write_spec, workdir: Path) -> None:
+    """Issue 23 item 4: after kills (one in the warm start of `final`) and a Ctrl-C, trials failed in Optuna
+    had no MLflow run, or a bare FAILED one that did not name its trial. Each kill here waits on an event of the
+    running sweep (a trial run in MLflow, the warm start's enqueued trials in the journal)."""
+    spec = write_spec(resources={"devices": "cpu", "workers": 2})
+    events = [(lambda: _trial_runs(workdir) >= 1, signal.SIGKILL),
+              (lambda: _journal_has(workdir, "fixed_params") >= 1, signal.SIGKILL),
+              (lambda: _trial_runs(workdir) >= 5, signal.SIGINT),
+              (lambda: _journal_has(workdir, '"refit"') >= 1, signal.SIGKILL)]
+    for event, sig in events:
+        _stop_when(start("run", str(spec), cwd=workdir), event, sig)
+    code, out, err = finish(start("run", str(spec), "--json", cwd=workdir))
+    assert code == 0, err
+    assert "Traceback" not in err
+    summary = json.loads(out.strip().splitlines()[-1])
+    check_consistent(JOURNAL, summary)  # every trial, any state: one run, Optuna's status, the tags naming it
+    lost = [t for ts in trials(JOURNAL, "tiny").values() for t in ts if t.state == TrialState.FAIL]
+    assert lost  # the kills did lose trials: their runs were checked too

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 __all__ = ["MAX_METRICS", "MAX_PARAMS", "MAX_TAGS", "PARENT", "RunStore", "TrialRun", "short"]
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's limits per `log_batch` call
+TAG_LIMIT = 5000  # characters MLflow keeps of a tag's value
 PARENT = "mlflow.parentRunId"
 
 
@@ -181,9 +182,10 @@ class RunStore:
         """Make the trial runs under `parent` agree with Optuna; returns how many runs were created.
 
         A killed process can leave a run RUNNING, end one FAILED whose trial Optuna recorded as complete (or
-        the reverse), or never write it. Each run named in `want` gets Optuna's status and, where missing, its
-        headline metrics; a missing run of a finished trial is created from them (tagged
-        `foldsweep.backfilled`: its per-epoch curves are gone); any other run still RUNNING is FAILED.
+        the reverse), leave one with nothing but its name (opened, never filled), or never write it. Each run
+        named in `want` gets Optuna's status and whatever of its headline metrics, params and tags it lacks;
+        a missing run is created from them (tagged `foldsweep.backfilled`: its per-epoch curves are gone),
+        failed trials included, so every trial Optuna knows has its run; any other run still RUNNING is FAILED.
         """
         runs: dict[str, list[Any]] = {}
         for run in self._runs_under(parent):
@@ -191,11 +193,8 @@ class RunStore:
         created = 0
         for name, trial in want.items():
             found = runs.pop(name, [])
-            if not found and trial.status != "FAILED":  # a failed trial that never got a run needs none
-                run_id = str(_retry(lambda: self.client.create_run(self.experiment_id, run_name=name,  # noqa: B023
-                                                                   tags={PARENT: parent})).info.run_id)
-                self._write(run_id, trial.metrics, trial.params, {**trial.tags, "foldsweep.backfilled": "true"}, {})
-                _retry(partial(self.client.set_terminated, run_id, trial.status))
+            if not found:
+                self._backfill(parent, name, trial)
                 created += 1
             for run in found:
                 self._agree(run, trial)
@@ -205,13 +204,23 @@ class RunStore:
                     _retry(partial(self.client.set_terminated, run.info.run_id, "FAILED"))
         return created
 
+    def _backfill(self, parent: str, name: str, trial: TrialRun) -> None:
+        """A trial's run made from Optuna's record alone (a kill or a full disk lost it, or it was never made)."""
+        run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags={PARENT: parent}))
+        run_id = str(run.info.run_id)
+        self._write(run_id, trial.metrics, trial.params, {**trial.tags, "foldsweep.backfilled": "true"}, {})
+        _retry(partial(self.client.set_terminated, run_id, trial.status))
+
     def _agree(self, run: Any, trial: TrialRun) -> None:
-        if run.info.status == trial.status and all(k in run.data.metrics for k in trial.metrics):
-            return
-        missing = {k: v for k, v in trial.metrics.items() if k not in run.data.metrics}
-        params = {} if run.data.params else trial.params  # never written: the process died before the fill
-        self._write(run.info.run_id, missing, params, {"foldsweep.state": trial.tags["foldsweep.state"]}, {})
-        _retry(partial(self.client.set_terminated, run.info.run_id, trial.status))
+        """Add what the run lacks of Optuna's record (a param is never changed, only added), then its status."""
+        data = run.data
+        metrics = {k: v for k, v in trial.metrics.items() if k not in data.metrics}
+        params = {k: v for k, v in trial.params.items() if k not in data.params}
+        tags = {k: v for k, v in trial.tags.items() if data.tags.get(k) != short(v, TAG_LIMIT)}
+        if metrics or params or tags:
+            self._write(run.info.run_id, metrics, params, tags, {})
+        if run.info.status != trial.status:
+            _retry(partial(self.client.set_terminated, run.info.run_id, trial.status))
 
     def _runs_under(self, parent: str) -> list[Any]:
         """Every run whose parent is `parent`, page by page (a study can have thousands of trials)."""
@@ -282,7 +291,7 @@ class RunStore:
         for key, values in curves.items():
             rows += [Metric(key, float(v), now, step) for step, v in enumerate(values, start=1) if np.isfinite(v)]
         param_rows = [Param(k, short(v)) for k, v in params.items()]
-        tag_rows = [RunTag(k, short(v, 5000)) for k, v in tags.items()]
+        tag_rows = [RunTag(k, short(v, TAG_LIMIT)) for k, v in tags.items()]
         batches = max(-(-len(rows) // MAX_METRICS), -(-len(param_rows) // MAX_PARAMS), -(-len(tag_rows) // MAX_TAGS))
         for b in range(batches):
             chunk = (rows[b * MAX_METRICS : (b + 1) * MAX_METRICS], param_rows[b * MAX_PARAMS : (b + 1) * MAX_PARAMS],

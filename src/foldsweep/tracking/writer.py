@@ -176,10 +176,11 @@ def take_writer() -> WriterProcess:
     return WriterProcess()
 
 
-def discard_early() -> None:
-    """End a writer started early that no tracker took (tracking off, or the sweep failed before it began)."""
+def discard_early(*, wait: bool = True) -> None:
+    """End a writer started early that no tracker took (tracking off, or the sweep failed before it began);
+    with `wait=False`, go on while it finishes its warm-up and ends."""
     while _early:
-        _early.pop().close()
+        _early.pop().close(wait=wait)
 
 
 # -- the child ------------------------------------------------------------------------------------------
