@@ -111,7 +111,7 @@ def refit_epochs(trial: optuna.trial.FrozenTrial, budget: int, search_folds: lis
     rows, so it trains for the mean of those epochs scaled by how many more rows it has (k/(k-1) for
     k inner folds), at most the configured `budget`. `benchmarks/bench_refit.py` compared this with the
     unscaled mean, the best-metric epoch (scaled or not) and the whole budget on sonar, breast_cancer
-    and wine: the scaled best-loss epoch scored best or level on outer-test rows (README, "Refit length").
+    and wine: the scaled best-loss epoch scored best or level on outer-test rows (docs/statistics.md, "Refit length").
     """
     mean_best = trial.user_attrs.get("mean_best_epoch")
     if mean_best is None:

@@ -202,7 +202,7 @@ def test_a_sweep_killed_anywhere_resumes_to_the_same_trials(kind: str, nth: int,
     check_consistent(JOURNAL, summary)
     # With two workers, which asks which slot first is a race. With one, configurations equal the uninterrupted
     # ones, unless the kill fell between a trial's creation and its holder stamp: that trial is found dead only
-    # after the heartbeat grace, and the rerun has moved past its round by then (README, Resume).
+    # after the heartbeat grace, and the rerun has moved past its round by then (docs/crash-safety.md, "Not covered").
     unstamped = [t for ts in trials(JOURNAL, "tiny").values() for t in ts
                  if "stopped answering" in t.user_attrs.get("reason", "")]
     if workers == 1 and not unstamped:
