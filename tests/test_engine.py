@@ -283,6 +283,28 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
         np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
 
 
+def test_a_cap_on_models_per_batch_splits_the_batch_and_changes_no_result(sonar, monkeypatch) -> None:
+    """A round larger than `resources.models_per_batch` trains in several batches (the sweep asks rounds
+    by the spec alone, whatever a batch holds on the machine)."""
+    X, y = sonar
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    jobs = [FitJob(j.train_rows, j.valid_rows, _mixed_jobs(y, 1)[0].model, j.train, j.seed, fixed_epochs=6)
+            for j in _mixed_jobs(y, 6)]  # one structure and width: one group
+    whole = fit_many(Xt, yt, jobs, 2, "accuracy")
+    sizes: list[int] = []
+    init = BatchTrainer.__init__
+
+    def record(self, X, y, jobs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(jobs))
+        init(self, X, y, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTrainer, "__init__", record)
+    split = fit_many(Xt, yt, jobs, 2, "accuracy", models_per_batch=4)
+    assert sizes == [4, 2]
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
+
+
 def test_a_batch_holds_no_tensor_of_models_by_rows() -> None:
     """What a model holds grows with its parameters, never with the rows of the table: after an epoch no
     tensor of the batch has (models x validation rows) elements (the targets and masks are kept once per
