@@ -69,6 +69,50 @@ def test_dropout_masks_drop_at_each_models_rate() -> None:
     torch.testing.assert_close(mask.mean((1, 2)), torch.ones(4), atol=0.02, rtol=0)  # scaled: mean 1
 
 
+def test_mix_is_murmur3s_finaliser_with_int64_wrapping_as_uint32() -> None:
+    """The int64 arithmetic (products up to 2^64 wrap, masked to 32 bits) against numpy's uint32, where
+    wrapping is defined; the input is left as it was."""
+    x = np.random.default_rng(0).integers(0, 2**32, 10_000, dtype=np.uint64).astype(np.uint32)
+    x[:3] = [0, 1, 2**32 - 1]
+    expected = x.copy()
+    for shift, factor in ((16, 0x85EBCA6B), (13, 0xC2B2AE35)):
+        expected ^= expected >> np.uint32(shift)
+        expected *= np.uint32(factor)
+    expected ^= expected >> np.uint32(16)
+    given = torch.as_tensor(x.astype(np.int64))
+    kept = given.clone()
+    np.testing.assert_array_equal(rng.mix(given).numpy(), expected.astype(np.int64))
+    assert torch.equal(given, kept)
+
+
+def _dropout_masks(key: int, rate: float, steps: int, rows: int, units: int) -> torch.Tensor:
+    """Dropped (1) or kept (0) per draw, (steps * rows, units): one layer's masks over `steps` steps, as the
+    trainer makes them (a base per step, its rows mixed in, then the units)."""
+    per_step = rng.steps(rng.stream(torch.tensor([key]), rng.DROPOUT, 0), steps)  # (1, steps)
+    per_row = rng.mix(per_step.unsqueeze(-1) ^ rng.row_hashes(rows, "cpu")).view(1, -1)  # (1, steps * rows)
+    rate_t = torch.full((1, 1, 1), rate)
+    mask = rng.keep_mask(per_row, rng.column_hashes(units, "cpu"), rng.dropout_threshold(rate_t), 1 / (1 - rate_t))
+    return (mask[0] == 0).double()
+
+
+@pytest.mark.parametrize("key", [11, 12, 13])
+def test_dropout_masks_of_two_units_are_uncorrelated(key: int) -> None:
+    """Every pair of 64 units over 51,200 draws: a pair beyond 4 standard errors of zero correlation comes
+    by chance with p = 6.3e-5, so 0.13 of the 2,016 pairs are expected (3 or more: p < 4e-4)."""
+    dropped = _dropout_masks(key, 0.5, 100, 512, 64)
+    corr = torch.corrcoef(dropped.T)
+    pairs = corr[tuple(torch.triu_indices(64, 64, 1))]
+    assert (pairs.abs() > 4 / math.sqrt(len(dropped))).sum().item() <= 2
+    assert pairs.abs().max().item() < 0.03
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.9])
+def test_dropout_masks_drop_each_unit_at_the_rate(rate: float) -> None:
+    dropped = _dropout_masks(7, rate, 100, 512, 64)
+    se = math.sqrt(rate * (1 - rate) / len(dropped))
+    assert ((dropped.mean(0) - rate).abs() > 4 * se).sum().item() <= 1
+
+
 def _mixed_jobs(y: np.ndarray, n: int) -> list[FitJob]:
     """`n` jobs of one structure with every random regulariser, on 5 folds of different sizes."""
     rng_np = np.random.default_rng(0)
@@ -235,6 +279,28 @@ def test_a_memory_cap_splits_the_batch_and_changes_no_result(sonar, monkeypatch)
                                        n_out=2, batch_size=16, n_train=136, n_valid=40, epochs=6, itemsize=4))
     split = fit_many(Xt, yt, jobs, 2, "accuracy", memory=memory.FIXED_BYTES + int(2.5 * one))
     assert max(sizes) <= 2 and sum(sizes) == 6
+    for a, b in zip(whole, split, strict=True):
+        np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
+
+
+def test_a_cap_on_models_per_batch_splits_the_batch_and_changes_no_result(sonar, monkeypatch) -> None:
+    """A round larger than `resources.models_per_batch` trains in several batches (the sweep asks rounds
+    by the spec alone, whatever a batch holds on the machine)."""
+    X, y = sonar
+    Xt, yt = torch.as_tensor(X), torch.as_tensor(y)
+    jobs = [FitJob(j.train_rows, j.valid_rows, _mixed_jobs(y, 1)[0].model, j.train, j.seed, fixed_epochs=6)
+            for j in _mixed_jobs(y, 6)]  # one structure and width: one group
+    whole = fit_many(Xt, yt, jobs, 2, "accuracy")
+    sizes: list[int] = []
+    init = BatchTrainer.__init__
+
+    def record(self, X, y, jobs, *args, **kwargs):  # type: ignore[no-untyped-def]
+        sizes.append(len(jobs))
+        init(self, X, y, jobs, *args, **kwargs)
+
+    monkeypatch.setattr(BatchTrainer, "__init__", record)
+    split = fit_many(Xt, yt, jobs, 2, "accuracy", models_per_batch=4)
+    assert sizes == [4, 2]
     for a, b in zip(whole, split, strict=True):
         np.testing.assert_allclose(a.val_loss, b.val_loss, atol=1e-5, rtol=0)
 

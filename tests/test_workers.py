@@ -22,7 +22,7 @@ from foldsweep.spec import load_spec
 from foldsweep.workers import resolve_devices, worker_slots
 
 # Long enough that a worker starting a few seconds after the coordinator still finds trials to take.
-BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},  # one trial (2 folds) a round
+BUSY = {"resources": {"devices": "cpu", "workers": 2, "models_per_batch": 2},  # one trial (2 folds) a batch
         "train": {"epochs": 150, "patience": 150, "batch_size": 32},
         "optuna": {"n_trials": 8, "trials_per_batch": 1, "n_startup_trials": 2, "report_every": 5}}
 

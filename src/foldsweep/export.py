@@ -17,7 +17,7 @@ import yaml
 
 from foldsweep import __version__
 from foldsweep.errors import FoldsweepError
-from foldsweep.studies import open_existing, refit_epochs
+from foldsweep.studies import best_trial, open_existing, refit_epochs
 
 __all__ = ["export_best", "render"]
 
@@ -26,11 +26,10 @@ def export_best(name: str) -> dict[str, Any]:
     record, refs = open_existing(name)
     spec = record.spec
     final = next(ref for ref in refs if ref.key == "final")
-    complete = final.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-    if not complete:
+    best = best_trial(final)
+    if best is None:
         raise FoldsweepError(f"study `{name}/final` has no finished trial yet; finish the sweep with "
                              "`foldsweep run` first")
-    best = final.study.best_trial
     config = spec.with_params(best.params).model_copy(update={"search": {}})
     meta = record.meta
     summary = meta.get("summary", {})

@@ -80,12 +80,23 @@ def metric_from_sums(metric: str, sums: Tensor) -> Tensor:
 
 
 def auc(score: Tensor, y: Tensor, mask: Tensor) -> Tensor:
-    """Mann-Whitney AUC per model; padded rows sink to the bottom and are not counted."""
-    score = torch.where(mask.bool(), score, torch.full_like(score, -torch.inf))
-    ranks = score.argsort(1).argsort(1).float() + 1  # 1-based ranks, padded rows lowest
-    n_pad = (1 - mask).sum(1)
-    pos = (y == 1).float() * mask
-    n_pos = pos.sum(1)
-    n_neg = mask.sum(1) - n_pos
-    rank_sum = ((ranks - n_pad.unsqueeze(1)) * pos).sum(1)
-    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg).clamp(min=1)
+    """Mann-Whitney AUC per model (M,), tied scores at their mid-rank as in sklearn's `roc_auc_score`.
+
+    score, y, mask (M, V). Padded rows sink below every real row and are not counted. Without mid-ranks a
+    constant score (an untrained model) would score 0, not 0.5, and pruners and curves would read it as
+    worse than chance. Ranks come from one sort and two binary searches (rows below, rows below or tied),
+    summed in int64 so the statistic is exact; the one division is in float64. A model whose rows hold
+    one class scores 0.5, as `score` says on the host.
+    """
+    real = mask.bool()
+    score_or_pad = torch.where(real, score, torch.full_like(score, -torch.inf))
+    ordered = score_or_pad.sort(1).values
+    below = torch.searchsorted(ordered, score_or_pad, side="left")
+    up_to = torch.searchsorted(ordered, score_or_pad, side="right")  # a row's tied ranks: below + 1 .. up_to
+    pos = (y == 1) & real
+    n_pos, n_pad = pos.sum(1), (~real).sum(1)
+    n_neg = real.sum(1) - n_pos
+    twice_rank_sum = ((below + up_to + 1) * pos).sum(1)  # of the positives' mid-ranks, counting padding
+    twice_u = twice_rank_sum - 2 * n_pad * n_pos - n_pos * (n_pos + 1)
+    value = twice_u.double() / (2 * n_pos * n_neg).clamp(min=1).double()
+    return torch.where((n_pos > 0) & (n_neg > 0), value, 0.5).to(score.dtype)

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psutil
-from optuna.trial import TrialState
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial
@@ -52,12 +51,14 @@ class SweepPictures:
 
 
 def sweep_pictures(studies: list[StudyRef], knobs: list[str], metric: str) -> SweepPictures:
-    """The studies' trials as they stand, and where each best trial's curves were logged."""
+    """The studies' trials as they stand, and where each best trial's curves were logged (`studies.best_trial`)."""
+    from foldsweep.studies import best_trial  # the sweep's and `report`'s side: the writer never calls this
+
     best = []
     for ref in studies:
-        if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        trial = best_trial(ref)
+        if trial is None:
             continue
-        trial = ref.study.best_trial
         run_id = trial.user_attrs.get("mlflow_run_id")
         if run_id:
             best.append(BestTrial(f"{ref.key}: trial {trial.number} ({metric} {trial.value:.4f})", run_id,

@@ -26,6 +26,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution, Int
 from optuna.trial import FrozenTrial, TrialState
 
 from foldsweep.pictures import BestTrial, SweepPictures
+from foldsweep.studies import best_trial
 
 __all__ = ["TrialCurves", "curves_of", "draw_study_pictures", "figures", "learning_curves", "outer_scores",
            "parallel_coordinates", "param_importances", "warm_up"]
@@ -184,7 +185,7 @@ def parallel_coordinates(studies: list[tuple[str, optuna.Study]], knobs: list[st
 
 
 def _parallel(studies: list[tuple[str, optuna.Study]], knobs: list[str], metric: str) -> Figure | None:
-    drawn = [(key, study.best_trial, _complete(study)) for key, study in studies if _complete(study)]
+    drawn = [(key, best, _complete(study)) for key, study in studies if (best := best_trial(study)) is not None]
     if not drawn or not knobs:
         return None
     maximize = studies[0][1].direction == optuna.study.StudyDirection.MAXIMIZE

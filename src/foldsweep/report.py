@@ -19,7 +19,7 @@ from foldsweep.errors import FoldsweepError
 from foldsweep.pictures import pictures_note, sweep_pictures
 from foldsweep.record import SweepRecord
 from foldsweep.spec import SweepSpec
-from foldsweep.studies import StudyRef
+from foldsweep.studies import StudyRef, best_trial
 from foldsweep.tracking import NullTracker
 
 if TYPE_CHECKING:
@@ -122,9 +122,9 @@ def diagnostics(studies: list[StudyRef], spec: SweepSpec) -> list[dict[str, Any]
     """
     rows = []
     for ref in studies:
-        if not ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)):
+        best = best_trial(ref)
+        if best is None:
             continue
-        best = ref.study.best_trial
         epochs = [int(e) for e in best.user_attrs.get("best_epochs", [])]
         budget = spec.with_params(best.params).train.epochs
         scores = best.user_attrs.get("fold_scores", [])
@@ -222,8 +222,9 @@ def study_metrics(study: optuna.Study) -> dict[str, float]:
               and not str(t.user_attrs.get("reason", "")).startswith("surplus")]
     metrics = {"n_complete": float(sum(t.state == TrialState.COMPLETE for t in trials)),
                "n_pruned": float(sum(t.state == TrialState.PRUNED for t in trials)), "n_failed": float(len(failed))}
-    if metrics["n_complete"]:
-        metrics["best_inner_value"] = float(study.best_value)
+    best = best_trial(study)
+    if best is not None:
+        metrics["best_inner_value"] = float(best.value or 0.0)
     return metrics
 
 

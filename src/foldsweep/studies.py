@@ -81,16 +81,19 @@ def study_status(sweep_studies: list[StudyRef], n_trials: int) -> list[dict[str,
     return rows
 
 
-def best_trial(ref: StudyRef) -> optuna.trial.FrozenTrial | None:
+def best_trial(ref: StudyRef | optuna.Study) -> optuna.trial.FrozenTrial | None:
     """The best complete trial; of equal values (common with accuracy), the one in the lowest slot.
 
-    Optuna's own choice among ties follows trial numbers, which a retried trial changes, so a resumed
-    sweep could refit and warm-start from another configuration than an uninterrupted one.
+    Optuna's own choice among ties (`study.best_trial`) follows trial numbers, which a retried trial
+    changes, so a resumed sweep could refit and warm-start from another configuration than an
+    uninterrupted one. The one rule for every reader (outer refits, summary, export, report, pictures),
+    so the configuration summarised is the one exported, fit and tested.
     """
-    complete = ref.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    study = ref.study if isinstance(ref, StudyRef) else ref
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if not complete:
         return None
-    sign = -1.0 if ref.study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
+    sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     return min(complete, key=lambda t: (sign * float(t.value or 0.0), *slot_order(t)))
 
 

@@ -179,16 +179,18 @@ def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> N
 
 
 def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, optuna.trial.Trial]]:
-    """A few trials from every study that needs some, as many as one batch holds."""
-    capacity = max(1, _models_per_batch(sweep) // max(1, len(sweep.plan.final_inner)))
+    """One round: from every study that needs trials, the rest of its round of `trials_per_batch` slots.
+
+    What a round holds depends on the spec alone, never on how many models one batch holds on this
+    machine (`fit_many` trains a round larger than a batch in several). A round cut to fit a smaller
+    batch would ask its later trials after the earlier ones were told (TPE would see another history),
+    and studies taken one at a time would move the warm start of `final` to another point of its search.
+    """
     distributions = space.distributions(sweep.spec)
     asked: list[tuple[StudyRef, optuna.trial.Trial]] = []
     try:
         for ref in sweep.studies:
-            want = min(sweep.budget(ref), round_size(ref, sweep.spec.optuna.trials_per_batch))
-            if want > capacity - len(asked) and asked:
-                continue  # the whole round or none of it, so its trials see the same history on any rerun
-            for _ in range(max(0, min(want, capacity - len(asked)))):
+            for _ in range(min(sweep.budget(ref), round_size(ref, sweep.spec.optuna.trials_per_batch))):
                 with _deferred_interrupt():  # a trial Ctrl-C hits inside `ask` would be RUNNING and unknown
                     trial = ref.study.ask(distributions)
                     asked.append((ref, trial))  # from here on an interruption records it as failed
@@ -332,7 +334,7 @@ def _fit_batch(sweep: Sweep, jobs: list[FitJob], members: list[list[int]], hook:
         results = fit_many(sweep.X, sweep.y, jobs, sweep.data.n_classes, sweep.data.metric,
                            report_every=sweep.spec.optuna.report_every, on_report=hook,
                            memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs,
-                           on_progress=steps)
+                           on_progress=steps, models_per_batch=_models_per_batch(sweep))
         return [[results[i] for i in rows] for rows in members]
     except Exception as err:
         failed = _failure(err, sweep.device)
@@ -350,7 +352,8 @@ def _fit_alone(sweep: Sweep, jobs: list[FitJob], rows: list[int], hook: Pruning 
     try:
         return fit_many(sweep.X, sweep.y, [jobs[i] for i in rows], sweep.data.n_classes, sweep.data.metric,
                         report_every=sweep.spec.optuna.report_every, on_report=report,
-                        memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs)
+                        memory=sweep.spec.resources.memory, cuda_graphs=sweep.spec.resources.cuda_graphs,
+                        models_per_batch=_models_per_batch(sweep))
     except Exception as err:
         failed = _failure(err, sweep.device)
     _release(sweep.device)
@@ -495,11 +498,14 @@ def _raise_if_all_failed(sweep: Sweep) -> None:
 
 
 def _models_per_batch(sweep: Sweep) -> int:
-    """On a CPU, rounds of a few hundred models: the engine cuts them into width bands, and bigger rounds
-    amortise each band's fixed cost per step (measured on sonar: 16 fits/s at 48 models, 27 at 192)."""
-    if sweep.spec.resources.models_per_batch:
-        return sweep.spec.resources.models_per_batch
-    return 1024 if sweep.device.type == "cuda" else 256
+    """Models one engine batch holds at most (memory may hold it to fewer): whole trials, at least one.
+
+    On a CPU, batches of a few hundred models: the engine cuts them into width bands, and bigger batches
+    amortise each band's fixed cost per step (measured on sonar: 16 fits/s at 48 models, 27 at 192).
+    """
+    cap = sweep.spec.resources.models_per_batch or (1024 if sweep.device.type == "cuda" else 256)
+    folds = max(1, len(sweep.plan.final_inner))
+    return max(1, cap // folds) * folds
 
 
 def generalization_gap(fits: list[FitResult]) -> float:

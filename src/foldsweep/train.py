@@ -29,7 +29,8 @@ StopHook = Callable[[list[int], int, np.ndarray], list[int]]
 
 def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: str, *, report_every: int = 10,
              on_report: StopHook | None = None, keep_models: bool = False, memory: int | None = None,
-             on_progress: ProgressHook | None = None, cuda_graphs: CudaGraphs = "auto") -> list[FitResult]:
+             on_progress: ProgressHook | None = None, cuda_graphs: CudaGraphs = "auto",
+             models_per_batch: int | None = None) -> list[FitResult]:
     """Fit every job; results in the order of `jobs`.
 
     Args:
@@ -50,6 +51,10 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
         cuda_graphs: `resources.cuda_graphs`: "auto" replays each batch's epochs as a captured CUDA graph
             on a CUDA device (eager on a CPU, and from a failed capture on), "on" the same but refused on a
             CPU (`DeviceError`) and a failed capture raised, "off" eager (`graphs`).
+        models_per_batch: at most this many models in one batch (`resources.models_per_batch`); a group
+            of jobs larger than that (or than memory holds) trains in several batches, one after another.
+            Batches are cut in job order, so a multiple of the jobs per trial keeps each trial's folds in
+            one batch (they share a structure and a width, so a group holds them together).
 
     Between reports, models that have stopped leave the batch (`retire`), so a group costs what its
     running models cost, not what its slowest model kept it busy for.
@@ -58,7 +63,7 @@ def fit_many(X: Tensor, y: Tensor, jobs: list[FitJob], n_classes: int, metric: s
     capture = wants_capture(cuda_graphs, X.device)
     budget = available(X.device, memory)
     batches = [batch for ids in group_jobs(jobs, X.shape[1], max(n_classes, 1), split)
-               for batch in _sized(jobs, ids, X, n_classes, budget, memory is not None)]
+               for batch in _sized(jobs, ids, X, n_classes, budget, memory is not None, models_per_batch)]
     results: list[FitResult | None] = [None] * len(jobs)
     planned = [_planned_steps(jobs, ids) for ids in batches]
     progress = None if on_progress is None else _CallProgress(on_progress, planned)
@@ -101,9 +106,10 @@ def _planned_steps(jobs: list[FitJob], ids: list[int]) -> int:
     return epochs * math.ceil(max(len(j.train_rows) for j in group) / group[0].train.batch_size)
 
 
-def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget: int, capped: bool
-           ) -> list[list[int]]:
-    """Cut one group into batches that fit `budget` bytes, sized by its largest model and fold."""
+def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget: int, capped: bool,
+           most: int | None) -> list[list[int]]:
+    """Cut one group into batches that fit `budget` bytes (sized by its largest model and fold), of at
+    most `most` models."""
     widest = max((jobs[i] for i in ids), key=lambda j: j.model.width)
     n_out = max(n_classes, 1)
     shape = Shape(n_params=n_parameters(X.shape[1], n_out, widest.model), n_in=X.shape[1], width=widest.model.width,
@@ -111,5 +117,5 @@ def _sized(jobs: list[FitJob], ids: list[int], X: Tensor, n_classes: int, budget
                   n_train=max(len(jobs[i].train_rows) for i in ids), n_valid=max(len(jobs[i].valid_rows) for i in ids),
                   epochs=max(jobs[i].fixed_epochs or jobs[i].train.epochs for i in ids),
                   itemsize=X.element_size() if X.is_floating_point() else 4)
-    per = models_per_batch(shape, budget, capped)
+    per = min(models_per_batch(shape, budget, capped), most or len(ids))
     return [ids[a : a + per] for a in range(0, len(ids), per)]
