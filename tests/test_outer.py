@@ -16,10 +16,13 @@ from scipy import stats
 
 from foldsweep.data import load_dataset
 from foldsweep.errors import SweepFailed
+from foldsweep.metrics import score, score_se
 from foldsweep.outer import (
+    INTERVAL,
+    Z95,
     _optimism,
-    _t_quantile,
     holdout_ratio,
+    interval_errors,
     nested_interval,
     refit_job,
     refit_outer,
@@ -57,29 +60,57 @@ def searched() -> Sweep:
 
 
 # -- the interval --------------------------------------------------------------------------------------
-@pytest.mark.parametrize("dof", [1, 2, 4, 14, 100])
-def test_t_quantile_is_scipys(dof: int) -> None:
-    assert _t_quantile(dof) == pytest.approx(stats.t.ppf(0.975, dof), rel=1e-12)
+def test_tied_outer_scores_still_give_an_interval_as_wide_as_their_rows_allow() -> None:
+    scores = np.full(3, 69 / 80)  # the measured miss: three outer folds of 80 rows, each 69 right
+    row_se = np.full(3, math.sqrt(69 / 80 * 11 / 80 / 80))
+    errors = interval_errors(scores, 0.5, row_se)
+    low, high = nested_interval(float(scores.mean()), errors)
+    assert errors.between == pytest.approx(0.0, abs=1e-12)
+    assert errors.rows == pytest.approx(math.sqrt(69 / 80 * 11 / 80 / 240))
+    assert high - low == pytest.approx(2 * stats.norm.ppf(0.975) * math.sqrt(69 / 80 * 11 / 80 / 240))
+    assert high - low > 0.08  # of the order of sqrt(p(1-p)/n_dev), not zero
 
 
-@pytest.mark.parametrize("n", [3, 5, 15])
-def test_interval_without_correction_is_scipys_t_interval(n: int) -> None:
-    scores = np.random.default_rng(n).uniform(0.6, 0.9, size=n)
-    low, high = nested_interval(scores, 0.0)
-    expected = stats.t.interval(0.95, n - 1, loc=scores.mean(), scale=stats.sem(scores))
-    assert (low, high) == pytest.approx(expected, rel=1e-12)
+def test_interval_by_hand_the_larger_of_the_two_standard_errors() -> None:
+    scores, row_se = np.array([0.70, 0.80, 0.75]), np.full(3, 0.05)
+    errors = interval_errors(scores, 0.5, row_se)
+    assert errors.rows == pytest.approx(math.sqrt(0.05**2 / 3))  # 0.0289: the 3 folds cover the rows once
+    assert errors.between == pytest.approx(math.sqrt((1 / 3 + 0.5) * 0.0025))  # 0.0456: s^2 = 0.0025
+    assert nested_interval(0.75, errors) == pytest.approx((0.75 - 1.96 * 0.045644, 0.75 + 1.96 * 0.045644), abs=1e-4)
+    close = interval_errors(np.array([0.74, 0.76, 0.75]), 0.5, row_se)  # s^2 = 0.0001: the rows' floor rules
+    assert close.se == close.rows == pytest.approx(0.028868, abs=1e-6)
+    assert Z95 == pytest.approx(stats.norm.ppf(0.975), rel=1e-12)
 
 
-@pytest.mark.parametrize("ratio", [0.25, 0.5])
-def test_interval_is_the_corrected_resampled_t(ratio: float) -> None:
-    scores = np.array([0.71, 0.80, 0.76, 0.69, 0.83, 0.78, 0.74, 0.81, 0.70, 0.77])
-    n = len(scores)
-    scale = math.sqrt((1 / n + ratio) * scores.var(ddof=1))
-    expected = stats.t.interval(0.95, n - 1, loc=scores.mean(), scale=scale)
-    assert nested_interval(scores, ratio) == pytest.approx(expected, rel=1e-12)
-    plain = stats.t.interval(0.95, n - 1, loc=scores.mean(), scale=stats.sem(scores))
-    # 10 correlated scores are not 10 new ones: wider than the plain t by sqrt(1 + n * n_test/n_train)
-    assert (expected[1] - expected[0]) / (plain[1] - plain[0]) == pytest.approx(math.sqrt(1 + n * ratio))
+def test_repeats_score_the_same_rows_again_and_do_not_shrink_the_row_term() -> None:
+    row_se = np.full(6, 0.05)
+    once = interval_errors(np.array([0.70, 0.80, 0.75]), 0.5, row_se[:3])
+    twice = interval_errors(np.array([0.70, 0.80, 0.75, 0.72, 0.78, 0.75]), 0.5, row_se, repeats=2)
+    assert twice.rows == once.rows
+    missing = interval_errors(np.array([0.70, 0.80, 0.75]), 0.5, np.full(3, math.nan))  # recorded before the floor
+    assert missing.rows == 0.0 and missing.se == missing.between
+
+
+def test_row_standard_error_of_accuracy_is_binomial() -> None:
+    y = np.array([0, 1, 1, 0, 1, 0, 1, 1, 0, 1])
+    pred = np.eye(2)[[0, 1, 1, 1, 1, 0, 0, 1, 1, 1]]  # 7 of 10 right
+    assert score_se("accuracy", y, pred) == pytest.approx(math.sqrt(0.7 * 0.3 / 10), rel=1e-12)
+
+
+def test_row_standard_error_of_per_row_losses_and_of_auc() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 200)
+    p1 = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 200), 0.01, 0.99)
+    pred = np.stack([1 - p1, p1], 1)
+    loss = -np.log(np.where(y == 1, p1, 1 - p1))
+    assert score_se("log_loss", y, pred) == pytest.approx(loss.std() / math.sqrt(200), rel=1e-9)
+    value = rng.normal(size=50)
+    target = value + rng.normal(0, 0.5, 50)
+    assert score_se("mae", target, value) == pytest.approx(np.abs(value - target).std() / math.sqrt(50), rel=1e-9)
+    auc, n1, n0 = score("roc_auc", y, pred), int(y.sum()), int((1 - y).sum())
+    q1, q2 = auc / (2 - auc), 2 * auc**2 / (1 + auc)
+    hanley_mcneil = math.sqrt((auc * (1 - auc) + (n1 - 1) * (q1 - auc**2) + (n0 - 1) * (q2 - auc**2)) / (n1 * n0))
+    assert score_se("roc_auc", y, pred) == pytest.approx(hanley_mcneil, rel=1e-12)
 
 
 def test_interval_is_cut_to_what_the_metric_can_take() -> None:
@@ -88,8 +119,9 @@ def test_interval_is_cut_to_what_the_metric_can_take() -> None:
     assert within_range("r2", 0.5, 1.2) == (0.5, 1.0)
 
 
-def test_interval_of_one_score_is_that_score() -> None:
-    assert nested_interval(np.array([0.7]), 0.25) == (0.7, 0.7)
+def test_interval_of_one_score_is_its_rows_sampling_error() -> None:
+    errors = interval_errors(np.array([0.7]), 0.25, np.array([0.04]))
+    assert errors.between == 0.0 and nested_interval(0.7, errors) == pytest.approx((0.7 - Z95 * 0.04, 0.7 + Z95 * 0.04))
 
 
 # -- optimism ------------------------------------------------------------------------------------------
@@ -151,16 +183,22 @@ def test_nothing_is_enqueued_into_a_sibling_and_final_gets_the_outer_bests(sweep
         assert best is not None and params == best.params
 
 
-def test_summary_uses_the_corrected_interval_over_the_outer_scores(sweep: Sweep) -> None:
+def test_summary_uses_the_interval_over_the_outer_scores_and_their_rows(sweep: Sweep) -> None:
     refits = refit_outer(sweep)
     summary = summarize(sweep, refits)
     scores = np.array([r["outer_test_score"] for r in refits])
     assert summary["nested"]["outer"] == scores.tolist()
+    for r, fold in zip(refits, sweep.plan.outer, strict=True):  # accuracy: the binomial p(1-p)/n_test
+        p = r["outer_test_score"]
+        assert r["outer_test_se"] == pytest.approx(math.sqrt(p * (1 - p) / len(fold.valid)), rel=1e-12)
     ratio = holdout_ratio(sweep)
     assert ratio == pytest.approx(np.mean([len(f.valid) for f in sweep.plan.outer])
                                   / np.mean([len(f.train) for f in sweep.plan.outer]))
-    low, high = nested_interval(scores, ratio)
+    errors = interval_errors(scores, ratio, np.array([r["outer_test_se"] for r in refits]))
+    low, high = nested_interval(float(scores.mean()), errors)
     assert summary["nested"]["ci95"] == [max(low, 0.0), min(high, 1.0)]  # accuracy: never past 0..1
+    assert (summary["nested"]["se"], summary["nested"]["se_rows"]) == (errors.se, errors.rows) and errors.rows > 0
+    assert summary["nested"]["interval"] == INTERVAL and "max(per-row SE" in INTERVAL
     for r in refits:
         assert r["optimism"] == pytest.approx(r["best_inner_value"] - r["outer_test_score"])
     assert summary["optimism"] == pytest.approx(np.mean([r["optimism"] for r in refits]))

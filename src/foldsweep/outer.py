@@ -9,6 +9,7 @@ untouched outer-test rows, and those outer-test scores, not the inner ones, make
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -17,17 +18,19 @@ from optuna.trial import TrialState
 
 from foldsweep.crash import crash_point
 from foldsweep.errors import SweepFailed
-from foldsweep.metrics import score
+from foldsweep.metrics import score, score_se
 from foldsweep.objective import job_seed
 from foldsweep.splits import sealed_rows_seen, seen_note
 from foldsweep.studies import StudyRef, best_trial, plateau_replay, refit_epochs, slot_order, study_done
 from foldsweep.sweep import Sweep
 from foldsweep.train import FitJob, FitResult, fit_many
 
-__all__ = ["INTERVAL", "METRIC_RANGE", "fallback_note", "holdout_ratio", "nested_interval", "refit_job",
-           "refit_outer", "summarize", "warm_start_final", "within_range"]
+__all__ = ["INTERVAL", "METRIC_RANGE", "IntervalErrors", "Z95", "fallback_note", "holdout_ratio", "interval_errors",
+           "nested_interval", "refit_job", "refit_outer", "summarize", "warm_start_final", "within_range"]
 
-INTERVAL = "Nadeau-Bengio corrected resampled t, 95%"
+INTERVAL = ("95% normal: mean ± 1.96 · max(per-row SE of the pooled outer-test score, Nadeau-Bengio corrected SE "
+            "of the outer-fold scores)")
+Z95 = 1.959963984540054  # the normal 0.975 quantile
 METRIC_RANGE = {"accuracy": (0.0, 1.0), "roc_auc": (0.0, 1.0), "f1_macro": (0.0, 1.0), "log_loss": (0.0, math.inf),
                 "rmse": (0.0, math.inf), "mae": (0.0, math.inf), "r2": (-math.inf, 1.0)}
 
@@ -120,11 +123,14 @@ def _ranked(sweep: Sweep, ref: StudyRef) -> list[optuna.trial.FrozenTrial]:
 def _record_refit(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial, job: FitJob, result: FitResult,
                   diverged: list[dict[str, int]]) -> None:
     assert trial.value is not None
-    test_score = score(sweep.data.metric, sweep.data.y[job.valid_rows], result.valid_pred)
+    y_test = sweep.data.y[job.valid_rows]
+    test_score = score(sweep.data.metric, y_test, result.valid_pred)
+    test_se = score_se(sweep.data.metric, y_test, result.valid_pred)
     optimism = _optimism(trial.value, test_score, sweep.data.maximize)
     epochs = job.fixed_epochs or 0  # always set on a refit job
-    refit = {"outer_test_score": test_score, "best_inner_value": trial.value, "best_trial": trial.number,
-             "params": trial.params, "epochs": epochs, "optimism": optimism, "diverged": diverged}
+    refit = {"outer_test_score": test_score, "outer_test_se": test_se, "best_inner_value": trial.value,
+             "best_trial": trial.number, "params": trial.params, "epochs": epochs, "optimism": optimism,
+             "diverged": diverged}
     ref.study.set_user_attr("refit", refit)  # stored before anything else: never refit twice
     crash_point("refit")  # recorded in the study, not yet on its MLflow run nor in the summary
     metrics = {"outer_test_score": test_score, "best_inner_value": trial.value, "optimism": optimism,
@@ -149,20 +155,24 @@ def _stale_refit(ref: StudyRef) -> bool:
 
 
 def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
-    """The nested estimate: the outer-test scores' mean with an interval that allows for their correlation,
-    the mean optimism, and `final`'s best as the configuration to export."""
+    """The nested estimate: the outer-test scores' mean with an interval that allows for their correlation
+    and for the sampling of the outer-test rows (`nested_interval`), the mean optimism, and `final`'s best
+    as the configuration to export."""
     scores = np.array([r["outer_test_score"] for r in refits])
+    row_se = np.array([r.get("outer_test_se", math.nan) for r in refits])  # a refit recorded before it: no floor
     final = best_trial(sweep.study("final"))
     if final is None:
         raise SweepFailed("study final has no finished trial; the sweep has no configuration to export")
     mean = float(scores.mean())
     std = float(scores.std(ddof=1)) if len(scores) > 1 else 0.0
-    low, high = within_range(sweep.data.metric, *nested_interval(scores, holdout_ratio(sweep)))
+    errors = interval_errors(scores, holdout_ratio(sweep), row_se, repeats=sweep.spec.split.outer.repeats)
+    low, high = within_range(sweep.data.metric, *nested_interval(mean, errors))
     seen = sealed_rows_seen(sweep.data, sweep.plan.dev, sweep.plan.test)
     return {
         "sweep": sweep.spec.name, "metric": sweep.data.metric,
         "direction": "maximize" if sweep.data.maximize else "minimize",
-        "nested": {"mean": mean, "std": std, "ci95": [low, high], "interval": INTERVAL, "outer": scores.tolist()},
+        "nested": {"mean": mean, "std": std, "ci95": [low, high], "interval": INTERVAL, "outer": scores.tolist(),
+                   "se": errors.se, "se_rows": errors.rows, "se_between": errors.between},
         "final": {"best_params": final.params, "best_value": final.value, "best_trial": final.number,
                   "best_epoch": refit_epochs(final, sweep.spec.with_params(final.params).train.epochs,
                                              sweep.plan.final_inner, len(sweep.plan.dev))},
@@ -174,25 +184,59 @@ def summarize(sweep: Sweep, refits: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def nested_interval(scores: np.ndarray, test_train: float) -> tuple[float, float]:
-    """95% interval for the procedure's score: the Nadeau-Bengio corrected resampled t.
+@dataclass(frozen=True)
+class IntervalErrors:
+    """The two standard errors of the nested estimate and the one the interval uses (the larger)."""
 
-    Outer folds train on overlapping rows (and repeats reuse the same rows), so their scores are
-    positively correlated and the plain `t * sd / sqrt(n)` is too narrow, the more so the more repeats.
-    The correction replaces `1/n` by `1/n + n_test/n_train` (Nadeau & Bengio 2003, Machine Learning 52);
-    it does not shrink below `sqrt(n_test/n_train) * sd` however many repeats are added.
+    rows: float  # the outer-test rows' own sampling: the pooled outer-test score's per-row SE
+    between: float  # the outer-fold scores' spread, Nadeau-Bengio corrected for their overlap
+
+    @property
+    def se(self) -> float:
+        return max(self.rows, self.between)
+
+
+def interval_errors(scores: np.ndarray, test_train: float, row_se: np.ndarray, *, repeats: int = 1) -> IntervalErrors:
+    """The per-row and the between-fold standard error of the mean outer-test score.
+
+    Per row: each repeat's k outer folds score every development row once, so the mean over a repeat is
+    a mean over all development rows and its sampling variance is mean(se_j^2) / k (for accuracy
+    p(1-p)/n_dev). Repeats score the same rows again, so they do not shrink it. It is never zero while
+    the scores are not all 0 or all 1 (three outer scores that tie still came from a finite sample).
+
+    Between folds: the Nadeau-Bengio corrected variance `(1/n + n_test/n_train) * s^2` of the n outer
+    scores (Nadeau & Bengio 2003, Machine Learning 52): the outer folds train on overlapping rows and
+    repeats reuse them, so the scores are positively correlated and `s^2 / n` would be too small. It
+    carries what the per-row term misses (how much the fitted model, and the search's pick, change with
+    the training rows), but from 3 outer scores it is itself a rough estimate, zero when they tie.
+
+    `s^2` already holds each score's own sampling error, so the two are not added; the interval takes the
+    larger (`IntervalErrors.se`). Missing per-row errors (NaN: a refit recorded before they were) count
+    as no floor.
     """
     n = len(scores)
-    mean = float(np.mean(scores))
-    if n < 2:
-        return mean, mean
-    half = _t_quantile(n - 1) * math.sqrt((1.0 / n + test_train) * float(np.var(scores, ddof=1)))
+    known = row_se[np.isfinite(row_se)]
+    folds_per_repeat = max(1, n // max(1, repeats))
+    rows = math.sqrt(float(np.mean(known**2)) / folds_per_repeat) if len(known) else 0.0
+    between = math.sqrt((1.0 / n + test_train) * float(np.var(scores, ddof=1))) if n > 1 else 0.0
+    return IntervalErrors(rows=rows, between=between)
+
+
+def nested_interval(mean: float, errors: IntervalErrors) -> tuple[float, float]:
+    """95% interval for the procedure's score: mean ± 1.96 · the larger of the two standard errors.
+
+    A normal quantile, not Student's t with n - 1 = 2 degrees of freedom (t = 4.30 at 3 outer folds):
+    the per-row term is estimated from every development row and its floor keeps the interval from
+    resting on the spread of 3 numbers alone; what this gives up is measured in docs/coverage.md
+    (coverage of the procedure's expected score and of the shipped model's score on fresh rows).
+    """
+    half = Z95 * errors.se
     return mean - half, mean + half
 
 
 def within_range(metric: str, low: float, high: float) -> tuple[float, float]:
     """The interval cut to the values the metric can take (accuracy 0..1, rmse >= 0, r2 <= 1): with few outer
-    folds t(0.975, 2) = 4.3 reaches past them, and a bound no score can reach says nothing."""
+    folds the interval can reach past them, and a bound no score can reach says nothing."""
     floor, ceiling = METRIC_RANGE.get(metric, (-math.inf, math.inf))
     return max(low, floor), min(high, ceiling)
 
@@ -214,8 +258,3 @@ def _optimism(inner: float, outer: float, maximize: bool) -> float:
     """How much better the search's own score looked than the untouched outer-test score (positive = flattered)."""
     return inner - outer if maximize else outer - inner
 
-
-def _t_quantile(dof: int) -> float:
-    from scipy import stats
-
-    return float(stats.t.ppf(0.975, dof))

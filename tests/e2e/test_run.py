@@ -30,13 +30,16 @@ def test_run_prints_the_summary_json_and_logs_one_child_run_per_trial(write_spec
                             "wall_s"}
     assert summary["metric"] == "accuracy"
     assert len(summary["nested"]["outer"]) == 2
-    nested, plan = summary["nested"], SweepRecord("tiny", workdir / "mlruns/sweeps/tiny").plan
+    record = SweepRecord("tiny", workdir / "mlruns/sweeps/tiny")
+    nested, plan, refits = summary["nested"], record.plan, record.meta["summary"]["outer_refits"]
     outer = np.array(nested["outer"])
     ratio = np.mean([len(f.valid) for f in plan.outer]) / np.mean([len(f.train) for f in plan.outer])
-    half = stats.t.ppf(0.975, len(outer) - 1) * np.sqrt((1 / len(outer) + ratio) * outer.var(ddof=1))
+    between = np.sqrt((1 / len(outer) + ratio) * outer.var(ddof=1))
+    rows = np.sqrt(np.mean([r["outer_test_se"] ** 2 for r in refits]) / len(outer))
+    half = stats.norm.ppf(0.975) * max(between, rows)
     assert nested["mean"] == pytest.approx(outer.mean())
     assert nested["ci95"] == pytest.approx([max(0.0, outer.mean() - half), min(1.0, outer.mean() + half)])
-    assert nested["interval"] == "Nadeau-Bengio corrected resampled t, 95%"
+    assert nested["interval"].startswith("95% normal: mean ± 1.96 · max(per-row SE")
     assert summary["sealed_test"]["test_rows_in_dev"] == 0 and summary["refit_fallbacks"] == []
     assert set(summary["final"]["best_params"]) == {"lr", "weight_decay", "l1", "dropout", "batch_size", "width"}
 
