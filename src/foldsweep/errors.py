@@ -98,14 +98,14 @@ def _chain(error: BaseException) -> list[BaseException]:
 
 
 def _journal_path(error: BaseException) -> str | None:
-    """The journal file being read when `error` was raised, from the frame of Optuna's file backend."""
+    """The journal file being read when `error` was raised, from the frame of foldsweep's journal backend."""
     tb = error.__traceback__
     path = None
     while tb is not None:
         frame = tb.tb_frame
         if "optuna" in frame.f_code.co_filename and "journal" in frame.f_code.co_filename:
             owner = frame.f_locals.get("self")
-            path = getattr(owner, "_file_path", path)
+            path = getattr(owner, "journal_path", path)  # `storage.RepairingJournal`, the only backend used
         tb = tb.tb_next
     return str(path) if path is not None else None
 

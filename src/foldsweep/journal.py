@@ -24,8 +24,9 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from optuna.storages.journal._storage import JournalOperation
 from optuna.trial import TrialState
+
+from foldsweep.compat import JournalOperation
 
 __all__ = ["LEASE", "Damage", "damaged_records", "refusal"]
 

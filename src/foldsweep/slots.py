@@ -20,6 +20,7 @@ import optuna
 from optuna.distributions import BaseDistribution
 from optuna.trial import FrozenTrial, TrialState
 
+from foldsweep.compat import list_trials, seed_sampler, storage_of, trial_id
 from foldsweep.objective import job_seed
 from foldsweep.storage import LOST, SLOT, holder
 from foldsweep.studies import slot_order
@@ -37,7 +38,7 @@ def slot_of(trial: FrozenTrial, trials: list[FrozenTrial]) -> int:
 
 def stored_slot(trial: optuna.trial.Trial) -> int:
     """A live trial's slot as stored (the `Trial` object caches its attributes from before the sampler ran)."""
-    return int(trial.study._storage.get_trial_user_attrs(trial._trial_id).get(SLOT, trial.number))
+    return int(storage_of(trial.study).get_trial_user_attrs(trial_id(trial)).get(SLOT, trial.number))
 
 
 class _InSlotOrder:
@@ -50,7 +51,7 @@ class _InSlotOrder:
         return getattr(self._study, name)
 
     def _get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
-        return sorted(self._study._get_trials(*args, **kwargs), key=slot_order)
+        return sorted(list_trials(self._study, *args, **kwargs), key=slot_order)
 
     def get_trials(self, *args: Any, **kwargs: Any) -> list[FrozenTrial]:
         return sorted(self._study.get_trials(*args, **kwargs), key=slot_order)
@@ -67,10 +68,10 @@ class SlotSampler(optuna.samplers.BaseSampler):
     def before_trial(self, study: optuna.Study, trial: FrozenTrial) -> None:
         slot = slot_of(trial, study.get_trials(deepcopy=False))
         if SLOT not in trial.user_attrs:
-            study._storage.set_trial_user_attr(trial._trial_id, SLOT, slot)
+            storage_of(study).set_trial_user_attr(trial_id(trial), SLOT, slot)
         # who asks it, before its parameters are written: a kill mid-ask is then seen as dead at once
-        study._storage.set_trial_user_attr(trial._trial_id, "worker", holder())
-        _reseed(self.inner, job_seed(self.seed, self.study_key, "sampler", slot))
+        storage_of(study).set_trial_user_attr(trial_id(trial), "worker", holder())
+        seed_sampler(self.inner, job_seed(self.seed, self.study_key, "sampler", slot))
         self.inner.before_trial(_InSlotOrder(study), trial)  # type: ignore[arg-type]
 
     def infer_relative_search_space(self, study: optuna.Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
@@ -92,10 +93,3 @@ class SlotSampler(optuna.samplers.BaseSampler):
     def reseed_rng(self) -> None:
         """Nothing to do: every ask reseeds from its slot."""
 
-
-def _reseed(sampler: optuna.samplers.BaseSampler, seed: int) -> None:
-    """Seed the random state of a TPE or random sampler (TPE's startup trials come from its random one)."""
-    for part in (sampler, getattr(sampler, "_random_sampler", None)):
-        state = getattr(part, "_rng", None)
-        if state is not None and hasattr(state, "rng"):
-            state.rng.seed(seed % 2**32)

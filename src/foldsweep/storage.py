@@ -28,9 +28,9 @@ import optuna
 from optuna.exceptions import ExperimentalWarning, UpdateFinishedTrialError
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
-from optuna.storages.journal._file import BaseJournalFileLock
 from optuna.trial import TrialState
 
+from foldsweep.compat import BaseJournalFileLock, stale_trial_ids, storage_of, study_id, trial_id
 from foldsweep.crash import crash_point
 from foldsweep.errors import DiskFull, StorageError, StoreError, os_hint
 from foldsweep.journal import LEASE, damaged_records, refusal
@@ -228,6 +228,7 @@ class RepairingJournal(JournalFileBackend):
     def __init__(self, path: str) -> None:
         super().__init__(path, lock_obj=FlockLock(path))
         self._path = path
+        self.journal_path = path  # what `errors.explain` names when Optuna's reader fails inside it
         self._lock.acquire()
         try:
             _repair(path)
@@ -370,12 +371,12 @@ class Heartbeat:
             self._stamp(ids)
 
     def _stamp(self, ids: list[int]) -> None:
-        for trial_id in ids:
+        for held in ids:
             try:
                 if isinstance(self.storage, RDBStorage):
-                    self.storage.record_heartbeat(trial_id)
+                    self.storage.record_heartbeat(held)
                 else:
-                    self.storage.set_trial_system_attr(trial_id, LEASE, time.time())
+                    self.storage.set_trial_system_attr(held, LEASE, time.time())
             except Exception:  # the trial finished between the copy and the stamp: nothing to keep alive
                 continue
 
@@ -393,17 +394,17 @@ def fail_stale_trials(study: optuna.Study, grace_s: float | None = None) -> list
     that no longer exists. The retry is queued here rather than by Optuna's callback so that both
     storages mark the failed trial `lost` (not the configuration's fault) before failing it.
     """
-    storage = study._storage
+    storage = storage_of(study)
     grace = grace_s if grace_s is not None else grace_period()
     expired: set[int] = set()
     if isinstance(storage, RDBStorage):
-        expired = set(storage._get_stale_trial_ids(study._study_id))
+        expired = set(stale_trial_ids(storage, study_id(study)))
         grace = storage.grace_period or grace
     failed: list[int] = []
     now = time.time()
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         reason = _why_dead(trial, now, None if isinstance(storage, RDBStorage) else grace)
-        if not reason and trial._trial_id in expired:
+        if not reason and trial_id(trial) in expired:
             reason = _no_heartbeat(trial, grace)
         if reason and _fail_and_retry(study, trial, reason):
             failed.append(trial.number)
@@ -438,11 +439,11 @@ def _alive(pid: int) -> bool:
 
 def _fail_and_retry(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> bool:
     """False when another process finished or failed the trial first."""
-    storage = study._storage
+    storage, number = storage_of(study), trial_id(trial)
     try:
-        storage.set_trial_user_attr(trial._trial_id, "reason", reason)
-        storage.set_trial_user_attr(trial._trial_id, LOST, True)
-        if not storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+        storage.set_trial_user_attr(number, "reason", reason)
+        storage.set_trial_user_attr(number, LOST, True)
+        if not storage.set_trial_state_values(number, state=TrialState.FAIL):
             return False
     except UpdateFinishedTrialError:
         return False

@@ -25,6 +25,7 @@ from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from foldsweep import profile, space
+from foldsweep.compat import storage_of, trial_id
 from foldsweep.data import Dataset
 from foldsweep.errors import StoreError, SweepFailed
 from foldsweep.objective import Pruning, TrialOutcome, outcome, trial_jobs
@@ -173,7 +174,7 @@ def _abandon(asked: list[tuple[StudyRef, optuna.trial.Trial]], reason: str) -> N
             except Exception:  # already told before the interruption (or the disk is full): nothing to record
                 continue
             try:
-                retry(ref.study, ref.study._storage.get_trial(trial._trial_id))  # as stored: slot, stamp
+                retry(ref.study, storage_of(ref.study).get_trial(trial_id(trial)))  # as stored: slot, stamp
             except Exception:  # a full disk: the lost trial stays unqueued and a fresh trial takes its slot
                 continue
 
@@ -196,7 +197,7 @@ def ask_round(sweep: Sweep, worker: str = "worker-0") -> list[tuple[StudyRef, op
                     asked.append((ref, trial))  # from here on an interruption records it as failed
                 trial.set_user_attr("worker", holder() | {"name": worker, "device": str(sweep.device), "asked": True})
                 if sweep.heartbeat is not None:
-                    sweep.heartbeat.add(trial._trial_id)
+                    sweep.heartbeat.add(trial_id(trial))
                 if _surplus(ref, trial, sweep.n_trials):
                     ref.study.tell(trial, state=TrialState.FAIL)
                     asked.pop()
@@ -242,7 +243,7 @@ def run_round(sweep: Sweep, asked: list[tuple[StudyRef, optuna.trial.Trial]], wo
     """Train every inner fold of every asked trial as one batch, then tell each trial its outcome."""
     spec, started = sweep.spec, time.time()
     if sweep.heartbeat is not None:
-        sweep.heartbeat.hold([trial._trial_id for _, trial in asked])
+        sweep.heartbeat.hold([trial_id(trial) for _, trial in asked])
     jobs: list[FitJob] = []
     owners: list[int] = []
     for t, (ref, trial) in enumerate(asked):

@@ -25,6 +25,7 @@ import optuna
 import torch
 
 from foldsweep import __version__, profile
+from foldsweep.compat import storage_of
 from foldsweep.crash import crash_point
 from foldsweep.data import Dataset, load_dataset
 from foldsweep.devices import resolve_devices
@@ -130,7 +131,7 @@ def run_sweep(spec: SweepSpec, *, base_dir: Path | None = None, fresh: bool = Fa
 def _coordinate(sweep: Sweep, record: SweepRecord, tracker: NullTracker, ids: dict[str, str], helpers: Helpers,
                 progress: Progress | None) -> dict[str, Any]:
     """Work as worker-0 beside the helpers, then refit and summarise; the MLflow runs are closed on any exit."""
-    sweep.heartbeat = Heartbeat(sweep.studies[0].study._storage)
+    sweep.heartbeat = Heartbeat(storage_of(sweep.studies[0].study))
     try:
         _set_threads(sweep.device)
         work(sweep, "worker-0", progress=progress, maintain=_chores(sweep, progress, helpers))

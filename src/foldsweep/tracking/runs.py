@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from foldsweep.compat import dispose_store_engine, use_tracking_uri
 from foldsweep.tracking.provenance import _start_monitor, _stop_monitor, provenance_tags
 from foldsweep.tracking.store import _retry, _write_ahead_log, create_store, open_experiment
 
@@ -78,7 +79,7 @@ class RunStore:
             with contextlib.suppress(Exception):
                 self._monitors.pop(run_id).finish()
         with contextlib.suppress(Exception):
-            self.client._tracking_client.store.engine.dispose()
+            dispose_store_engine(self.client)
 
     def describe(self) -> dict[str, Any]:
         return {"tracking_uri": self.tracking_uri, "experiment_id": self.experiment_id, "recreated": self.recreated}
@@ -252,14 +253,14 @@ class RunStore:
         """
         import mlflow.pytorch
         import torch
-        from mlflow.tracking._tracking_service.utils import _use_tracking_uri  # fluent log_model reads the global URI
 
         run_tags = {**provenance_tags(), **tags, **({PARENT: parent} if parent else {})}
         run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags=run_tags))
         run_id = str(run.info.run_id)
         self._write(run_id, {}, params, {}, {})
         example = np.zeros((2, n_inputs), dtype=np.float32)
-        with _use_tracking_uri(self.tracking_uri), mlflow.start_run(run_id=run_id, log_system_metrics=False):
+        with use_tracking_uri(self.tracking_uri), mlflow.start_run(  # fluent log_model reads the global URI
+                run_id=run_id, log_system_metrics=False):
             info = mlflow.pytorch.log_model(model, name="model", input_example=example, serialization_format="pt2",
                                             pip_requirements=[f"torch=={torch.__version__}"])
         return {"run_id": run_id, "model_uri": info.model_uri, "tracking_uri": self.tracking_uri}

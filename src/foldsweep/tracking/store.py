@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 
 from filelock import FileLock
 
+from foldsweep.compat import latest_schema_revision
 from foldsweep.errors import StoreError
 
 __all__ = ["CACHE_ENV", "LOCK_TIMEOUT_S", "create_store", "open_experiment", "portable_uri", "warm_up"]
@@ -166,9 +167,7 @@ def _schema_template() -> Path | None:
 @functools.cache
 def _schema_revision() -> str:
     """The schema revision this MLflow expects (parsed from its migration scripts: ~0.3 s, so once)."""
-    from mlflow.store.db.utils import _get_latest_schema_revision
-
-    return str(_get_latest_schema_revision())
+    return latest_schema_revision()
 
 
 def _build_template(template: Path) -> None:
