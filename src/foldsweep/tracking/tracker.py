@@ -148,7 +148,8 @@ class MlflowTracker(NullTracker):
     def abandon(self, status: str) -> None:
         """After an interruption: land what was sent, end the runs of trials never told with `status`.
 
-        Never raises (failures are logged), so it cannot hide the interruption that got us here.
+        Never raises, so it cannot hide the interruption that got us here, and prints nothing: the interruption
+        has its one line, and the rerun writes any run left incomplete from Optuna's record (`reconcile`).
         """
         self._drain(status, strict=False)
 
@@ -162,8 +163,10 @@ class MlflowTracker(NullTracker):
         self._refused = []
         if failures and strict:
             raise FoldsweepError(f"the MLflow writer failed {len(failures)} time(s); first: {failures[0]}")
-        for failure in failures:
-            logging.getLogger(__name__).warning("a trial run was not fully written to MLflow: %s", failure)
+        if failures:  # an interrupted or failed sweep: its own line says why, and the rerun rewrites these runs
+            logging.getLogger(__name__).debug("%d trial run(s) not fully written to MLflow before the sweep stopped "
+                                              "(the rerun writes them from Optuna's record); first: %s",
+                                              len(failures), failures[0])
 
     def log_values(self, run_id: str, metrics: dict[str, float], params: dict[str, Any] | None = None,
                    tags: dict[str, str] | None = None) -> None:
