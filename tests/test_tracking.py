@@ -25,7 +25,7 @@ from sweep_procs import check_consistent, check_runs_match_trials, finish, start
 
 from foldsweep import space
 from foldsweep.crash import CRASH_ENV
-from foldsweep.pictures import PENDING, mark_pending, pictures_drawn, pictures_note
+from foldsweep.pictures import PENDING, mark_pending, pictures_drawn, pictures_note, sweep_pictures
 from foldsweep.report import build_report
 from foldsweep.spec import SweepSpec, TrackingSpec, parse_spec
 from foldsweep.storage import preflight
@@ -434,3 +434,28 @@ def test_trials_failed_after_a_kill_end_with_one_run_each_that_names_them(workdi
     assert [t.state for t in found["outer-0"] if t.number == opened.number] == [TrialState.FAIL]
     assert sum(t.state == TrialState.FAIL for ts in found.values() for t in ts) == 2
     check_runs_match_trials(again["storage"], again)
+
+
+def test_trials_rebuilt_after_a_deleted_store_lead_to_their_new_runs(workdir: Path) -> None:
+    """Issue 23 item 4: a finished Optuna trial cannot change its `mlflow_run_id`, so after the store was deleted
+    and its runs made again from Optuna's record, the trial still named its old, gone run. `trial_run_id` names
+    the run now holding it, for every trial, as the pictures and any other reader of a trial's run look it up."""
+    from foldsweep.studies import open_existing, trial_run_id
+
+    spec = parse_spec(tiny_spec())
+    run_sweep(spec)
+    wait_for_pictures(workdir / "mlruns" / "sweeps" / "tiny")  # the writer is done with the store
+    for path in (workdir / "mlruns").glob("mlflow.db*"):
+        path.unlink()
+    again = run_sweep(spec)
+    client = MlflowClient(again["mlflow"]["tracking_uri"])
+    runs = {r.info.run_id: r for r in client.search_runs([again["mlflow"]["experiment_id"]], max_results=1000)}
+    _, refs = open_existing("tiny")
+    for ref in refs:
+        for trial in ref.study.get_trials(deepcopy=False):
+            run = runs.get(trial_run_id(ref, trial))
+            assert run is not None, (ref.key, trial.number)
+            assert run.data.tags["optuna.study"] == ref.study.study_name
+            assert run.data.tags["optuna.trial_number"] == str(trial.number)
+            assert run.data.tags["foldsweep.backfilled"] == "true"
+    assert all(best.run_id in runs for best in sweep_pictures(refs, [], "accuracy").best)

@@ -52,14 +52,14 @@ class SweepPictures:
 
 def sweep_pictures(studies: list[StudyRef], knobs: list[str], metric: str) -> SweepPictures:
     """The studies' trials as they stand, and where each best trial's curves were logged (`studies.best_trial`)."""
-    from foldsweep.studies import best_trial  # the sweep's and `report`'s side: the writer never calls this
+    from foldsweep.studies import best_trial, trial_run_id  # the sweep's and `report`'s side: never the writer's
 
     best = []
     for ref in studies:
         trial = best_trial(ref)
         if trial is None:
             continue
-        run_id = trial.user_attrs.get("mlflow_run_id")
+        run_id = trial_run_id(ref, trial)
         if run_id:
             best.append(BestTrial(f"{ref.key}: trial {trial.number} ({metric} {trial.value:.4f})", run_id,
                                   len(ref.folds), list(trial.user_attrs.get("best_epochs", []))))

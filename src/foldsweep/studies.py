@@ -18,11 +18,13 @@ from foldsweep.record import SweepRecord
 from foldsweep.splits import Fold
 from foldsweep.storage import LOST, SLOT, preflight
 
-__all__ = ["FINISHED", "IN_FLIGHT", "StudyRef", "best_trial", "holders", "open_existing", "plateau_replay",
-           "refit_epochs", "replayed_factors", "slot_order", "study_done", "study_status"]
+__all__ = ["FINISHED", "IN_FLIGHT", "TRIAL_RUNS", "StudyRef", "best_trial", "holders", "open_existing",
+           "plateau_replay", "refit_epochs", "replayed_factors", "slot_order", "study_done", "study_status",
+           "trial_run_id"]
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
+TRIAL_RUNS = "mlflow_trial_runs"  # study attribute: trial number -> its run, where the trial names another
 
 
 @dataclass
@@ -95,6 +97,18 @@ def best_trial(ref: StudyRef | optuna.Study) -> optuna.trial.FrozenTrial | None:
         return None
     sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
     return min(complete, key=lambda t: (sign * float(t.value or 0.0), *slot_order(t)))
+
+
+def trial_run_id(ref: StudyRef | optuna.Study, trial: optuna.trial.FrozenTrial) -> str:
+    """The MLflow run holding the trial now ("" if none): the one rule for every reader of a trial's run.
+
+    A trial names its run in `mlflow_run_id` when told, and a told trial can no longer change; when its
+    run is made again (the store deleted, or the run never written), the study links the new one instead
+    (`TRIAL_RUNS`, kept by `sweep.reconcile_runs`).
+    """
+    study = ref.study if isinstance(ref, StudyRef) else ref
+    linked = study.user_attrs.get(TRIAL_RUNS, {}).get(str(trial.number))
+    return str(linked or trial.user_attrs.get("mlflow_run_id", ""))
 
 
 def slot_order(trial: optuna.trial.FrozenTrial) -> tuple[int, int]:

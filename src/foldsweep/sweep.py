@@ -33,7 +33,7 @@ from foldsweep.slots import SlotSampler, slot_of, stored_slot
 from foldsweep.spec import SweepSpec
 from foldsweep.splits import Fold, FoldPlan
 from foldsweep.storage import LOST, Heartbeat, holder, retry
-from foldsweep.studies import FINISHED, IN_FLIGHT, StudyRef, study_done
+from foldsweep.studies import FINISHED, IN_FLIGHT, TRIAL_RUNS, StudyRef, study_done
 from foldsweep.tracking import NullTracker
 from foldsweep.tracking.tracker import TrialRun
 from foldsweep.train import FitJob, FitResult, ProgressHook, fit_many, plateau_cuts
@@ -445,13 +445,27 @@ def _run_name(ref: StudyRef, trial: optuna.trial.Trial | optuna.trial.FrozenTria
 
 
 def reconcile_runs(sweep: Sweep, ids: dict[str, str]) -> int:
-    """Make every trial run agree with its Optuna trial (see `MlflowTracker.reconcile`); returns runs created."""
+    """Make every trial run agree with its Optuna trial (see `MlflowTracker.reconcile`); returns runs created.
+
+    A trial whose run now has another id than the trial names (made again after the store was lost, say) is
+    linked to it in the study's `TRIAL_RUNS`, which `studies.trial_run_id` reads first: a finished trial's
+    own attributes cannot change.
+    """
     created = 0
     for ref in sweep.studies:
         done = [t for t in ref.study.get_trials(deepcopy=False) if t.state.is_finished()]
         if ids.get(ref.key):
-            created += sweep.tracker.reconcile(ids[ref.key], {_run_name(ref, t): _as_run(sweep, ref, t) for t in done})
+            named = {_run_name(ref, t): t for t in done}
+            reconciled = sweep.tracker.reconcile(ids[ref.key], {k: _as_run(sweep, ref, t) for k, t in named.items()})
+            created += reconciled.created
+            _link_runs(ref, {str(named[k].number): run_id for k, run_id in reconciled.moved.items()})
     return created
+
+
+def _link_runs(ref: StudyRef, moved: dict[str, str]) -> None:
+    """Record which run holds each trial whose own `mlflow_run_id` is wrong (written only when it changed)."""
+    if ref.study.user_attrs.get(TRIAL_RUNS, {}) != moved:
+        ref.study.set_user_attr(TRIAL_RUNS, moved)
 
 
 def _as_run(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial) -> TrialRun:
@@ -470,7 +484,8 @@ def _as_run(sweep: Sweep, ref: StudyRef, trial: optuna.trial.FrozenTrial) -> Tri
             metrics["generalization_gap"] = float(attrs["gap"])
     status = {"complete": "FINISHED", "pruned": "KILLED"}.get(state, "FAILED")
     return TrialRun(status, metrics, _run_params(sweep, trial.params),
-                    _trial_tags(ref, trial.number, trial.params, state, str(attrs.get("reason", ""))))
+                    _trial_tags(ref, trial.number, trial.params, state, str(attrs.get("reason", ""))),
+                    str(attrs.get("mlflow_run_id", "")))
 
 
 def _surplus(ref: StudyRef, trial: optuna.trial.Trial, n_trials: int) -> bool:

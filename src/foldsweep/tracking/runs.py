@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
     from foldsweep.pictures import SweepPictures
 
-__all__ = ["MAX_METRICS", "MAX_PARAMS", "MAX_TAGS", "PARENT", "RunStore", "TrialRun", "short"]
+__all__ = ["MAX_METRICS", "MAX_PARAMS", "MAX_TAGS", "PARENT", "Reconciled", "RunStore", "TrialRun", "short"]
 
 MAX_METRICS, MAX_PARAMS, MAX_TAGS = 1000, 100, 100  # MLflow's limits per `log_batch` call
 TAG_LIMIT = 5000  # characters MLflow keeps of a tag's value
@@ -44,6 +44,16 @@ class TrialRun:
     metrics: dict[str, float]
     params: dict[str, Any]
     tags: dict[str, str]
+    run_id: str = ""  # the run the trial names (`mlflow_run_id`): none for a trial never told with one
+
+
+@dataclass(frozen=True)
+class Reconciled:
+    """What `RunStore.reconcile` did: runs it created, and by run name each trial's run where the trial names
+    another (one made again, or one its tell never came to name): Optuna cannot change a finished trial."""
+
+    created: int
+    moved: dict[str, str]
 
 
 class RunStore:
@@ -179,8 +189,8 @@ class RunStore:
             _stop_monitor(monitor)
         _retry(lambda: self.client.set_terminated(run_id, status))
 
-    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
-        """Make the trial runs under `parent` agree with Optuna; returns how many runs were created.
+    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> Reconciled:
+        """Make the trial runs under `parent` agree with Optuna; returns what was created or found elsewhere.
 
         A killed process can leave a run RUNNING, end one FAILED whose trial Optuna recorded as complete (or
         the reverse), leave one with nothing but its name (opened, never filled), or never write it. Each run
@@ -192,25 +202,31 @@ class RunStore:
         for run in self._runs_under(parent):
             runs.setdefault(run.info.run_name, []).append(run)
         created = 0
+        moved: dict[str, str] = {}
         for name, trial in want.items():
             found = runs.pop(name, [])
             if not found:
-                self._backfill(parent, name, trial)
+                found_id = self._backfill(parent, name, trial)
                 created += 1
+            else:
+                found_id = next((r.info.run_id for r in found if r.info.run_id == trial.run_id), found[0].info.run_id)
+            if found_id != trial.run_id:
+                moved[name] = str(found_id)
             for run in found:
                 self._agree(run, trial)
         for left in runs.values():
             for run in left:
                 if run.info.status == "RUNNING":
                     _retry(partial(self.client.set_terminated, run.info.run_id, "FAILED"))
-        return created
+        return Reconciled(created, moved)
 
-    def _backfill(self, parent: str, name: str, trial: TrialRun) -> None:
+    def _backfill(self, parent: str, name: str, trial: TrialRun) -> str:
         """A trial's run made from Optuna's record alone (a kill or a full disk lost it, or it was never made)."""
         run = _retry(lambda: self.client.create_run(self.experiment_id, run_name=name, tags={PARENT: parent}))
         run_id = str(run.info.run_id)
         self._write(run_id, trial.metrics, trial.params, {**trial.tags, "foldsweep.backfilled": "true"}, {})
         _retry(partial(self.client.set_terminated, run_id, trial.status))
+        return run_id
 
     def _agree(self, run: Any, trial: TrialRun) -> None:
         """Add what the run lacks of Optuna's record (a param is never changed, only added), then its status."""

@@ -15,7 +15,7 @@ import numpy as np
 from foldsweep.crash import crash_point
 from foldsweep.errors import FoldsweepError
 from foldsweep.spec import TrackingSpec
-from foldsweep.tracking.runs import TrialRun
+from foldsweep.tracking.runs import Reconciled, TrialRun
 from foldsweep.tracking.store import _absolute_sqlite
 from foldsweep.tracking.writer import WriterProcess, take_writer
 
@@ -76,8 +76,8 @@ class NullTracker:
     def close(self) -> None:
         return None
 
-    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
-        return 0
+    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> Reconciled:
+        return Reconciled(0, {})
 
     def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         return None
@@ -224,10 +224,11 @@ class MlflowTracker(NullTracker):
             self._writer.close(wait=not self._hand_over)
             self._writer = None
 
-    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> int:
-        """Make the trial runs under `parent` agree with Optuna (see `RunStore.reconcile`); returns runs created."""
+    def reconcile(self, parent: str, want: dict[str, TrialRun]) -> Reconciled:
+        """Make the trial runs under `parent` agree with Optuna (see `RunStore.reconcile`)."""
         self.flush()
-        return int(self._live().call("reconcile", parent, want))
+        reconciled: Reconciled = self._live().call("reconcile", parent, want)
+        return reconciled
 
     def log_step(self, run_id: str, metrics: dict[str, float], step: int, tags: dict[str, str]) -> None:
         """Metrics at an explicit step (a test look's number), so every look stays in the metric's history."""
