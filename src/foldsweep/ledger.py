@@ -34,12 +34,6 @@ class PriorLook:
     shared_rows: int  # sealed rows of this look that the earlier one scored too (0 when damaged: unknown)
     damaged: str = ""  # why its file cannot be read; such a look may have scored any rows
 
-    def describe(self) -> str:
-        if self.damaged:
-            return f"a look whose record is damaged ({self.damaged}), so which rows it scored is unknown"
-        return (f"sweep `{self.entry.get('sweep', '?')}` at {self.entry.get('time', '?')} "
-                f"({self.shared_rows} of these rows)")
-
 
 class LookLedger:
     """The folder of looks (`mlruns/looks/`): one `.npz` per look, never rewritten, never removed."""
