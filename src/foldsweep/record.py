@@ -141,11 +141,11 @@ class SweepRecord:
         sweep under this home, since two sweeps may have sealed the same rows.
         """
         with FileLock(_looks().lock_path):
-            self.check_can_look(again)
-            yield len(self.ledger) + 1
+            yield len(self.check_can_look(again)) + 1
 
-    def check_can_look(self, again: bool) -> None:
-        """Refuse a further look at sealed rows already scored, by this sweep or any other, unless `again`."""
+    def check_can_look(self, again: bool) -> list[dict[str, Any]]:
+        """Refuse a further look at sealed rows already scored, by this sweep or any other, unless `again`;
+        returns the earlier looks (the ledger, read once)."""
         looks = self.ledger
         if looks and not again:
             last = looks[-1]
@@ -153,6 +153,7 @@ class SweepRecord:
                   else f"sweep `{last.get('sweep', self.name)}` at {last.get('time', '?')}")
             raise SealError(f"the sealed test set of `{self.name}` was already looked at {len(looks)} time(s), last "
                             f"by {by}; a further look biases it: pass --again to look anyway (it will be counted)")
+        return looks
 
     def append_look(self, look: dict[str, Any]) -> int:
         """Record the look in the looks folder and in the sweep's ledger.json; returns its number."""
